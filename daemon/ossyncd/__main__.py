@@ -1,0 +1,3 @@
+from ossyncd.cli import main
+
+main()
