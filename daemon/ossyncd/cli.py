@@ -1,0 +1,253 @@
+"""The `ossyncd` command: parsing and printing only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+from ossyncd import log as logsetup
+from ossyncd.config import Config, load_config
+from ossyncd.errors import ConfigError, StateError
+
+EXIT_CONFIG = 2
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+config_option = click.option("-c", "--config", "config_path", metavar="PATH",
+                             help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        err.print(f"[red]config error:[/red] {e}", highlight=False)
+        sys.exit(EXIT_CONFIG)
+
+
+def _open_state(cfg: Config, *, readonly: bool):
+    from ossyncd.state import State
+    if readonly and not cfg.state.path.exists():
+        return None
+    try:
+        return State(cfg.state.path, readonly=readonly)
+    except StateError as e:
+        err.print(f"[red]state error:[/red] {e}", highlight=False)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ossyncd")
+def main() -> None:
+    """ossyncd: upload finished files from drop folders to Alibaba Cloud OSS."""
+
+
+@main.command()
+@config_option
+@click.option("--prefix", default=None, help="key prefix for files outside every watch folder")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def upload(config_path, prefix, files):
+    """Upload FILES now, with progress bars, through the same engine and state as the daemon.
+
+    Exits 0 only if every file is in OSS and verified. Files already uploaded and
+    unchanged are not sent again.
+    """
+    from ossyncd.engine import Engine
+    from ossyncd.uploader import stat_identity
+
+    cfg = _load(config_path)
+    logsetup.configure(cfg.daemon.log_level, "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
+    logsetup.register_secrets([cfg.credentials.access_key_secret, cfg.credentials.security_token,
+                               cfg.credentials.broker_token])
+    progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    tasks: dict[int, int] = {}
+    done_bytes: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def on_progress(file_id: int, done: int, total: int) -> None:
+        with lock:
+            done_bytes[file_id] = done
+            if file_id in tasks:
+                progress.update(tasks[file_id], completed=done)
+            progress.update(total_task, completed=sum(done_bytes.values()))
+
+    try:
+        engine = Engine(cfg, on_progress=on_progress)
+    except StateError as e:
+        err.print(f"[red]state error:[/red] {e}", highlight=False)
+        sys.exit(1)
+    failed = 0
+    rows = []
+    with progress:
+        total_task = progress.add_task("total", total=0)
+        for name in files:
+            path = os.path.abspath(name)
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError as e:
+                err.print(f"[red]{name}:[/red] {e.strerror}; nothing uploaded", highlight=False)
+                failed += 1
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                err.print(f"[red]{name}:[/red] not a regular file; nothing uploaded", highlight=False)
+                failed += 1
+                continue
+            watch, key = engine.key_for(path, prefix)
+            problem = engine.check_key(key)
+            if problem:
+                engine.state.mark_skipped(path, watch, problem)
+                err.print(f"[red]{name}:[/red] {problem}", highlight=False)
+                failed += 1
+                continue
+            row, new = engine.state.observe(path, watch, key, st.st_size, st.st_mtime_ns, st.st_ino)
+            if row.state == "done" and not new:
+                err.print(f"{name}: already uploaded and unchanged, nothing to do: {row.url}", highlight=False)
+                continue
+            if row.state != "queued":
+                engine.state.transition(row.id, "queued")
+                row = engine.state.get_by_id(row.id)
+            rows.append(row)
+            tasks[row.id] = progress.add_task(os.path.basename(path), total=row.size)
+            progress.update(total_task, total=progress.tasks[total_task].total + row.size)
+
+        def one(row):
+            for _ in range(3):  # a file that changes mid-upload is re-read, a few times at most
+                outcome = engine.uploader.run(row)
+                if outcome.state != "queued" or outcome.error == "cancelled":
+                    return row, outcome
+                try:
+                    size, mtime_ns, inode = stat_identity(row.path)
+                except FileNotFoundError:
+                    return row, outcome
+                row, _ = engine.state.observe(row.path, row.watch, row.key, size, mtime_ns, inode)
+                progress.update(tasks[row.id], total=size)
+            return row, outcome
+
+        with ThreadPoolExecutor(cfg.upload.max_files_in_flight) as pool:
+            results = list(pool.map(one, rows))
+    for row, outcome in results:
+        if outcome.state == "done":
+            url = engine.state.get_by_id(row.id).url
+            err.print(f"[green]done[/green] {row.path} -> {url}", highlight=False)
+        else:
+            failed += 1
+            err.print(f"[red]{outcome.state}[/red] {row.path}: {outcome.error}", highlight=False)
+    engine.close()
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@config_option
+@click.option("--sign", is_flag=True, help="print a signed GET URL instead of the recorded one")
+@click.option("--expires", default=3600, show_default=True, help="signed URL lifetime in seconds")
+@click.argument("path", type=click.Path())
+def url(config_path, sign, expires, path):
+    """Print the URL recorded for PATH (or a signed one)."""
+    cfg = _load(config_path)
+    state = _open_state(cfg, readonly=True)
+    row = state.get(os.path.abspath(path)) if state else None
+    if row is None or row.state != "done":
+        err.print(f"{path}: not uploaded yet (state: {row.state if row else 'unknown'}); "
+                  f"see `ossyncd list`", highlight=False)
+        sys.exit(1)
+    if not sign:
+        click.echo(row.url)
+        return
+    from ossyncd.credentials import CredentialsError, RotatingCredentials, build_source
+    from ossyncd.store import OssStore
+    try:
+        creds = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes))
+        click.echo(OssStore(cfg.oss, creds).signed_url(row.key, expires))
+    except CredentialsError as e:
+        err.print(f"[red]credentials:[/red] {e}", highlight=False)
+        sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(config_path, as_json):
+    """What the daemon is doing: counts, uploads in flight, failures, credentials."""
+    from ossyncd.status import render_status, status_dict
+    cfg = _load(config_path)
+    state = _open_state(cfg, readonly=True)
+    d = status_dict(cfg, state)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        render_status(d, out)
+
+
+@main.command(name="list")
+@config_option
+@click.option("--state", "state_filter", default=None, help="only files in this state (done, failed, ...)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def list_files(config_path, state_filter, as_json):
+    """Files with their state, key, size, URL and error."""
+    from ossyncd.status import file_json, render_list
+    cfg = _load(config_path)
+    state = _open_state(cfg, readonly=True)
+    files = state.files(state_filter) if state else []
+    if as_json:
+        click.echo(json.dumps([file_json(f) for f in files], indent=2))
+    else:
+        render_list(files, out)
+
+
+@main.command()
+@config_option
+@click.argument("path", required=False, type=click.Path())
+def retry(config_path, path):
+    """Move failed files (or one PATH) back to the queue."""
+    cfg = _load(config_path)
+    state = _open_state(cfg, readonly=False)
+    n = state.requeue(os.path.abspath(path) if path else None)
+    click.echo(f"{n} file(s) queued again")
+
+
+@main.command()
+@config_option
+def policy(config_path):
+    """Print the least-privilege RAM policy for this bucket and these prefixes."""
+    from ossyncd.policy import upload_policy
+    cfg = _load(config_path)
+    click.echo(json.dumps(upload_policy(cfg.oss.bucket, cfg.prefixes), indent=2))
+
+
+@main.command(name="check-config")
+@config_option
+def check_config(config_path):
+    """Validate the config, then obtain credentials once and reach the endpoint."""
+    from ossyncd.config import secret_file_warning
+    from ossyncd.credentials import CredentialsError, RotatingCredentials, build_source
+    from ossyncd.errors import StoreError
+    from ossyncd.store import OssStore
+    cfg = _load(config_path)
+    click.echo(f"config {cfg.source_path}: valid ({len(cfg.watch)} watch folder(s), bucket {cfg.oss.bucket})")
+    warning = secret_file_warning(cfg)
+    if warning:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    try:
+        creds = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes))
+        snap = creds.current()
+        click.echo(f"credentials ({cfg.credentials.source}): ok"
+                   + (f", expire {creds.status().get('expires_at')}" if snap.expires_at else ""))
+        store = OssStore(cfg.oss, creds)
+        store.list_uploads(cfg.prefixes[0])
+        click.echo(f"endpoint {cfg.oss.endpoint}: ok (bucket {cfg.oss.bucket} reachable, ListMultipartUploads allowed)")
+    except CredentialsError as e:
+        err.print(f"[red]credentials ({cfg.credentials.source}):[/red] {e}", highlight=False)
+        sys.exit(1)
+    except StoreError as e:
+        err.print(f"[red]endpoint {cfg.oss.endpoint}:[/red] {e}", highlight=False)
+        sys.exit(1)

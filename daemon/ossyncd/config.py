@@ -1,0 +1,329 @@
+"""Load and validate the TOML configuration into frozen objects.
+
+Key names are an interface (design.md section 6). Every error names the key
+and what to do, e.g. ``watch[0].path: /srv/drop does not exist; create it``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ossyncd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/ossyncd/ossyncd.toml"
+MAX_PARTS = 10_000
+MIN_PART_SIZE = 100 * 1024
+MAX_PART_SIZE = 5 * 1024**3
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+          "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tib": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """'8MiB' -> 8388608. Integers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 8MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; write e.g. 512KiB, 8MiB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OssConfig(_Section):
+    endpoint: str
+    bucket: str
+    region: str = ""
+    signature: Literal["v1", "v4"] = "v4"
+    public_base_url: str = ""
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if "://" not in v:
+            v = "https://" + v
+        u = urlparse(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"{v!r} is not an http(s) endpoint; write e.g. https://oss-cn-shanghai.aliyuncs.com")
+        return v
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", v):
+            raise ValueError(f"{v!r} is not a valid bucket name (3-63 of a-z, 0-9 and '-', not starting or ending with '-')")
+        return v
+
+    @model_validator(mode="after")
+    def _region_for_v4(self) -> "OssConfig":
+        if self.signature == "v4" and not self.region:
+            raise ValueError("region: required with signature = \"v4\"; set it (e.g. \"cn-shanghai\") or use signature = \"v1\"")
+        return self
+
+
+class CredentialsConfig(_Section):
+    source: Literal["sts", "broker", "ecs-ram-role", "env", "static"] = "sts"
+    access_key_id: str = ""
+    access_key_secret: str = Field("", repr=False)
+    security_token: str = Field("", repr=False)
+    role_arn: str = ""
+    session_name: str = "ossyncd"
+    duration_seconds: int = Field(3600, ge=1, le=43200)
+    sts_endpoint: str = "https://sts.aliyuncs.com"
+    sts_region: str = "cn-hangzhou"
+    policy: str = ""
+    scope_policy_to_prefixes: bool = False
+    broker_url: str = ""
+    broker_token: str = Field("", repr=False)
+    broker_headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    ecs_role_name: str = ""
+    ecs_metadata_url: str = "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
+    timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _required(self) -> "CredentialsConfig":
+        if self.source == "sts":
+            if not self.role_arn:
+                raise ValueError("role_arn: required with source = \"sts\"; set the uploader role's ARN")
+            if not (self.access_key_id and self.access_key_secret):
+                raise ValueError("access_key_id/access_key_secret: required with source = \"sts\"; "
+                                 "set them or OSSYNCD_ACCESS_KEY_ID / OSSYNCD_ACCESS_KEY_SECRET")
+            if self.policy and self.scope_policy_to_prefixes:
+                raise ValueError("policy: set either policy or scope_policy_to_prefixes, not both")
+        if self.source == "broker" and not self.broker_url:
+            raise ValueError("broker_url: required with source = \"broker\"")
+        if self.source == "static" and not (self.access_key_id and self.access_key_secret):
+            raise ValueError("access_key_id/access_key_secret: required with source = \"static\"")
+        return self
+
+
+class UploadConfig(_Section):
+    multipart_threshold: int = 8 * 1024**2
+    part_size: int | None = None          # None = auto
+    preferred_part_size: int = 8 * 1024**2
+    max_parts: int = Field(MAX_PARTS, ge=1, le=MAX_PARTS)
+    parallel_parts: int = Field(4, ge=1, le=64)
+    max_files_in_flight: int = Field(4, ge=1, le=256)
+    bandwidth_limit: int = 0
+    request_retries: int = Field(5, ge=0, le=50)
+    retry_backoff: float = Field(0.5, gt=0)
+    retry_backoff_max: float = Field(20.0, gt=0)
+    file_retry_delay: float = Field(30.0, gt=0)
+    file_retry_delay_max: float = Field(3600.0, gt=0)
+
+    @field_validator("multipart_threshold", "preferred_part_size", "bandwidth_limit", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("part_size", mode="before")
+    @classmethod
+    def _part_size(cls, v: Any) -> int | None:
+        if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
+            return None
+        n = parse_size(v)
+        if not MIN_PART_SIZE <= n <= MAX_PART_SIZE:
+            raise ValueError("must be \"auto\" or between 100KiB and 5GiB (OSS limits)")
+        return n
+
+    @field_validator("multipart_threshold")
+    @classmethod
+    def _threshold(cls, v: int) -> int:
+        if not 1 <= v <= MAX_PART_SIZE:
+            raise ValueError("must be between 1 byte and 5GiB (PutObject limit)")
+        return v
+
+    @field_validator("preferred_part_size")
+    @classmethod
+    def _preferred(cls, v: int) -> int:
+        if not MIN_PART_SIZE <= v <= MAX_PART_SIZE:
+            raise ValueError("must be between 100KiB and 5GiB")
+        return v
+
+
+class StateConfig(_Section):
+    path: Path = Path("/var/lib/ossyncd/state.db")
+
+
+class WatchConfig(_Section):
+    index: int = 0
+    path: Path
+    prefix: str = ""
+    recursive: bool = True
+    exclude: tuple[str, ...] = ()
+    settle_seconds: float = Field(2.0, ge=0)
+    after_upload: Literal["keep", "delete", "move"] = "keep"
+    move_to: Path | None = None
+    follow_symlinks: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v.startswith(("/", "\\")):
+            raise ValueError("must not start with '/' or '\\' (OSS keys cannot)")
+        return v
+
+    @model_validator(mode="after")
+    def _move(self) -> "WatchConfig":
+        if self.after_upload == "move" and self.move_to is None:
+            raise ValueError("move_to: required with after_upload = \"move\"")
+        return self
+
+
+class DaemonConfig(_Section):
+    rescan_interval: float = Field(300.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    orphan_max_age: float = Field(86400.0, ge=0)
+    orphan_sweep_interval: float = Field(3600.0, gt=0)
+
+
+class MetricsConfig(_Section):
+    listen: str = ""
+
+
+class Config(_Section):
+    oss: OssConfig
+    credentials: CredentialsConfig = CredentialsConfig(source="env")
+    upload: UploadConfig = UploadConfig()
+    state: StateConfig = StateConfig()
+    watch: tuple[WatchConfig, ...] = ()
+    daemon: DaemonConfig = DaemonConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    source_path: Path | None = None
+
+    @property
+    def watches(self) -> tuple[WatchConfig, ...]:
+        return self.watch
+
+    @property
+    def prefixes(self) -> list[str]:
+        return sorted({w.prefix for w in self.watch}) or [""]
+
+
+def find_config_path(explicit: str | os.PathLike | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("OSSYNCD_CONFIG")
+    return Path(env) if env else Path(DEFAULT_CONFIG_PATH)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _format(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-")))))
+        where = ".".join(x for x in (prefix, loc) if x)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against config/ossyncd.example.toml"
+        elif e["type"] == "missing":
+            msg = "required; add it"
+        if re.match(r"^[a-z_]+(/[a-z_]+)?: ", msg):  # model-level message already names its key
+            key, _, rest = msg.partition(": ")
+            where, msg = ".".join(x for x in (where, key) if x), rest
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(lines)
+
+
+def parse_config(data: dict, source_path: Path | None = None) -> Config:
+    data = dict(data)
+    creds = dict(data.get("credentials") or {})
+    for key, env in (("access_key_id", "OSSYNCD_ACCESS_KEY_ID"), ("access_key_secret", "OSSYNCD_ACCESS_KEY_SECRET")):
+        if not creds.get(key) and os.environ.get(env):
+            creds[key] = os.environ[env]
+    if "credentials" in data or creds:
+        data["credentials"] = creds
+    watches = data.get("watch") or []
+    if not isinstance(watches, list):
+        raise ConfigError("watch: must be an array of tables; write [[watch]] sections")
+    data["watch"] = [dict(w, index=i) if isinstance(w, dict) else w for i, w in enumerate(watches)]
+    data["source_path"] = source_path
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+    _check_paths(cfg)
+    return cfg
+
+
+def _check_paths(cfg: Config) -> None:
+    seen: dict[Path, int] = {}
+    for w in cfg.watch:
+        where = f"watch[{w.index}]"
+        if not w.path.is_absolute():
+            raise ConfigError(f"{where}.path: {w.path} is not absolute; write the full path")
+        if not w.path.is_dir():
+            raise ConfigError(f"{where}.path: {w.path} does not exist or is not a directory; create it or fix the path")
+        if w.path in seen:
+            raise ConfigError(f"{where}.path: {w.path} is already watched by watch[{seen[w.path]}]; remove one")
+        seen[w.path] = w.index
+        if w.after_upload == "move" and w.move_to is not None and not w.move_to.is_absolute():
+            raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
+    parent = cfg.state.path.parent
+    if not cfg.state.path.is_absolute():
+        raise ConfigError(f"state.path: {cfg.state.path} is not absolute; write the full path")
+    if not parent.is_dir():
+        raise ConfigError(f"state.path: directory {parent} does not exist; create it (systemd's StateDirectory= does)")
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    p = find_config_path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found; pass -c PATH, set OSSYNCD_CONFIG, "
+                          f"or create {DEFAULT_CONFIG_PATH} from config/ossyncd.example.toml") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, source_path=p.resolve())
+
+
+def secret_file_warning(cfg: Config) -> str | None:
+    """A warning when the config file holds a secret and group/others can read it."""
+    c = cfg.credentials
+    if cfg.source_path is None or not (c.access_key_secret or c.security_token or c.broker_token):
+        return None
+    try:
+        raw = cfg.source_path.read_text(encoding="utf-8", errors="replace")
+        mode = cfg.source_path.stat().st_mode
+    except OSError:
+        return None
+    if not re.search(r"^\s*(access_key_secret|security_token|broker_token)\s*=\s*\"[^\"]+\"", raw, re.M):
+        return None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (f"{cfg.source_path} holds a secret and is readable by group/others "
+                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {cfg.source_path}")
+    return None

@@ -1,0 +1,59 @@
+"""The upload stack built from a config: state, credentials, store (+ retries), uploader.
+
+`ossyncd upload` and `ossyncd run` both use this, so one-shot and daemon uploads go
+through exactly the same code and state.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ossyncd.body import RateLimiter
+from ossyncd.config import Config, WatchConfig
+from ossyncd.credentials import RotatingCredentials, build_source
+from ossyncd.paths import check_key, object_key
+from ossyncd.retry import Backoff, RetryingStore
+from ossyncd.state import State
+from ossyncd.store import OssStore, object_url
+from ossyncd.uploader import Uploader
+
+
+class Engine:
+    def __init__(self, cfg: Config, *, on_progress=None, on_retry=None):
+        self.cfg = cfg
+        self.state = State(cfg.state.path)
+        self.credentials = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket,
+                                                            prefixes=cfg.prefixes))
+        up = cfg.upload
+        self.part_pool = ThreadPoolExecutor(up.parallel_parts, thread_name_prefix="part")
+        self.oss = OssStore(cfg.oss, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2)
+        self.store = RetryingStore(self.oss, self.credentials, attempts=up.request_retries,
+                                   backoff=Backoff(up.retry_backoff, up.retry_backoff_max), on_retry=on_retry)
+        self.limiter = RateLimiter(up.bandwidth_limit) if up.bandwidth_limit > 0 else None
+        self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
+                                 url_for=lambda key: object_url(cfg.oss, key), on_progress=on_progress)
+
+    def watch_for(self, path: str) -> WatchConfig | None:
+        p = Path(path)
+        for w in self.cfg.watch:
+            if p == w.path or w.path in p.parents:
+                return w
+        return None
+
+    def key_for(self, path: str, prefix: str | None = None) -> tuple[str, str]:
+        """(watch root, object key): inside a watch root the key is its prefix plus the
+        relative path; elsewhere `prefix` (default "") plus the file name."""
+        w = self.watch_for(path)
+        if w is not None and prefix is None:
+            return str(w.path), object_key(w.prefix, os.path.relpath(path, w.path))
+        return "", object_key(prefix or "", os.path.basename(path))
+
+    def check_key(self, key: str) -> str | None:
+        return check_key(key)
+
+    def close(self) -> None:
+        self.credentials.stop()
+        self.part_pool.shutdown(wait=True, cancel_futures=True)
+        self.state.close()

@@ -1,0 +1,51 @@
+"""structlog setup: JSON lines for journald/pipes, console for a TTY; secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Iterable
+
+import structlog
+
+_secrets: set[str] = set()
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Values that must never reach a log line (keys, tokens), however they got there."""
+    _secrets.update(v for v in values if v and len(v) >= 6)
+
+
+def _redact(_, __, event: dict) -> dict:
+    if not _secrets:
+        return event
+    for k, v in event.items():
+        if isinstance(v, str):
+            for s in _secrets:
+                if s in v:
+                    v = v.replace(s, "***")
+            event[k] = v
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+    stream = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    for noisy in ("oss2", "urllib3", "aliyunsdkcore"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,105 @@
+"""Retries as a wrapper around any ObjectStore (the store itself makes single attempts).
+
+- TransientError: exponential backoff with full jitter, `attempts` times per request.
+- AuthExpired: refresh the credentials once for everyone (single flight) and retry at
+  once; this never uses up the request's attempts, because an expiring token is normal.
+- CredentialsError from the provider: the credentials source is down; the caller gets
+  `CredentialsUnavailable` so the file waits instead of failing.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from ossyncd.errors import AuthExpired, Cancelled, OssyncdError, TransientError
+
+log = structlog.get_logger(__name__)
+MAX_AUTH_REFRESHES = 5
+
+
+class CredentialsUnavailable(OssyncdError):
+    """No valid credentials could be obtained; uploads wait, nothing is marked failed."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base: float = 0.5
+    cap: float = 20.0
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+        return rng() * min(self.cap, self.base * (2 ** attempt))
+
+
+class RetryingStore:
+    def __init__(self, inner, credentials, *, attempts: int = 5, backoff: Backoff = Backoff(),
+                 on_retry: Callable[[str, Exception], None] | None = None):
+        self.inner = inner
+        self.credentials = credentials
+        self.attempts = attempts
+        self.backoff = backoff
+        self.on_retry = on_retry
+
+    def __getattr__(self, name):  # url(), signed_url(), cfg ... pass through
+        return getattr(self.inner, name)
+
+    def _run(self, op: str, fn, *args, cancel: threading.Event | None = None, **kwargs):
+        from ossyncd.credentials import CredentialsError
+
+        failures = 0
+        refreshes = 0
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{op}: cancelled")
+            try:
+                return fn(*args, **kwargs)
+            except CredentialsError as e:
+                raise CredentialsUnavailable(str(e)) from None
+            except AuthExpired as e:
+                refreshes += 1
+                if refreshes > MAX_AUTH_REFRESHES:
+                    raise
+                log.info("credentials rejected, refreshing", op=op, code=e.code)
+                try:
+                    self.credentials.force_refresh(self.inner.last_credentials())
+                except CredentialsError as ce:
+                    raise CredentialsUnavailable(str(ce)) from None
+            except TransientError as e:
+                failures += 1
+                if failures > self.attempts:
+                    raise
+                if self.on_retry:
+                    self.on_retry(op, e)
+                wait = self.backoff.delay(failures - 1)
+                log.info("retrying", op=op, error=str(e), attempt=failures, wait=round(wait, 2))
+                if cancel is not None:
+                    if cancel.wait(wait):
+                        raise Cancelled(f"{op}: cancelled") from None
+                else:
+                    threading.Event().wait(wait)
+
+    def put(self, key, body, *, content_md5=None, cancel=None):
+        return self._run("PutObject", self.inner.put, key, body, content_md5=content_md5, cancel=cancel)
+
+    def init_multipart(self, key, *, cancel=None):
+        return self._run("InitiateMultipartUpload", self.inner.init_multipart, key, cancel=cancel)
+
+    def upload_part(self, key, upload_id, number, body, *, cancel=None):
+        return self._run("UploadPart", self.inner.upload_part, key, upload_id, number, body, cancel=cancel)
+
+    def complete(self, key, upload_id, parts, *, cancel=None):
+        return self._run("CompleteMultipartUpload", self.inner.complete, key, upload_id, parts, cancel=cancel)
+
+    def list_parts(self, key, upload_id, *, cancel=None):
+        return self._run("ListParts", self.inner.list_parts, key, upload_id, cancel=cancel)
+
+    def abort(self, key, upload_id, *, cancel=None):
+        return self._run("AbortMultipartUpload", self.inner.abort, key, upload_id, cancel=cancel)
+
+    def list_uploads(self, prefix, *, cancel=None):
+        return self._run("ListMultipartUploads", self.inner.list_uploads, prefix, cancel=cancel)

@@ -1,0 +1,393 @@
+"""Durable state: the only module that talks to SQLite (through sqlite-utils).
+
+Every transition is one transaction. The DB runs in WAL mode so that
+``ossyncd status`` can read while the daemon writes. CRC64 values are
+stored as decimal text because they do not fit SQLite's signed INTEGER.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import sqlite_utils
+
+from ossyncd.errors import StateError
+
+STATES = ("seen", "settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path: str
+    watch: str
+    key: str
+    size: int
+    mtime_ns: int
+    inode: int
+    state: str
+    attempts: int
+    next_attempt_at: float | None
+    error: str | None
+    url: str | None
+    etag: str | None
+    crc64: int | None
+    uploaded_at: float | None
+    bytes_done: int
+    updated_at: float
+    mode: str | None
+
+    @property
+    def identity(self) -> tuple[int, int, int]:
+        return (self.size, self.mtime_ns, self.inode)
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    id: int
+    file: int
+    upload_id: str
+    key: str
+    part_size: int
+    size: int
+    mtime_ns: int
+    inode: int
+    created_at: float
+
+    @property
+    def identity(self) -> tuple[int, int, int]:
+        return (self.size, self.mtime_ns, self.inode)
+
+
+@dataclass(frozen=True)
+class PartRow:
+    number: int
+    etag: str
+    crc64: int
+    size: int
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.execute("""
+        CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            watch TEXT NOT NULL DEFAULT '',
+            key TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL DEFAULT 0,
+            mtime_ns INTEGER NOT NULL DEFAULT 0,
+            inode INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            error TEXT,
+            url TEXT,
+            etag TEXT,
+            crc64 TEXT,
+            uploaded_at REAL,
+            bytes_done INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            mode TEXT
+        )""")
+    db.execute("CREATE INDEX files_state ON files(state, next_attempt_at)")
+    db.execute("""
+        CREATE TABLE uploads (
+            id INTEGER PRIMARY KEY,
+            file INTEGER NOT NULL UNIQUE REFERENCES files(id) ON DELETE CASCADE,
+            upload_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            part_size INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE parts (
+            upload INTEGER NOT NULL REFERENCES uploads(id) ON DELETE CASCADE,
+            number INTEGER NOT NULL,
+            etag TEXT NOT NULL,
+            crc64 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            PRIMARY KEY (upload, number)
+        )""")
+    db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+
+
+MIGRATIONS = [_migration_1]
+_FILE_COLS = ", ".join(f.name for f in fields(FileRow))
+_UPLOAD_COLS = ", ".join(f.name for f in fields(UploadRow))
+
+
+def _file(row: tuple) -> FileRow:
+    r = FileRow(*row)
+    return r if r.crc64 is None else FileRow(**{**r.__dict__, "crc64": int(r.crc64)})
+
+
+class State:
+    """The daemon's durable record of files, multipart uploads and parts."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._lockfile: int | None = None
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+            else:
+                new = not self.path.exists()
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                os.close(fd)
+                if new:
+                    os.chmod(self.path, 0o600)
+                conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL survives a process crash (kill -9); a power loss may drop
+                # the last commits, which only causes a re-upload, never a false `done`.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StateError(f"state DB {self.path}: {e}; if it is corrupt, move it aside "
+                             f"(files will be re-checked and re-uploaded as needed)") from None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StateError(f"state DB {self.path} has schema {version}, newer than this ossyncd "
+                                 f"({len(MIGRATIONS)}); upgrade ossyncd")
+            for n, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                with self.db.atomic():
+                    migration(self.db)
+                    self.db.execute(f"PRAGMA user_version={n}")
+
+    def acquire_daemon_lock(self) -> None:
+        """Single instance: hold an exclusive flock on '<db>.lock' for the process lifetime."""
+        lock_path = f"{self.path}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = Path(lock_path).read_text().strip() or "another process"
+            raise StateError(f"state DB {self.path} is in use by another ossyncd (pid {holder}); "
+                             f"stop it first, or give this instance its own state.path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lockfile = fd
+
+    @staticmethod
+    def lock_holder(db_path: str | os.PathLike) -> int | None:
+        """The pid of the daemon holding the DB, or None when no daemon runs."""
+        lock_path = f"{db_path}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+            if self._lockfile is not None:
+                os.close(self._lockfile)
+                self._lockfile = None
+
+    def _write(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
+        try:
+            with self._lock, self.db.atomic():
+                return self.db.execute(sql, list(params))
+        except sqlite3.OperationalError as e:
+            raise StateError(f"state DB {self.path}: {e}") from None
+
+    def _one(self, sql: str, params: Iterable = ()) -> tuple | None:
+        with self._lock:
+            return self.db.execute(sql, list(params)).fetchone()
+
+    def _all(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, list(params)).fetchall()
+
+    # -- files -----------------------------------------------------------------------------
+
+    def get(self, path: str) -> FileRow | None:
+        row = self._one(f"SELECT {_FILE_COLS} FROM files WHERE path = ?", [path])
+        return _file(row) if row else None
+
+    def get_by_id(self, file_id: int) -> FileRow | None:
+        row = self._one(f"SELECT {_FILE_COLS} FROM files WHERE id = ?", [file_id])
+        return _file(row) if row else None
+
+    def observe(self, path: str, watch: str, key: str, size: int, mtime_ns: int, inode: int,
+                *, state: str = "queued", now: float | None = None) -> tuple[FileRow, bool]:
+        """Record a version of a file. Returns (row, is_new_version).
+
+        A new identity (size, mtime_ns, inode) resets the file to `state` with a fresh
+        attempt budget; the same identity leaves the row alone.
+        """
+        now = time.time() if now is None else now
+        with self._lock, self.db.atomic():
+            old = self.get(path)
+            if old and old.identity == (size, mtime_ns, inode) and old.key == key and old.state not in ("gone", "skipped"):
+                return old, False
+            if old:
+                self.db.execute(
+                    "UPDATE files SET watch=?, key=?, size=?, mtime_ns=?, inode=?, state=?, attempts=0,"
+                    " next_attempt_at=NULL, error=NULL, bytes_done=0, updated_at=? WHERE id=?",
+                    [watch, key, size, mtime_ns, inode, state, now, old.id])
+            else:
+                self.db.execute(
+                    "INSERT INTO files (path, watch, key, size, mtime_ns, inode, state, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [path, watch, key, size, mtime_ns, inode, state, now])
+            return self.get(path), True
+
+    def mark_skipped(self, path: str, watch: str, reason: str, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._write(
+            "INSERT INTO files (path, watch, state, error, updated_at) VALUES (?, ?, 'skipped', ?, ?)"
+            " ON CONFLICT(path) DO UPDATE SET state='skipped', error=excluded.error, updated_at=excluded.updated_at"
+            " WHERE files.state != 'skipped' OR files.error IS NOT excluded.error",
+            [path, watch, reason, now])
+
+    def transition(self, file_id: int, state: str, *, error: str | None = None,
+                   next_attempt_at: float | None = None, count_attempt: bool = False,
+                   now: float | None = None) -> None:
+        assert state in STATES, state
+        now = time.time() if now is None else now
+        self._write(
+            "UPDATE files SET state=?, error=?, next_attempt_at=?, attempts=attempts+?, updated_at=? WHERE id=?",
+            [state, error, next_attempt_at, int(count_attempt), now, file_id])
+
+    def mark_done(self, file_id: int, *, url: str, etag: str, crc64: int, mode: str,
+                  now: float | None = None) -> None:
+        """The object is verified: record it and forget the upload, in one transaction."""
+        now = time.time() if now is None else now
+        with self._lock, self.db.atomic():
+            self.db.execute(
+                "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, uploaded_at=?, error=NULL,"
+                " next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=?",
+                [url, etag, str(crc64), mode, now, now, file_id])
+            self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
+
+    def set_progress(self, file_id: int, bytes_done: int) -> None:
+        self._write("UPDATE files SET bytes_done=? WHERE id=?", [bytes_done, file_id])
+
+    def requeue(self, path: str | None = None, *, states: tuple[str, ...] = ("failed",),
+                now: float | None = None) -> int:
+        """failed -> queued (all, or one path). Returns how many rows moved."""
+        now = time.time() if now is None else now
+        marks = ",".join("?" * len(states))
+        sql = f"UPDATE files SET state='queued', attempts=0, next_attempt_at=NULL, error=NULL, updated_at=? WHERE state IN ({marks})"
+        params: list = [now, *states]
+        if path is not None:
+            sql += " AND path=?"
+            params.append(path)
+        return self._write(sql, params).rowcount
+
+    def files(self, state: str | None = None, *, limit: int | None = None) -> list[FileRow]:
+        sql = f"SELECT {_FILE_COLS} FROM files"
+        params: list = []
+        if state:
+            sql += " WHERE state=?"
+            params.append(state)
+        sql += " ORDER BY path"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [_file(r) for r in self._all(sql, params)]
+
+    def counts(self) -> dict[str, int]:
+        return {s: n for s, n in self._all("SELECT state, count(*) FROM files GROUP BY state")}
+
+    def due(self, now: float, *, limit: int = 1000) -> list[FileRow]:
+        """Queued files, and retry_wait files whose time has come, oldest first."""
+        return [_file(r) for r in self._all(
+            f"SELECT {_FILE_COLS} FROM files WHERE state='queued'"
+            " OR (state='retry_wait' AND next_attempt_at <= ?) ORDER BY updated_at LIMIT ?", [now, limit])]
+
+    def next_retry_at(self) -> float | None:
+        row = self._one("SELECT min(next_attempt_at) FROM files WHERE state='retry_wait'")
+        return row[0] if row else None
+
+    def recent_failures(self, limit: int = 10) -> list[FileRow]:
+        return [_file(r) for r in self._all(
+            f"SELECT {_FILE_COLS} FROM files WHERE state IN ('failed', 'retry_wait', 'skipped')"
+            " ORDER BY updated_at DESC LIMIT ?", [limit])]
+
+    def known_identities(self, watch: str) -> dict[str, tuple[str, tuple[int, int, int]]]:
+        """path -> (state, identity) for one watch root, for a fast rescan."""
+        return {p: (s, (z, m, i)) for p, s, z, m, i in self._all(
+            "SELECT path, state, size, mtime_ns, inode FROM files WHERE watch=?", [watch])}
+
+    # -- multipart uploads -----------------------------------------------------------------
+
+    def upload_for(self, file_id: int) -> UploadRow | None:
+        row = self._one(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE file=?", [file_id])
+        return UploadRow(*row) if row else None
+
+    def uploads(self) -> list[UploadRow]:
+        return [UploadRow(*r) for r in self._all(f"SELECT {_UPLOAD_COLS} FROM uploads")]
+
+    def begin_upload(self, file_id: int, upload_id: str, key: str, part_size: int,
+                     identity: tuple[int, int, int], *, now: float | None = None) -> UploadRow:
+        now = time.time() if now is None else now
+        size, mtime_ns, inode = identity
+        with self._lock, self.db.atomic():
+            self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
+            self.db.execute(
+                "INSERT INTO uploads (file, upload_id, key, part_size, size, mtime_ns, inode, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [file_id, upload_id, key, part_size, size, mtime_ns, inode, now])
+            return self.upload_for(file_id)
+
+    def record_part(self, upload: int, number: int, etag: str, crc64: int, size: int) -> None:
+        self._write("INSERT OR REPLACE INTO parts (upload, number, etag, crc64, size) VALUES (?, ?, ?, ?, ?)",
+                    [upload, number, etag, str(crc64), size])
+
+    def parts(self, upload: int) -> dict[int, PartRow]:
+        return {n: PartRow(n, e, int(c), s) for n, e, c, s in self._all(
+            "SELECT number, etag, crc64, size FROM parts WHERE upload=? ORDER BY number", [upload])}
+
+    def set_parts(self, upload: int, parts: Iterable[PartRow]) -> None:
+        """Replace the recorded parts (reconciliation: the server wins)."""
+        with self._lock, self.db.atomic():
+            self.db.execute("DELETE FROM parts WHERE upload=?", [upload])
+            for p in parts:
+                self.db.execute("INSERT INTO parts (upload, number, etag, crc64, size) VALUES (?, ?, ?, ?, ?)",
+                                [upload, p.number, p.etag, str(p.crc64), p.size])
+
+    def drop_upload(self, upload: int) -> None:
+        self._write("DELETE FROM uploads WHERE id=?", [upload])
+
+    def owned_upload_ids(self) -> set[str]:
+        return {r[0] for r in self._all("SELECT upload_id FROM uploads")}
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE name=?", [name])
+        return row[0] if row else None
+
+    def set_meta(self, name: str, value: str | None) -> None:
+        if value is None:
+            self._write("DELETE FROM meta WHERE name=?", [name])
+        else:
+            self._write("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", [name, value])

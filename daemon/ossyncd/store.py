@@ -1,0 +1,252 @@
+"""The object store: the only module that imports oss2.
+
+`OssStore` is a thin, single-attempt ObjectStore over oss2 that classifies every
+failure into the hierarchy of ossyncd.errors. Retries are not here: `retry.py`
+wraps any ObjectStore (restic-style), so the policy is the same for every backend.
+
+oss2's own CRC64 check is off (it runs crcmod in small chunks under the GIL and
+is the client bottleneck, design.md 9b); `body.Body` computes CRC-64/XZ natively
+while streaming and we compare it with the x-oss-hash-crc64ecma OSS returns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import quote, urlparse
+
+import oss2
+import requests
+from oss2.credentials import Credentials as Oss2Credentials
+
+from ossyncd.body import Body
+from ossyncd.config import OssConfig
+from ossyncd.crc import combine_parts
+from ossyncd.errors import (AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError,
+                            StoreError, TransientError)
+from ossyncd.state import PartRow
+
+BLOCKSIZE = 1 << 20
+AUTH_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
+TRANSIENT_CODES = {"RequestTimeout", "ServiceUnavailable", "InternalError", "SlowDown", "Throttling",
+                   "RequestTimeTooSkewed", "ConnectionReset"}
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    etag: str
+    crc64: int
+
+
+@dataclass(frozen=True)
+class ServerPart:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    key: str
+    upload_id: str
+    initiated: float
+
+
+class ObjectStore(Protocol):
+    """The narrow seam between the uploader and OSS. Every method makes at most one request
+    (retries are the caller's wrapper's job) and raises only ossyncd.errors types."""
+
+    def put(self, key: str, body: Body, *, content_md5: str | None = None) -> WriteResult:
+        """PutObject. Raises IntegrityError when OSS's CRC64 differs from the bytes sent.
+        Idempotent: a repeat overwrites the same key with the same bytes."""
+
+    def init_multipart(self, key: str) -> str:
+        """InitiateMultipartUpload; returns the upload id. Not idempotent (a new id each call)."""
+
+    def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> WriteResult:
+        """UploadPart. IntegrityError on CRC mismatch; NoSuchUpload if the id is gone.
+        Idempotent: re-sending a part number replaces it."""
+
+    def complete(self, key: str, upload_id: str, parts: list[PartRow]) -> WriteResult:
+        """CompleteMultipartUpload, verified against the combined part CRCs (IntegrityError).
+        Not idempotent: a repeat after success raises NoSuchUpload."""
+
+    def list_parts(self, key: str, upload_id: str) -> list[ServerPart]:
+        """ListParts, all pages. NoSuchUpload if gone; NotSupported if the server lacks it."""
+
+    def abort(self, key: str, upload_id: str) -> None:
+        """AbortMultipartUpload. Idempotent: an already-gone upload is not an error."""
+
+    def list_uploads(self, prefix: str) -> list[OpenUpload]:
+        """ListMultipartUploads under a prefix, all pages."""
+
+
+class _BigBlockAdapter(requests.adapters.HTTPAdapter):
+    """urllib3 sends file bodies in 16 KiB reads; 1 MiB reads cut per-chunk Python overhead."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["blocksize"] = BLOCKSIZE
+        super().init_poolmanager(*args, **kwargs)
+
+
+class RotatingProvider(oss2.CredentialsProvider):
+    """oss2 asks for credentials on every request; we hand out the current snapshot and
+    remember, per thread, which one signed the last request (for single-flight refresh)."""
+
+    def __init__(self, credentials):
+        self._credentials = credentials
+        self._last = threading.local()
+
+    def get_credentials(self):
+        snap = self._credentials.current()
+        self._last.snapshot = snap
+        return Oss2Credentials(snap.access_key_id, snap.access_key_secret, snap.security_token or None)
+
+    def last_used(self):
+        return getattr(self._last, "snapshot", None)
+
+
+def is_ip_endpoint(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return host == "localhost"
+
+
+def object_url(cfg: OssConfig, key: str) -> str:
+    quoted = quote(key, safe="/~")
+    if cfg.public_base_url:
+        return cfg.public_base_url.rstrip("/") + "/" + quoted
+    u = urlparse(cfg.endpoint)
+    if is_ip_endpoint(u.hostname or ""):
+        return f"{u.scheme}://{u.netloc}/{cfg.bucket}/{quoted}"
+    return f"{u.scheme}://{cfg.bucket}.{u.netloc}/{quoted}"
+
+
+def classify(op: str, key: str, exc: Exception) -> StoreError:
+    """Map an oss2 exception to our hierarchy."""
+    if isinstance(exc, oss2.exceptions.RequestError):
+        return TransientError(op, key, f"network error: {_short(exc)}")
+    if isinstance(exc, oss2.exceptions.InconsistentError):
+        return IntegrityError(op, key, "CRC64 mismatch reported by oss2", request_id=exc.request_id)
+    if isinstance(exc, oss2.exceptions.OssError):
+        status, code = exc.status, exc.code or ""
+        msg = exc.message or exc.__class__.__name__
+        kw = dict(status=status, code=code, request_id=exc.request_id)
+        if code in AUTH_EXPIRED_CODES:
+            return AuthExpired(op, key, msg, **kw)
+        if code == "NoSuchUpload":
+            return NoSuchUpload(op, key, msg, **kw)
+        if status == 501 or code == "NotImplemented":
+            return NotSupported(op, key, msg, **kw)
+        if (status is not None and (status >= 500 or status == 429)) or code in TRANSIENT_CODES or status in (-1, -2):
+            return TransientError(op, key, msg, **kw)
+        return PermanentError(op, key, msg, **kw)
+    return TransientError(op, key, f"{type(exc).__name__}: {_short(exc)}")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class OssStore:
+    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8):
+        self.cfg = cfg
+        self.provider = RotatingProvider(credentials)
+        if cfg.signature == "v4":
+            auth = oss2.ProviderAuthV4(self.provider)
+        else:
+            auth = oss2.ProviderAuth(self.provider)
+        adapter = _BigBlockAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+        self.bucket = oss2.Bucket(
+            auth, cfg.endpoint, cfg.bucket,
+            session=oss2.Session(adapter=adapter),
+            connect_timeout=(cfg.connect_timeout, cfg.read_timeout),
+            enable_crc=False,
+            region=cfg.region or None,
+            is_path_style=is_ip_endpoint(urlparse(cfg.endpoint).hostname or ""),
+        )
+
+    def last_credentials(self):
+        return self.provider.last_used()
+
+    def _call(self, op: str, key: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (oss2.exceptions.OssError, oss2.exceptions.RequestError) as e:
+            raise classify(op, key, e) from None
+        except requests.RequestException as e:
+            raise TransientError(op, key, f"network error: {_short(e)}") from None
+
+    @staticmethod
+    def _verify(op: str, key: str, result, body: Body) -> WriteResult:
+        if body.sent != body.size:
+            raise IntegrityError(op, key, f"sent {body.sent} of {body.size} bytes")
+        if result.crc is None:
+            raise IntegrityError(op, key, "OSS returned no x-oss-hash-crc64ecma; cannot verify",
+                                 request_id=result.request_id)
+        if result.crc != body.crc64:
+            raise IntegrityError(op, key, f"CRC64 mismatch: sent {body.crc64}, OSS stored {result.crc}",
+                                 request_id=result.request_id)
+        return WriteResult(result.etag, result.crc)
+
+    def put(self, key: str, body: Body, *, content_md5: str | None = None) -> WriteResult:
+        headers = {"Content-MD5": content_md5} if content_md5 else None
+        with body.open() as reader:
+            r = self._call("PutObject", key, self.bucket.put_object, key, reader, headers=headers)
+        return self._verify("PutObject", key, r, body)
+
+    def init_multipart(self, key: str) -> str:
+        return self._call("InitiateMultipartUpload", key, self.bucket.init_multipart_upload, key).upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> WriteResult:
+        with body.open() as reader:
+            r = self._call("UploadPart", key, self.bucket.upload_part, key, upload_id, number, reader)
+        return self._verify("UploadPart", key, r, body)
+
+    def complete(self, key: str, upload_id: str, parts: list[PartRow]) -> WriteResult:
+        infos = [oss2.models.PartInfo(p.number, p.etag, size=p.size, part_crc=p.crc64) for p in parts]
+        r = self._call("CompleteMultipartUpload", key, self.bucket.complete_multipart_upload, key, upload_id, infos)
+        expected = combine_parts([(p.crc64, p.size) for p in parts])
+        if r.crc is None or r.crc != expected:
+            raise IntegrityError("CompleteMultipartUpload", key,
+                                 f"object CRC64 {r.crc} differs from the parts' combined {expected}",
+                                 request_id=r.request_id)
+        return WriteResult(r.etag, r.crc)
+
+    def list_parts(self, key: str, upload_id: str) -> list[ServerPart]:
+        out: list[ServerPart] = []
+        marker = ""
+        while True:
+            r = self._call("ListParts", key, self.bucket.list_parts, key, upload_id, marker=marker)
+            out.extend(ServerPart(p.part_number, p.etag, p.size) for p in r.parts)
+            if not r.is_truncated:
+                return out
+            marker = r.next_marker
+
+    def abort(self, key: str, upload_id: str) -> None:
+        try:
+            self._call("AbortMultipartUpload", key, self.bucket.abort_multipart_upload, key, upload_id)
+        except NoSuchUpload:
+            pass
+
+    def list_uploads(self, prefix: str) -> list[OpenUpload]:
+        out: list[OpenUpload] = []
+        key_marker = upload_marker = ""
+        while True:
+            r = self._call("ListMultipartUploads", prefix, self.bucket.list_multipart_uploads,
+                           prefix=prefix, key_marker=key_marker, upload_id_marker=upload_marker)
+            out.extend(OpenUpload(u.key, u.upload_id, float(u.initiation_date)) for u in r.upload_list)
+            if not r.is_truncated:
+                return out
+            key_marker, upload_marker = r.next_key_marker, r.next_upload_id_marker
+
+    def url(self, key: str) -> str:
+        return object_url(self.cfg, key)
+
+    def signed_url(self, key: str, expires: int) -> str:
+        return self._call("SignUrl", key, self.bucket.sign_url, "GET", key, expires, slash_safe=True)

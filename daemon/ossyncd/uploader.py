@@ -1,0 +1,341 @@
+"""Run one file's upload: one verified object out, checkpoints in state along the way.
+
+Durability order (design.md 4): a part is recorded only after OSS returned its ETag and
+the CRC64 matched; the file is `done` only after the object's CRC64 matched, with URL,
+ETag and CRC64 in the same transaction. Before Complete the file is re-stat'ed: if it
+changed, the upload is aborted and the file requeued, so no object mixes versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from ossyncd.body import Body, RateLimiter
+from ossyncd.config import UploadConfig
+from ossyncd.crc import crc64
+from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
+                            TransientError)
+from ossyncd.plan import choose_part_size, is_multipart, part_ranges
+from ossyncd.retry import Backoff, CredentialsUnavailable
+from ossyncd.state import FileRow, PartRow, State, UploadRow
+
+log = structlog.get_logger(__name__)
+PROGRESS_EVERY = 0.5  # seconds between bytes_done writes; status promises 1 s freshness
+INVALID_PARTS = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall"}
+
+
+class CancelScope:
+    """A cancel flag that is also set when its parent is: pause/shutdown cancel every file,
+    a failed part cancels only its own file's siblings."""
+
+    def __init__(self, parent: "CancelScope | threading.Event | None" = None):
+        self._own = threading.Event()
+        self._parent = parent
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._parent is not None and self._parent.is_set())
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._own.wait(min(left, 0.1))
+        return True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str               # done | queued | retry_wait | failed | gone
+    error: str | None = None
+    seconds: float = 0.0
+    parts_sent: int = 0
+
+
+def stat_identity(path: str) -> tuple[int, int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class Uploader:
+    def __init__(self, state: State, store, cfg: UploadConfig, *, part_pool: ThreadPoolExecutor,
+                 limiter: RateLimiter | None = None, url_for: Callable[[str], str],
+                 on_progress: Callable[[int, int, int], None] | None = None):
+        self.state = state
+        self.store = store
+        self.cfg = cfg
+        self.pool = part_pool
+        self.limiter = limiter
+        self.url_for = url_for
+        self.on_progress = on_progress  # (file_id, bytes_done, total), for live displays
+        self.backoff = Backoff(cfg.file_retry_delay, cfg.file_retry_delay_max)
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def run(self, row: FileRow, cancel: CancelScope | threading.Event | None = None) -> Outcome:
+        """Upload one queued file and record the outcome in state. Never raises for a
+        problem with this file; raises StateError only if the state DB fails."""
+        scope = CancelScope(cancel)
+        started = time.monotonic()
+        self.state.transition(row.id, "uploading")
+        try:
+            mode, parts = self._upload(row, scope)
+        except Cancelled:
+            self.state.transition(row.id, "queued")
+            return Outcome("queued", "cancelled")
+        except FileProblem as e:
+            return self._file_problem(row, e)
+        except CredentialsUnavailable as e:
+            at = time.time() + min(self.cfg.file_retry_delay, 10.0)
+            msg = f"waiting for credentials: {e}"
+            self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=at)
+            log.warning("credentials unavailable", path=row.path, error=str(e))
+            return Outcome("retry_wait", msg)
+        except PermanentError as e:
+            msg = f"{e}{_hint(e)}"
+            self.state.transition(row.id, "failed", error=msg, count_attempt=True)
+            log.error("upload failed", path=row.path, key=row.key, error=msg)
+            return Outcome("failed", msg)
+        except (TransientError, StoreError, OSError) as e:
+            delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
+            msg = f"{e} (will retry)"
+            self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=time.time() + delay,
+                                  count_attempt=True)
+            log.warning("upload will be retried", path=row.path, error=str(e), retry_in=round(delay, 1))
+            return Outcome("retry_wait", msg)
+        seconds = time.monotonic() - started
+        done = self.state.get_by_id(row.id)
+        log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
+                 seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=done.url)
+        return Outcome("done", seconds=seconds, parts_sent=parts)
+
+    def _file_problem(self, row: FileRow, e: FileProblem) -> Outcome:
+        up = self.state.upload_for(row.id)
+        if up is not None and e.reason in ("gone", "changed"):
+            self._abort(up)
+        if e.reason == "gone":
+            self.state.transition(row.id, "gone", error=e.detail)
+            log.info("file vanished", path=row.path)
+            return Outcome("gone", e.detail)
+        if e.reason == "changed":
+            self.state.transition(row.id, "queued", error=e.detail)
+            log.info("file changed during upload; requeued", path=row.path)
+            return Outcome("queued", e.detail)
+        self.state.transition(row.id, "failed", error=e.detail, count_attempt=True)
+        log.error("upload failed", path=row.path, error=e.detail)
+        return Outcome("failed", e.detail)
+
+    def _abort(self, up: UploadRow) -> None:
+        try:
+            self.store.abort(up.key, up.upload_id)
+        except StoreError as e:  # the orphan sweep will get it later
+            log.warning("abort failed", key=up.key, upload_id=up.upload_id, error=str(e))
+        self.state.drop_upload(up.id)
+
+    # -- the upload ------------------------------------------------------------------------
+
+    def _check_identity(self, row: FileRow) -> None:
+        try:
+            now = stat_identity(row.path)
+        except FileNotFoundError:
+            raise FileProblem(row.path, "gone", "vanished before or during upload") from None
+        if now != row.identity:
+            raise FileProblem(row.path, "changed", "file changed since it was queued")
+
+    def _upload(self, row: FileRow, scope: CancelScope) -> tuple[str, int]:
+        self._check_identity(row)
+        try:
+            fd = os.open(row.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise FileProblem(row.path, "gone", "vanished before upload") from None
+        except PermissionError as e:
+            raise FileProblem(row.path, "unreadable", f"cannot read: {e.strerror}; fix its permissions "
+                                                      f"or run ossyncd as a user that can read it") from None
+        except OSError as e:
+            raise FileProblem(row.path, "unreadable", f"cannot open: {e.strerror}") from None
+        try:
+            if is_multipart(row.size, self.cfg):
+                return "multipart", self._multipart(row, fd, scope)
+            self._simple(row, fd, scope)
+            return "simple", 1
+        finally:
+            os.close(fd)
+
+    def _progress(self, row: FileRow):
+        last = [0.0]
+
+        def report(done: int) -> None:
+            now = time.monotonic()
+            if self.on_progress is not None:
+                self.on_progress(row.id, done, row.size)
+            if now - last[0] >= PROGRESS_EVERY or done == row.size:
+                last[0] = now
+                self.state.set_progress(row.id, done)
+        return report
+
+    def _simple(self, row: FileRow, fd: int, scope: CancelScope) -> None:
+        md5 = hashlib.md5()
+        crc = 0
+        for off in range(0, row.size, 1 << 20):
+            chunk = os.pread(fd, 1 << 20, off)
+            md5.update(chunk)
+            crc = crc64(chunk, crc)
+        report = self._progress(row)
+        body = Body(row.path, 0, row.size, cancel=scope, limiter=self.limiter, progress=report, fd=fd)
+        result = self.store.put(row.key, body, content_md5=base64.b64encode(md5.digest()).decode(),
+                                cancel=scope)
+        if result.crc64 != crc:  # the file changed between the checksum pass and the send
+            raise FileProblem(row.path, "changed", "file changed while it was being uploaded")
+        self._check_identity(row)
+        self.state.mark_done(row.id, url=self.url_for(row.key), etag=result.etag, crc64=result.crc64, mode="simple")
+
+    def _multipart(self, row: FileRow, fd: int, scope: CancelScope) -> int:
+        up = self._resume(row, fd, scope)
+        if up is None:
+            part_size = choose_part_size(row.size, self.cfg)
+            upload_id = self.store.init_multipart(row.key, cancel=scope)
+            up = self.state.begin_upload(row.id, upload_id, row.key, part_size, row.identity)
+        ranges = part_ranges(row.size, up.part_size)
+        recorded = self.state.parts(up.id)
+        todo = [r for r in ranges if r.number not in recorded]
+        base = sum(p.size for p in recorded.values())
+        inflight: dict[int, int] = {}
+        lock = threading.Lock()
+        report = self._progress(row)
+
+        def part_progress(number: int):
+            def cb(sent: int) -> None:
+                with lock:
+                    inflight[number] = sent
+                    total = base + sum(inflight.values())
+                report(total)
+            return cb
+
+        def send(r) -> PartRow:
+            body = Body(row.path, r.offset, r.size, cancel=scope, limiter=self.limiter,
+                        progress=part_progress(r.number), fd=fd)
+            res = self.store.upload_part(row.key, up.upload_id, r.number, body, cancel=scope)
+            part = PartRow(r.number, res.etag, res.crc64, r.size)
+            self.state.record_part(up.id, part.number, part.etag, part.crc64, part.size)
+            nonlocal base
+            with lock:
+                inflight.pop(r.number, None)
+                base += r.size
+            return part
+
+        self._run_window(todo, send, scope)
+        try:
+            self._check_identity(row)
+        except FileProblem:
+            raise
+        parts = sorted(self.state.parts(up.id).values(), key=lambda p: p.number)
+        if [p.number for p in parts] != [r.number for r in ranges]:
+            raise TransientError("CompleteMultipartUpload", row.key, "recorded parts do not cover the file")
+        try:
+            result = self.store.complete(row.key, up.upload_id, parts, cancel=scope)
+        except NoSuchUpload:
+            self.state.drop_upload(up.id)
+            raise TransientError("CompleteMultipartUpload", row.key, "upload vanished before Complete; starting over") from None
+        except PermanentError as e:
+            if e.code in INVALID_PARTS:
+                self._abort(up)
+                raise TransientError("CompleteMultipartUpload", row.key, f"{e.code}; starting over") from None
+            raise
+        self.state.mark_done(row.id, url=self.url_for(row.key), etag=result.etag, crc64=result.crc64, mode="multipart")
+        return len(todo)
+
+    def _run_window(self, todo, send, scope: CancelScope) -> None:
+        """Keep up to parallel_parts parts of this file in flight on the shared pool; on the
+        first failure cancel the rest of this file's parts and re-raise it."""
+        pending: set[Future] = set()
+        queue = list(todo)
+        error: BaseException | None = None
+        while queue or pending:
+            while queue and len(pending) < self.cfg.parallel_parts and error is None and not scope.is_set():
+                pending.add(self.pool.submit(send, queue.pop(0)))
+            if not pending:
+                break
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in finished:
+                exc = f.exception()
+                if exc is not None and (error is None or isinstance(error, Cancelled)):
+                    error = exc
+            if error is not None:
+                scope.set()
+                queue.clear()
+        if error is not None:
+            raise error
+        if scope.is_set() and queue:
+            raise Cancelled("cancelled")
+
+    def _resume(self, row: FileRow, fd: int, scope: CancelScope) -> UploadRow | None:
+        """Reconcile a checkpointed upload with the server (the server wins)."""
+        up = self.state.upload_for(row.id)
+        if up is None:
+            return None
+        if up.identity != row.identity or up.key != row.key:
+            log.info("file changed since its upload began; aborting the old upload", path=row.path)
+            self._abort(up)
+            return None
+        local = self.state.parts(up.id)
+        try:
+            server = self.store.list_parts(up.key, up.upload_id, cancel=scope)
+        except NoSuchUpload:
+            log.info("checkpointed upload is gone on the server; starting over", path=row.path)
+            self.state.drop_upload(up.id)
+            return None
+        except NotSupported:
+            return up  # the server cannot list parts: trust our record
+        ranges = {r.number: r for r in part_ranges(row.size, up.part_size)}
+        keep: list[PartRow] = []
+        for sp in server:
+            mine = local.get(sp.number)
+            r = ranges.get(sp.number)
+            if r is None or sp.size != r.size:
+                continue
+            if mine is not None and mine.etag.upper() == sp.etag.upper() and mine.size == sp.size:
+                keep.append(mine)
+            else:
+                adopted = self._adopt(fd, r, sp.etag)  # sent before a crash, never recorded
+                if adopted is not None:
+                    keep.append(adopted)
+        self.state.set_parts(up.id, keep)
+        log.info("resuming upload", path=row.path, upload_id=up.upload_id, parts_kept=len(keep),
+                 parts_total=len(ranges))
+        return up
+
+    @staticmethod
+    def _adopt(fd: int, r, etag: str) -> PartRow | None:
+        """A part OSS holds but we never recorded: keep it if its ETag is the MD5 of our bytes."""
+        md5 = hashlib.md5()
+        crc = 0
+        for off in range(r.offset, r.offset + r.size, 1 << 20):
+            chunk = os.pread(fd, min(1 << 20, r.offset + r.size - off), off)
+            md5.update(chunk)
+            crc = crc64(chunk, crc)
+        if md5.hexdigest().upper() != etag.strip('"').upper():
+            return None
+        return PartRow(r.number, etag, crc, r.size)
+
+
+def _hint(e: PermanentError) -> str:
+    hints = {
+        "AccessDenied": "; the credentials may not write this key: check the role policy (ossyncd policy) and watch prefixes",
+        "InvalidObjectName": "; the object key is not valid for OSS: rename the file",
+        "NoSuchBucket": "; check oss.bucket and oss.endpoint",
+        "InvalidDigest": "; the file changed while being read; it will be retried once it settles",
+    }
+    return hints.get(e.code or "", "")
