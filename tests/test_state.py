@@ -28,7 +28,7 @@ def test_db_is_private_and_wal(tmp_path, state):
 def test_identity_change_requeues(state):
     row, new = state.observe("/d/a", "/d", "a", 10, 1, 7)
     assert new and row.state == "queued"
-    state.mark_done(row.id, url="u", etag="E", crc64=2**64 - 1, mode="simple")
+    state.mark_done(row.id, row.identity, url="u", etag="E", crc64=2**64 - 1, mode="simple")
     same, new = state.observe("/d/a", "/d", "a", 10, 1, 7)
     assert not new and same.state == "done" and same.crc64 == 2**64 - 1
     changed, new = state.observe("/d/a", "/d", "a", 11, 2, 7)
@@ -43,7 +43,7 @@ def test_parts_and_done_in_one_transaction(state):
     assert sorted(state.parts(up.id)) == [1, 2]
     state.set_parts(up.id, [PartRow(2, "E2", 22, 100)])
     assert list(state.parts(up.id)) == [2]
-    state.mark_done(row.id, url="u", etag="E-3", crc64=5, mode="multipart")
+    state.mark_done(row.id, row.identity, url="u", etag="E-3", crc64=5, mode="multipart")
     assert state.upload_for(row.id) is None
     assert state.db.execute("SELECT count(*) FROM parts").fetchone()[0] == 0
 

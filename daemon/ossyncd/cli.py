@@ -251,3 +251,38 @@ def check_config(config_path):
     except StoreError as e:
         err.print(f"[red]endpoint {cfg.oss.endpoint}:[/red] {e}", highlight=False)
         sys.exit(1)
+
+
+@main.command()
+@config_option
+def run(config_path):
+    """Run the daemon in the foreground (systemd runs this)."""
+    from ossyncd.app import run as run_daemon
+    sys.exit(run_daemon(config_path))
+
+
+def _set_paused(config_path, paused: bool) -> None:
+    cfg = _load(config_path)
+    state = _open_state(cfg, readonly=False)
+    state.set_meta("paused", "1" if paused else None)
+    running = state.lock_holder(cfg.state.path) is not None
+    word = "paused" if paused else "resumed"
+    if running:
+        click.echo(f"{word}: the daemon applies it within 2 s"
+                   + ("; in-flight parts are checkpointed" if paused else "; uploads continue from checkpoints"))
+    else:
+        click.echo(f"{word}: no daemon is running; it will start {word}")
+
+
+@main.command()
+@config_option
+def pause(config_path):
+    """Pause uploads on the running daemon (in-flight parts are checkpointed)."""
+    _set_paused(config_path, True)
+
+
+@main.command()
+@config_option
+def resume(config_path):
+    """Resume uploads, continuing from checkpoints."""
+    _set_paused(config_path, False)

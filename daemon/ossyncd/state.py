@@ -74,6 +74,16 @@ class PartRow:
     size: int
 
 
+def printable_path(path: str) -> str:
+    """SQLite TEXT must be valid UTF-8; a name that is not (kept by os.fsdecode as
+    surrogates) is stored with its bad bytes shown as \\xNN."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute("""
         CREATE TABLE files (
@@ -263,6 +273,7 @@ class State:
 
     def mark_skipped(self, path: str, watch: str, reason: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
+        path = printable_path(path)
         self._write(
             "INSERT INTO files (path, watch, state, error, updated_at) VALUES (?, ?, 'skipped', ?, ?)"
             " ON CONFLICT(path) DO UPDATE SET state='skipped', error=excluded.error, updated_at=excluded.updated_at"
@@ -271,23 +282,31 @@ class State:
 
     def transition(self, file_id: int, state: str, *, error: str | None = None,
                    next_attempt_at: float | None = None, count_attempt: bool = False,
-                   now: float | None = None) -> None:
+                   identity: tuple[int, int, int] | None = None, now: float | None = None) -> bool:
+        """Move a file to `state`. With `identity`, only if the row still describes that
+        version (a newer version observed meanwhile must not be overwritten)."""
         assert state in STATES, state
         now = time.time() if now is None else now
-        self._write(
-            "UPDATE files SET state=?, error=?, next_attempt_at=?, attempts=attempts+?, updated_at=? WHERE id=?",
-            [state, error, next_attempt_at, int(count_attempt), now, file_id])
+        sql = "UPDATE files SET state=?, error=?, next_attempt_at=?, attempts=attempts+?, updated_at=? WHERE id=?"
+        params = [state, error, next_attempt_at, int(count_attempt), now, file_id]
+        if identity is not None:
+            sql += " AND size=? AND mtime_ns=? AND inode=?"
+            params += list(identity)
+        return self._write(sql, params).rowcount == 1
 
-    def mark_done(self, file_id: int, *, url: str, etag: str, crc64: int, mode: str,
-                  now: float | None = None) -> None:
-        """The object is verified: record it and forget the upload, in one transaction."""
+    def mark_done(self, file_id: int, identity: tuple[int, int, int], *, url: str, etag: str, crc64: int,
+                  mode: str, now: float | None = None) -> bool:
+        """The object of this version is verified: record it and forget the upload, in one
+        transaction. False (and nothing written) if the row moved on to a newer version."""
         now = time.time() if now is None else now
         with self._lock, self.db.atomic():
-            self.db.execute(
+            n = self.db.execute(
                 "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, uploaded_at=?, error=NULL,"
-                " next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=?",
-                [url, etag, str(crc64), mode, now, now, file_id])
-            self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
+                " next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=? AND size=? AND mtime_ns=? AND inode=?",
+                [url, etag, str(crc64), mode, now, now, file_id, *identity]).rowcount
+            if n:
+                self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
+            return n == 1
 
     def set_progress(self, file_id: int, bytes_done: int) -> None:
         self._write("UPDATE files SET bytes_done=? WHERE id=?", [bytes_done, file_id])
@@ -303,6 +322,10 @@ class State:
             sql += " AND path=?"
             params.append(path)
         return self._write(sql, params).rowcount
+
+    def reset_interrupted(self) -> int:
+        """After a crash: files left `uploading` go back to the queue (checkpoints kept)."""
+        return self._write("UPDATE files SET state='queued' WHERE state='uploading'").rowcount
 
     def files(self, state: str | None = None, *, limit: int | None = None) -> list[FileRow]:
         sql = f"SELECT {_FILE_COLS} FROM files"

@@ -90,30 +90,31 @@ class Uploader:
         problem with this file; raises StateError only if the state DB fails."""
         scope = CancelScope(cancel)
         started = time.monotonic()
-        self.state.transition(row.id, "uploading")
+        if not self.state.transition(row.id, "uploading", identity=row.identity):
+            return Outcome("queued", "superseded by a newer version")
         try:
             mode, parts = self._upload(row, scope)
         except Cancelled:
-            self.state.transition(row.id, "queued")
+            self.state.transition(row.id, "queued", identity=row.identity)
             return Outcome("queued", "cancelled")
         except FileProblem as e:
             return self._file_problem(row, e)
         except CredentialsUnavailable as e:
             at = time.time() + min(self.cfg.file_retry_delay, 10.0)
             msg = f"waiting for credentials: {e}"
-            self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=at)
+            self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=at, identity=row.identity)
             log.warning("credentials unavailable", path=row.path, error=str(e))
             return Outcome("retry_wait", msg)
         except PermanentError as e:
             msg = f"{e}{_hint(e)}"
-            self.state.transition(row.id, "failed", error=msg, count_attempt=True)
+            self.state.transition(row.id, "failed", error=msg, count_attempt=True, identity=row.identity)
             log.error("upload failed", path=row.path, key=row.key, error=msg)
             return Outcome("failed", msg)
         except (TransientError, StoreError, OSError) as e:
             delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
             msg = f"{e} (will retry)"
             self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=time.time() + delay,
-                                  count_attempt=True)
+                                  count_attempt=True, identity=row.identity)
             log.warning("upload will be retried", path=row.path, error=str(e), retry_in=round(delay, 1))
             return Outcome("retry_wait", msg)
         seconds = time.monotonic() - started
@@ -127,14 +128,14 @@ class Uploader:
         if up is not None and e.reason in ("gone", "changed"):
             self._abort(up)
         if e.reason == "gone":
-            self.state.transition(row.id, "gone", error=e.detail)
+            self.state.transition(row.id, "gone", error=e.detail, identity=row.identity)
             log.info("file vanished", path=row.path)
             return Outcome("gone", e.detail)
         if e.reason == "changed":
-            self.state.transition(row.id, "queued", error=e.detail)
+            self.state.transition(row.id, "queued", error=e.detail, identity=row.identity)
             log.info("file changed during upload; requeued", path=row.path)
             return Outcome("queued", e.detail)
-        self.state.transition(row.id, "failed", error=e.detail, count_attempt=True)
+        self.state.transition(row.id, "failed", error=e.detail, count_attempt=True, identity=row.identity)
         log.error("upload failed", path=row.path, error=e.detail)
         return Outcome("failed", e.detail)
 
@@ -200,7 +201,9 @@ class Uploader:
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
             raise FileProblem(row.path, "changed", "file changed while it was being uploaded")
         self._check_identity(row)
-        self.state.mark_done(row.id, url=self.url_for(row.key), etag=result.etag, crc64=result.crc64, mode="simple")
+        if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
+                                    crc64=result.crc64, mode="simple"):
+            raise FileProblem(row.path, "changed", "a newer version was seen during the upload")
 
     def _multipart(self, row: FileRow, fd: int, scope: CancelScope) -> int:
         up = self._resume(row, fd, scope)
@@ -254,7 +257,9 @@ class Uploader:
                 self._abort(up)
                 raise TransientError("CompleteMultipartUpload", row.key, f"{e.code}; starting over") from None
             raise
-        self.state.mark_done(row.id, url=self.url_for(row.key), etag=result.etag, crc64=result.crc64, mode="multipart")
+        if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
+                                    crc64=result.crc64, mode="multipart"):
+            raise FileProblem(row.path, "changed", "a newer version was seen during the upload")
         return len(todo)
 
     def _run_window(self, todo, send, scope: CancelScope) -> None:

@@ -1,0 +1,138 @@
+"""`ossyncd run`: the composition root of the daemon.
+
+Builds everything from the config, takes the single-instance lock, starts credential
+rotation, the watcher and the scheduler loop, speaks sd_notify, and handles signals:
+SIGTERM/SIGINT stop cleanly (checkpoints kept, exit 0), SIGHUP reloads the config.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+import structlog
+
+from ossyncd import log as logsetup
+from ossyncd.config import Config, load_config, secret_file_warning
+from ossyncd.engine import Engine
+from ossyncd.errors import ConfigError, StateError
+from ossyncd.notify import Notifier
+from ossyncd.scheduler import Scheduler
+from ossyncd.watcher import Watcher
+
+log = structlog.get_logger(__name__)
+
+
+class Daemon:
+    def __init__(self, config_path: str | None):
+        self.config_path = config_path
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.notifier = Notifier()
+
+    def _setup_logging(self, cfg: Config) -> None:
+        logsetup.configure(cfg.daemon.log_level, cfg.daemon.log_format)
+        c = cfg.credentials
+        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token])
+
+    def run(self) -> int:
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        self._setup_logging(cfg)
+        warning = secret_file_warning(cfg)
+        if warning:
+            log.warning("config file permissions", problem=warning)
+        try:
+            self.engine = engine = Engine(cfg)
+            engine.state.acquire_daemon_lock()
+        except StateError as e:
+            log.error("cannot start", error=str(e))
+            print(f"state error: {e}", file=sys.stderr)
+            return 1
+        self.cfg = cfg
+        interrupted = engine.state.reset_interrupted()
+        engine.credentials.start()
+        self.scheduler = sched = Scheduler(engine, cfg)
+        self.watcher = Watcher(sched.on_event, on_rescan=sched.request_rescan)
+        for w in cfg.watch:
+            self.watcher.add(w)
+        self.watcher.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        loop = threading.Thread(target=sched.run, args=(self.stop,), name="scheduler", daemon=True)
+        loop.start()
+        log.info("started", watches=[str(w.path) for w in cfg.watch], bucket=cfg.oss.bucket,
+                 state=str(cfg.state.path), resumed=interrupted)
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+        self._supervise()
+        self.notifier.send("STOPPING=1")
+        log.info("stopping: cancelling in-flight parts; checkpoints are kept")
+        self.watcher.stop()
+        loop.join(5)
+        sched.shutdown(timeout=8)
+        engine.close()
+        log.info("stopped")
+        return 0
+
+    def _supervise(self) -> None:
+        """The main thread: watchdog pings (only while the loop ticks), status, reloads."""
+        wd = self.notifier.watchdog_interval
+        last_status = 0.0
+        while not self.stop.wait(min(0.5, wd or 0.5)):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+            now = time.monotonic()
+            alive = now - self.scheduler.last_tick < max(2.0, (wd or 1.0) * 2)
+            if wd and alive:
+                self.notifier.send("WATCHDOG=1")
+            if now - last_status >= 2.0:
+                last_status = now
+                self.notifier.send(f"STATUS={self._status_line()}")
+
+    def _status_line(self) -> str:
+        c = self.engine.state.counts()
+        rate = getattr(self.scheduler, "throughput", 0.0) if hasattr(self, "scheduler") else 0.0
+        paused = " PAUSED" if getattr(self, "scheduler", None) and self.scheduler.paused else ""
+        return (f"queued {c.get('queued', 0) + c.get('retry_wait', 0)} / uploading {c.get('uploading', 0)} / "
+                f"done {c.get('done', 0)} / failed {c.get('failed', 0)}, {rate:.1f} MiB/s{paused}")
+
+    def _reload(self) -> None:
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            new = load_config(self.config_path)
+            if new.state.path != self.cfg.state.path:
+                raise ConfigError("state.path: cannot change on reload; restart the daemon")
+        except ConfigError as e:
+            log.error("reload rejected; the running config stays in force", error=str(e))
+            self.notifier.send("READY=1")
+            return
+        old = {str(w.path): w for w in self.cfg.watch}
+        fresh = {str(w.path): w for w in new.watch}
+
+        def apply() -> None:
+            for root, w in old.items():
+                if root not in fresh or fresh[root] != w:
+                    self.watcher.remove(w)
+                    self.scheduler.remove_watch(w)
+            for root, w in fresh.items():
+                if root not in old or old[root] != w:
+                    self.scheduler.add_watch(w)
+                    self.watcher.add(w)
+            self.scheduler.cfg = new
+            self.engine.uploader.cfg = new.upload
+            self.engine.cfg = new
+        self.scheduler.call_soon(apply)
+        self.cfg = new
+        log.info("config reloaded", watches=list(fresh))
+        self.notifier.send("READY=1")
+
+
+def run(config_path: str | None) -> int:
+    return Daemon(config_path).run()
