@@ -54,7 +54,7 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--prefix", default=None, help="key prefix for files outside every watch folder")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, readable=False))
 def upload(config_path, prefix, files):
     """Upload FILES now, with progress bars, through the same engine and state as the daemon.
 
