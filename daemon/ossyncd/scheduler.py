@@ -26,7 +26,7 @@ from ossyncd.errors import StoreError
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
 from ossyncd.settle import SettleTracker
-from ossyncd.state import FileRow
+from ossyncd.state import FileRow, printable_path
 from ossyncd.uploader import CancelScope, Outcome
 
 log = structlog.get_logger(__name__)
@@ -187,15 +187,17 @@ class Scheduler:
         tracker = self.trackers[root]
         unreadable_root = False
         for entry in scan_root(w):
-            seen.add(entry.path)
             if entry.kind == "skipped":
+                stored = printable_path(entry.path)   # how state keys a non-UTF-8 name
+                seen.add(stored)
                 if entry.path == root:
                     unreadable_root = True
-                k = known.get(entry.path)
+                k = known.get(stored)
                 if not (k and k[0] == "skipped"):
                     self.state.mark_skipped(entry.path, root, entry.reason)
                     log.warning("skipped", path=entry.path, reason=entry.reason)
                 continue
+            seen.add(entry.path)
             k = known.get(entry.path)
             if k is not None and k[1] == (entry.size, entry.mtime_ns, entry.inode) and k[0] not in ("gone", "skipped"):
                 if k[0] == "settling":

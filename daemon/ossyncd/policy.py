@@ -1,0 +1,134 @@
+"""Least-privilege RAM policy documents for ossyncd.
+
+The daemon's upload path needs exactly the eight actions in ``UPLOAD_ACTIONS``
+(design section 4): no HeadObject, GetObject or ListObjects.  ``upload_policy``
+renders them as a RAM policy document for ``ossyncd policy``;
+``inline_policy_json`` renders the same document compactly for the STS
+AssumeRole ``Policy`` parameter (``credentials.scope_policy_to_prefixes``),
+which limits the session to the watched prefixes even when the role allows more.
+
+Resources:
+  * object actions on ``acs:oss:*:*:{bucket}/{prefix}*`` for every watch prefix
+    (the prefix ``""`` means the whole bucket, ``{bucket}/*``);
+  * ``oss:ListMultipartUploads`` is a bucket-level action, so it is granted on
+    ``acs:oss:*:*:{bucket}``.
+
+This module has no dependencies so that the CLI can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+__all__ = [
+    "UPLOAD_ACTIONS",
+    "OBJECT_ACTIONS",
+    "BUCKET_ACTIONS",
+    "MAX_INLINE_POLICY_CHARS",
+    "PolicyError",
+    "PolicyTooLong",
+    "object_resources",
+    "upload_policy",
+    "inline_policy_json",
+]
+
+#: The eight actions the upload path uses (design section 4), in a stable order.
+UPLOAD_ACTIONS: tuple[str, ...] = (
+    "oss:PutObject",
+    "oss:InitiateMultipartUpload",
+    "oss:UploadPart",
+    "oss:UploadPartCopy",
+    "oss:CompleteMultipartUpload",
+    "oss:AbortMultipartUpload",
+    "oss:ListMultipartUploads",
+    "oss:ListParts",
+)
+
+#: Actions whose resource is the bucket itself rather than an object.
+BUCKET_ACTIONS: tuple[str, ...] = ("oss:ListMultipartUploads",)
+
+#: Actions whose resource is an object (``bucket/key``).
+OBJECT_ACTIONS: tuple[str, ...] = tuple(a for a in UPLOAD_ACTIONS if a not in BUCKET_ACTIONS)
+
+#: STS AssumeRole accepts a Policy of 1..2048 characters (oss-protocol.md section 5).
+MAX_INLINE_POLICY_CHARS = 2048
+
+
+class PolicyError(ValueError):
+    """The policy cannot be built from the given bucket/prefixes."""
+
+
+class PolicyTooLong(PolicyError):
+    """The compact inline policy exceeds STS's Policy length limit."""
+
+
+def _check_bucket(bucket: str) -> None:
+    if not bucket or not isinstance(bucket, str):
+        raise PolicyError("oss.bucket is empty; a policy needs the bucket name")
+    if "/" in bucket or "*" in bucket or "?" in bucket or ":" in bucket:
+        raise PolicyError(f"oss.bucket {bucket!r} is not a plain bucket name")
+
+
+def _minimal_prefixes(prefixes: Iterable[str]) -> list[str]:
+    """Deduplicate, drop prefixes covered by a shorter one, sort.
+
+    ``""`` (the whole bucket) covers everything.  A leading ``/`` is not part of
+    an OSS key, so it is stripped.
+    """
+    cleaned = sorted({(p or "").lstrip("/") for p in prefixes})
+    if not cleaned:
+        return [""]
+    out: list[str] = []
+    for p in cleaned:  # sorted: a covering prefix sorts before what it covers
+        if any(p.startswith(q) for q in out):
+            continue
+        out.append(p)
+    return out
+
+
+def object_resources(bucket: str, prefixes: Iterable[str]) -> list[str]:
+    """``acs:oss:*:*:{bucket}/{prefix}*`` for each (minimal) prefix."""
+    _check_bucket(bucket)
+    return [f"acs:oss:*:*:{bucket}/{p}*" for p in _minimal_prefixes(prefixes)]
+
+
+def upload_policy(bucket: str, prefixes: Iterable[str]) -> dict:
+    """The least-privilege RAM policy document for uploading to ``bucket`` under ``prefixes``.
+
+    ``prefixes`` are the watch prefixes; an empty list or a ``""`` prefix means
+    the whole bucket.
+    """
+    prefixes = list(prefixes)
+    return {
+        "Version": "1",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": list(OBJECT_ACTIONS),
+                "Resource": object_resources(bucket, prefixes),
+            },
+            {
+                "Effect": "Allow",
+                "Action": list(BUCKET_ACTIONS),
+                "Resource": [f"acs:oss:*:*:{bucket}"],
+            },
+        ],
+    }
+
+
+def inline_policy_json(bucket: str, prefixes: Iterable[str]) -> str:
+    """``upload_policy`` as compact JSON for the AssumeRole ``Policy`` parameter.
+
+    Raises ``PolicyTooLong`` (naming the watch prefixes) if it exceeds 2048 characters.
+    """
+    prefixes = list(prefixes)
+    text = json.dumps(upload_policy(bucket, prefixes), separators=(",", ":"))
+    if len(text) > MAX_INLINE_POLICY_CHARS:
+        raise PolicyTooLong(
+            f"the inline STS policy for watch prefixes {prefixes!r} is {len(text)} characters, "
+            f"over the {MAX_INLINE_POLICY_CHARS}-character AssumeRole limit; use fewer or shorter "
+            "watch prefixes, or set credentials.scope_policy_to_prefixes = false and restrict "
+            "the role's own policy instead"
+        )
+    return text
