@@ -286,8 +286,11 @@ def _check_paths(cfg: Config) -> None:
         if w.path in seen:
             raise ConfigError(f"{where}.path: {w.path} is already watched by watch[{seen[w.path]}]; remove one")
         seen[w.path] = w.index
-        if w.after_upload == "move" and w.move_to is not None and not w.move_to.is_absolute():
-            raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
+        if w.after_upload == "move" and w.move_to is not None:
+            if not w.move_to.is_absolute():
+                raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
+            if w.move_to == w.path:
+                raise ConfigError(f"{where}.move_to: must differ from the watch path; choose another folder")
     parent = cfg.state.path.parent
     if not cfg.state.path.is_absolute():
         raise ConfigError(f"state.path: {cfg.state.path} is not absolute; write the full path")

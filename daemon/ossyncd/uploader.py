@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -159,7 +160,8 @@ class Uploader:
     def _upload(self, row: FileRow, scope: CancelScope) -> tuple[str, int]:
         self._check_identity(row)
         try:
-            fd = os.open(row.path, os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO swapped in after the scan must not block us; fstat below rejects it
+            fd = os.open(row.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise FileProblem(row.path, "gone", "vanished before upload") from None
         except PermissionError as e:
@@ -167,6 +169,10 @@ class Uploader:
                                                       f"or run ossyncd as a user that can read it") from None
         except OSError as e:
             raise FileProblem(row.path, "unreadable", f"cannot open: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != row.inode:
+            os.close(fd)
+            raise FileProblem(row.path, "changed", "replaced by another file since it was queued")
         try:
             if is_multipart(row.size, self.cfg):
                 return "multipart", self._multipart(row, fd, scope)

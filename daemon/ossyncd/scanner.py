@@ -1,0 +1,243 @@
+"""Walk a watch root and classify what is there, without opening any file.
+
+``scan_root`` yields one ``Entry`` per candidate; ``stat_entry`` classifies a
+single path (from a watcher event, or a restat) by the same rules. Temp names,
+excluded globs and the move_to subtree are ignored silently (never yielded).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as st_
+from dataclasses import dataclass
+from typing import Iterator
+
+from .paths import (
+    check_key,
+    glob_matcher,
+    ignored_subtree,
+    is_excluded,
+    is_temp_name,
+    object_key,
+    relpath_of,
+)
+
+_SPECIAL = (
+    (st_.S_ISFIFO, "named pipe (FIFO)"),
+    (st_.S_ISSOCK, "UNIX socket"),
+    (st_.S_ISCHR, "character device"),
+    (st_.S_ISBLK, "block device"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    path: str
+    relpath: str
+    kind: str  # "file" | "skipped"
+    key: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+    inode: int = 0
+    dev: int = 0
+    reason: str = ""
+
+    @property
+    def identity(self) -> tuple[str, int, int, int]:
+        """(path, size, mtime_ns, inode): a version of a file (design section 3)."""
+        return (self.path, self.size, self.mtime_ns, self.inode)
+
+
+def _special_reason(mode: int) -> str:
+    for test, what in _SPECIAL:
+        if test(mode):
+            return f"{what} - not a regular file; not uploaded"
+    return "not a regular file; not uploaded"
+
+
+class _Rules:
+    """Per-scan constants, computed once (the loop runs per file)."""
+
+    def __init__(self, watch):
+        self.watch = watch
+        self.root = os.path.normpath(os.fspath(watch.path))
+        self.key_prefix = object_key(watch.prefix or "", "")  # relpaths are POSIX already
+        self.match = glob_matcher(tuple(watch.exclude or ()))
+        self.recursive = bool(watch.recursive)
+        self.follow = bool(getattr(watch, "follow_symlinks", False))
+        self.skip_dir = ignored_subtree(watch)
+        self._root_real: str | None = None
+
+    @property
+    def root_real(self) -> str:
+        if self._root_real is None:
+            self._root_real = os.path.realpath(self.root)
+        return self._root_real
+
+    def excluded(self, name: str, relpath: str) -> bool:
+        m = self.match
+        return m is not None and (m(name) is not None or m(relpath) is not None)
+
+    def file(self, path: str, relpath: str, s: os.stat_result) -> Entry:
+        key = self.key_prefix + relpath
+        bad = check_key(key)
+        if bad is not None:
+            return Entry(path, relpath, "skipped", key, reason=bad)
+        return Entry(path, relpath, "file", key, s.st_size, s.st_mtime_ns, s.st_ino, s.st_dev)
+
+    def skipped(self, path: str, relpath: str, reason: str) -> Entry:
+        return Entry(path, relpath, "skipped", self.key_prefix + relpath, reason=reason)
+
+    def in_skip_dir(self, path: str) -> bool:
+        d = self.skip_dir
+        return d is not None and (path == d or path.startswith(d + "/"))
+
+    def follow_link(self, path: str, relpath: str) -> tuple[Entry | None, os.stat_result | None]:
+        """Resolve a symlink when following. Returns (entry, dir_stat): a dir
+        target inside the root comes back as dir_stat for the caller to walk."""
+        try:
+            target_st = os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return self.skipped(path, relpath, "symlink loop - not followed"), None
+            if isinstance(e, FileNotFoundError):
+                return self.skipped(path, relpath, "symlink target does not exist (dangling)"), None
+            return self.skipped(path, relpath, f"symlink target unreadable: {e.strerror}"), None
+        target = os.path.realpath(path)
+        try:
+            target_rel = relpath_of(self.root_real, target)
+        except ValueError:
+            return self.skipped(path, relpath, f"symlink points outside the watch root ({target}) - not followed"), None
+        # The target must not smuggle in what the rules exclude.
+        if (target_rel and is_excluded(target_rel, self.watch.exclude or ())) or (
+            self.skip_dir is not None and self.in_skip_dir(self.root + "/" + target_rel)
+        ):
+            return self.skipped(path, relpath, f"symlink points into an excluded folder ({target}) - not followed"), None
+        if st_.S_ISREG(target_st.st_mode):
+            if is_temp_name(os.path.basename(target)):
+                return self.skipped(path, relpath, "symlink to a temp file - not followed"), None
+            return self.file(path, relpath, target_st), None
+        if st_.S_ISDIR(target_st.st_mode):
+            return None, target_st
+        return self.skipped(path, relpath, "symlink to " + _special_reason(target_st.st_mode)), None
+
+
+def scan_root(watch) -> Iterator[Entry]:
+    """Every candidate under ``watch.path`` (see the module docstring)."""
+    return scan_tree(watch, watch.path)
+
+
+def scan_tree(watch, top: str | os.PathLike) -> Iterator[Entry]:
+    """Like scan_root, but starting at ``top`` (a directory inside the root)."""
+    r = _Rules(watch)
+    top = os.path.normpath(os.fspath(top))
+    try:
+        top_rel = relpath_of(r.root, top)
+        top_st = os.stat(top)
+    except (ValueError, OSError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        yield r.skipped(top, "", f"directory not scannable: {reason}")
+        return
+    if top_rel and r.in_skip_dir(top):
+        return
+    if top_rel and is_excluded(top_rel, watch.exclude or ()):
+        return
+    visited = {(top_st.st_dev, top_st.st_ino)}
+    # Iterative DFS over real dirs: (dir path, its relpath + "/" or "" at the root).
+    stack = [(top, top_rel + "/" if top_rel else "")]
+    # Followed dir symlinks wait until every real dir is walked, so a file is
+    # found under its real name first and the link is the duplicate.
+    links: list[tuple[str, str, tuple[int, int]]] = []
+    while stack or links:
+        if not stack:
+            path, relpath, ident = links.pop()
+            if ident in visited:
+                target = os.path.realpath(path)
+                parent = os.path.realpath(os.path.dirname(path))
+                if parent == target or parent.startswith(target.rstrip("/") + "/"):
+                    reason = f"symlink loop (points to the enclosing folder {target}) - not followed"
+                else:
+                    reason = f"symlink to a directory already scanned ({target}) - not followed"
+                yield r.skipped(path, relpath, reason)
+            else:
+                visited.add(ident)
+                stack.append((path, relpath + "/"))
+            continue
+        dpath, drel = stack.pop()
+        try:
+            it = os.scandir(dpath)
+        except FileNotFoundError:
+            continue  # vanished since it was listed
+        except OSError as e:
+            yield r.skipped(dpath, drel.rstrip("/"), f"directory not readable: {e.strerror}; its files are not uploaded")
+            continue
+        base = dpath if dpath.endswith("/") else dpath + "/"
+        with it:
+            for de in it:
+                name = de.name
+                path = base + name
+                relpath = drel + name
+                try:
+                    if de.is_dir(follow_symlinks=False):
+                        if not r.recursive or (r.match is not None and r.excluded(name, relpath)):
+                            continue
+                        if r.skip_dir is not None and path == r.skip_dir:
+                            continue
+                        s = de.stat(follow_symlinks=False)
+                        ident = (s.st_dev, s.st_ino)
+                        if ident not in visited:  # bind-mount loops
+                            visited.add(ident)
+                            stack.append((path, relpath + "/"))
+                        continue
+                    if is_temp_name(name) or (r.match is not None and r.excluded(name, relpath)):
+                        continue
+                    if de.is_file(follow_symlinks=False):
+                        yield r.file(path, relpath, de.stat(follow_symlinks=False))
+                    elif de.is_symlink():
+                        if not r.follow:
+                            yield r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)")
+                            continue
+                        entry, dir_st = r.follow_link(path, relpath)
+                        if entry is not None:
+                            yield entry
+                        elif r.recursive:
+                            links.append((path, relpath, (dir_st.st_dev, dir_st.st_ino)))
+                    else:
+                        yield r.skipped(path, relpath, _special_reason(de.stat(follow_symlinks=False).st_mode))
+                except FileNotFoundError:
+                    continue  # removed while we looked
+
+
+def stat_entry(watch, path: str | os.PathLike) -> Entry | None:
+    """Classify one path by the scan rules, e.g. for a watcher event or the
+    restat before upload. None when it is gone, a directory or ignored."""
+    r = _Rules(watch)
+    path = os.path.normpath(os.fspath(path))
+    try:
+        relpath = relpath_of(r.root, path)
+    except ValueError:
+        return None
+    if not relpath or (not r.recursive and "/" in relpath):
+        return None
+    name = relpath.rpartition("/")[2]
+    if is_temp_name(name) or is_excluded(relpath, watch.exclude or ()):
+        return None
+    if r.in_skip_dir(path):
+        return None
+    try:
+        s = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return r.skipped(path, relpath, f"cannot stat: {e.strerror}")
+    if st_.S_ISREG(s.st_mode):
+        return r.file(path, relpath, s)
+    if st_.S_ISDIR(s.st_mode):
+        return None
+    if st_.S_ISLNK(s.st_mode):
+        if not r.follow:
+            return r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)")
+        entry, _ = r.follow_link(path, relpath)
+        return entry  # a dir target: None, the watcher walks it
+    return r.skipped(path, relpath, _special_reason(s.st_mode))
