@@ -1,6 +1,6 @@
 """A byte range of a local file as a request body.
 
-Each attempt opens a fresh reader (so a retry re-reads from the range start); the
+Each attempt gets a fresh reader (so a retry re-reads from the range start); the
 reader computes CRC64 as bytes go out, honours cancellation within one block and
 the bandwidth limiter, and reports progress. Nothing larger than one block is
 held in memory, whatever the part size.
@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 from ossyncd.crc import crc64
 from ossyncd.errors import Cancelled, FileProblem
@@ -48,45 +47,34 @@ class RateLimiter:
 
 
 class Body:
-    def __init__(self, path: str, offset: int, size: int, *, cancel: threading.Event | None = None,
-                 limiter: RateLimiter | None = None, progress: Callable[[int], None] | None = None,  # bytes sent in this attempt
-                 fd: int | None = None):
+    """Bytes [offset, offset+size) of the file open as `fd` (the caller owns the fd)."""
+
+    def __init__(self, path: str, fd: int, offset: int, size: int, *, cancel=None,
+                 limiter: RateLimiter | None = None, progress: Callable[[int], None] | None = None):
         self.path = path
+        self.fd = fd
         self.offset = offset
         self.size = size
-        self.cancel = cancel
+        self.cancel = cancel          # anything with is_set(): pause, shutdown, a failed sibling part
         self.limiter = limiter
-        self.progress = progress
-        self._fd = fd
+        self.progress = progress      # called with the bytes sent in this attempt
         self.sent = 0
         self.crc64 = 0
 
-    @contextmanager
-    def open(self) -> Iterator["_Reader"]:
+    def open(self) -> "_Reader":
+        """A fresh reader for one attempt; a retry re-reads from the range start."""
         self.sent = 0
         self.crc64 = 0
         if self.progress is not None:
             self.progress(0)
-        own = self._fd is None
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW) if own else self._fd
-        except FileNotFoundError:
-            raise FileProblem(self.path, "gone", "vanished before upload") from None
-        except PermissionError as e:
-            raise FileProblem(self.path, "unreadable", f"cannot read: {e.strerror}; fix its permissions") from None
-        try:
-            yield _Reader(self, fd)
-        finally:
-            if own:
-                os.close(fd)
+        return _Reader(self)
 
 
 class _Reader:
     """File-like for requests/urllib3: read() and __len__ only (sized, not seekable)."""
 
-    def __init__(self, body: Body, fd: int):
+    def __init__(self, body: Body):
         self._b = body
-        self._fd = fd
 
     def __len__(self) -> int:
         return self._b.size
@@ -102,7 +90,7 @@ class _Reader:
         n = min(n, READ_BLOCK)
         if b.limiter is not None:
             b.limiter.consume(n, b.cancel)
-        data = os.pread(self._fd, n, b.offset + b.sent)
+        data = os.pread(b.fd, n, b.offset + b.sent)
         if not data:
             raise FileProblem(b.path, "changed", "file shrank while it was being uploaded")
         b.crc64 = crc64(data, b.crc64)

@@ -196,16 +196,14 @@ class OssStore:
 
     def put(self, key: str, body: Body, *, content_md5: str | None = None) -> WriteResult:
         headers = {"Content-MD5": content_md5} if content_md5 else None
-        with body.open() as reader:
-            r = self._call("PutObject", key, self.bucket.put_object, key, reader, headers=headers)
+        r = self._call("PutObject", key, self.bucket.put_object, key, body.open(), headers=headers)
         return self._verify("PutObject", key, r, body)
 
     def init_multipart(self, key: str) -> str:
         return self._call("InitiateMultipartUpload", key, self.bucket.init_multipart_upload, key).upload_id
 
     def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> WriteResult:
-        with body.open() as reader:
-            r = self._call("UploadPart", key, self.bucket.upload_part, key, upload_id, number, reader)
+        r = self._call("UploadPart", key, self.bucket.upload_part, key, upload_id, number, body.open())
         return self._verify("UploadPart", key, r, body)
 
     def complete(self, key: str, upload_id: str, parts: list[PartRow]) -> WriteResult:

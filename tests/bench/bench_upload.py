@@ -20,7 +20,7 @@ from pathlib import Path
 
 import oss2
 
-from tests.bench.bench_put import MiB, ROOT, curl_put, make_file, start_emulator
+from tests.bench.bench_put import MiB, ROOT, curl_put, make_file, start_emulator, static_config
 
 PART = 8 * MiB
 THREADS = 4
@@ -28,24 +28,8 @@ REPS = int(os.environ.get("OSSYNCD_BENCH_REPS", "2"))
 
 
 def write_config(tmp: Path, info: dict) -> Path:
-    cfg = tmp / "bench.toml"
-    cfg.write_text(f"""
-[oss]
-endpoint = "{info['oss']}"
-bucket = "drop"
-signature = "v1"
-[credentials]
-source = "static"
-access_key_id = "{info['root']['id']}"
-access_key_secret = "{info['root']['secret']}"
-[upload]
-part_size = "{PART // MiB}MiB"
-parallel_parts = {THREADS}
-[state]
-path = "{tmp / 'state.db'}"
-""")
-    os.chmod(cfg, 0o600)
-    return cfg
+    return static_config(tmp / "bench.toml", info, tmp / "state.db",
+                         f"[upload]\npart_size = \"{PART // MiB}MiB\"\nparallel_parts = {THREADS}\n")
 
 
 def run_ossyncd(cfg: Path, path: Path, key_prefix: str) -> tuple[float, float]:

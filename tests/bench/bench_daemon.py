@@ -1,0 +1,186 @@
+"""The daemon under load, against peers measured in the same run:
+
+1. 10,000 files of 4 KiB dropped at once: `ossyncd run` until all are `done`, vs a bare
+   oss2 thread pool doing only put_object at the same concurrency.
+2. Detection latency: from a writer's close() to the PutObject reaching the emulator,
+   p50/p95, against the settle window.
+3. Start-up rescan of 100,000 files that are already `done`: time, and requests sent (0).
+Counts: OSSYNCD_BENCH_SMALL (10000), OSSYNCD_BENCH_RESCAN (100000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import oss2
+
+from tests.bench.bench_put import ROOT, start_emulator, static_config
+
+CONCURRENCY = 8
+SETTLE = 1.0
+
+
+def stats(info) -> dict:
+    with urllib.request.urlopen(info["oss"] + "/-/stats") as r:
+        return json.loads(r.read())
+
+
+def config(tmp: Path, info: dict, drop: Path) -> Path:
+    return static_config(tmp / "bench.toml", info, tmp / "state.db", f"""
+[upload]
+max_files_in_flight = {CONCURRENCY}
+[daemon]
+log_level = "warning"
+rescan_interval = 3600
+[[watch]]
+path = "{drop}"
+prefix = "d/"
+settle_seconds = {SETTLE}
+""")
+
+
+def start_daemon(cfg: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ossyncd", "run", "-c", str(cfg)], cwd=ROOT,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "NO_PROXY": "127.0.0.1"})
+
+
+def done_count(cfg: Path) -> int:
+    sys.path.insert(0, str(ROOT / "daemon"))
+    from ossyncd.state import State
+    st = State(Path(cfg.parent / "state.db"), readonly=True)
+    try:
+        return st.counts().get("done", 0)
+    finally:
+        st.close()
+
+
+def bench_small_files(tmp: Path, info: dict, n: int) -> tuple[float, float]:
+    src = tmp / "small-src"
+    src.mkdir()
+    for i in range(n):
+        (src / f"f{i:05d}.bin").write_bytes(os.urandom(4096))
+    bucket = oss2.Bucket(oss2.Auth(info["root"]["id"], info["root"]["secret"]), info["oss"], "drop",
+                         session=oss2.Session(pool_size=CONCURRENCY + 2))
+    files = sorted(src.iterdir())
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(lambda p: bucket.put_object_from_file(f"pool/{p.name}", str(p)), files))
+    pool_rate = n / (time.perf_counter() - t0)
+
+    drop = tmp / "drop-small"
+    drop.mkdir()
+    (tmp / "small").mkdir()
+    cfg = config(tmp / "small", info, drop)
+    proc = start_daemon(cfg, tmp / "small.log")
+    time.sleep(3)                      # started and idle
+    t0 = time.perf_counter()
+    subprocess.run(f"cp -r {src}/. {drop}/", shell=True, check=True)
+    while done_count(cfg) < n:
+        if proc.poll() is not None:
+            raise RuntimeError((tmp / "small.log").read_text()[-2000:])
+        time.sleep(0.2)
+    ours = n / (time.perf_counter() - t0)
+    proc.terminate()
+    proc.wait(30)
+    return ours, pool_rate
+
+
+def bench_latency(tmp: Path, info: dict, count: int = 30) -> list[float]:
+    (tmp / "lat").mkdir()
+    drop = tmp / "drop-lat"
+    drop.mkdir()
+    cfg = config(tmp / "lat", info, drop)
+    proc = start_daemon(cfg, tmp / "lat.log")
+    time.sleep(3)
+    lat = []
+    for i in range(count):
+        before = stats(info)["requests"].get("PutObject", 0)
+        with open(drop / f"l{i}.bin", "wb") as f:
+            f.write(os.urandom(4096))
+        closed = time.perf_counter()
+        while stats(info)["requests"].get("PutObject", 0) == before:
+            if time.perf_counter() - closed > 10:
+                raise RuntimeError("file not uploaded within 10 s")
+            time.sleep(0.005)
+        lat.append(time.perf_counter() - closed)
+        time.sleep(0.2)
+    proc.terminate()
+    proc.wait(30)
+    return lat
+
+
+def bench_rescan(tmp: Path, info: dict, n: int) -> tuple[float, float, int]:
+    sys.path.insert(0, str(ROOT / "daemon"))
+    from ossyncd.state import State
+    (tmp / "rescan").mkdir()
+    drop = tmp / "drop-rescan"
+    cfg = config(tmp / "rescan", info, drop)
+    state = State(tmp / "rescan" / "state.db")
+    with state.db.atomic():      # a previous run's record: every file already done
+        for i in range(n):
+            d = drop / f"d{i % 100}"
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / f"f{i}.txt"
+            p.write_bytes(b"x")
+            st = os.stat(p)
+            row, _ = state.observe(str(p), str(drop), f"d/d{i % 100}/f{i}.txt", st.st_size, st.st_mtime_ns, st.st_ino)
+            state.mark_done(row.id, row.identity, url="u", etag="E", crc64=0, mode="simple")
+    state.close()
+    uploads = ("PutObject", "InitiateMultipartUpload", "UploadPart", "CompleteMultipartUpload")
+    before = sum(stats(info)["requests"].get(op, 0) for op in uploads)
+    log = tmp / "rescan.log"
+    t0 = time.perf_counter()
+    cfg.write_text(cfg.read_text().replace('log_level = "warning"', 'log_level = "info"'))
+    proc = start_daemon(cfg, log)
+    line = None
+    while line is None:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-2000:])
+        for x in log.read_text().splitlines():
+            if '"rescan"' in x:
+                line = json.loads(x)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    time.sleep(SETTLE + 1)
+    sent = sum(stats(info)["requests"].get(op, 0) for op in uploads) - before
+    proc.terminate()
+    proc.wait(30)
+    assert line["files"] == n, line
+    return line["seconds"], wall, sent
+
+
+def main():
+    n_small = int(os.environ.get("OSSYNCD_BENCH_SMALL", "10000"))
+    n_rescan = int(os.environ.get("OSSYNCD_BENCH_RESCAN", "100000"))
+    with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
+        tmp = Path(tmp)
+        proc, info = start_emulator(tmp / "data")
+        try:
+            ours, pool = bench_small_files(tmp, info, n_small)
+            lat = sorted(bench_latency(tmp, info))
+            scan_s, scan_wall, sent = bench_rescan(tmp, info, n_rescan)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    p50, p95 = statistics.median(lat), lat[int(len(lat) * 0.95) - 1]
+    print(f"{n_small} x 4 KiB dropped at once, {CONCURRENCY} uploads in flight")
+    print(f"  ossyncd run (drop -> all done): {ours:8.0f} files/s")
+    print(f"  bare oss2 thread pool (put only): {pool:6.0f} files/s   ratio {ours / pool:.2f} (target >= 0.8)")
+    print(f"detection latency close -> PutObject, settle_seconds={SETTLE}: p50 {p50 * 1000:.0f} ms, "
+          f"p95 {p95 * 1000:.0f} ms (target <= {SETTLE * 1000 + 100:.0f} ms)")
+    print(f"start-up rescan of {n_rescan} done files: scan {scan_s:.2f} s, start to scan done {scan_wall:.2f} s "
+          f"(target <= 10 s), upload requests sent: {sent}")
+
+
+if __name__ == "__main__":
+    main()

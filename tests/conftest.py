@@ -1,0 +1,58 @@
+"""Shared pytest fixtures."""
+
+import json
+import os
+
+import pytest
+
+# requests (oss2) and aliyunsdkcore honour proxy variables; never proxy the local emulator.
+for _var in ("NO_PROXY", "no_proxy"):
+    _cur = [h for h in os.environ.get(_var, "").split(",") if h]
+    os.environ[_var] = ",".join(dict.fromkeys(["127.0.0.1", "localhost"] + _cur))
+
+
+# ---------------------------------------------------------------- OSS + STS emulator
+@pytest.fixture
+def emulator(tmp_path):
+    """A fresh emulator (bucket `drop`, min_duration=1) on a temp data dir."""
+    from tests.ossemu import Emulator
+
+    emu = Emulator(str(tmp_path / "ossemu-data"), buckets=["drop"], min_duration=1)
+    emu.start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+@pytest.fixture
+def root_bucket(emulator):
+    """oss2.Bucket on `drop` with the emulator's root key (V1)."""
+    import oss2
+
+    return oss2.Bucket(oss2.Auth(emulator.root.id, emulator.root.secret), emulator.oss_url, "drop")
+
+
+@pytest.fixture
+def sts_credentials(emulator):
+    """Callable doing a real AssumeRole with aliyun-python-sdk-sts and the `user` key.
+
+    sts_credentials(duration=3600, session_name="pytest", policy=None, key_id=None, secret=None,
+                    role_arn=None) -> {"AccessKeyId", "AccessKeySecret", "SecurityToken", "Expiration"}
+    """
+    from aliyunsdkcore.client import AcsClient
+    from aliyunsdksts.request.v20150401.AssumeRoleRequest import AssumeRoleRequest
+
+    def assume(duration=3600, session_name="pytest", policy=None, key_id=None, secret=None, role_arn=None):
+        client = AcsClient(key_id or emulator.user.id, secret or emulator.user.secret, emulator.region,
+                           timeout=10, connect_timeout=5)
+        req = AssumeRoleRequest()
+        req.set_endpoint(emulator.sts_url)          # scheme prefix overrides the forced https
+        req.set_RoleArn(role_arn or emulator.role_arn)
+        req.set_RoleSessionName(session_name)
+        req.set_DurationSeconds(duration)
+        if policy is not None:
+            req.set_Policy(policy if isinstance(policy, str) else json.dumps(policy))
+        return json.loads(client.do_action_with_exception(req))["Credentials"]
+
+    return assume

@@ -1,0 +1,148 @@
+"""STS AssumeRole (RPC style, HMAC-SHA1 signature), as aliyun-python-sdk-sts sends it.
+
+Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
+  404 InvalidAccessKeyId.NotFound      unknown AccessKeyId
+  400 SignatureDoesNotMatch            "...server string to sign is:<STS>" (the SDK splits on ':')
+  400 InvalidTimeStamp.Expired         Timestamp more than 15 minutes off
+  400 SignatureNonceUsed               replayed SignatureNonce
+  400 Missing<Param>                   a required parameter is absent
+  400 InvalidParameter.RoleArn         RoleArn not of the form acs:ram::<digits>:role/<name>
+  404 EntityNotExist.Role              well-formed RoleArn other than the emulator's role
+  403 NoPermission                     caller is not allowed to assume the role (STS credentials)
+  400 InvalidParameter.RoleSessionName / .DurationSeconds / .PolicyGrammar
+"""
+
+import hmac
+import hashlib
+import base64
+import json
+import re
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+from .auth import SKEW_SECONDS, parse_policy
+from .errors import StsError
+
+SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9.@_-]{2,64}$")
+ROLE_ARN_RE = re.compile(r"^acs:ram::\d+:role/[A-Za-z0-9.@_-]+$")
+MAX_DURATION = 3600
+
+
+def _enc(s):
+    return quote(s, safe="-_.~")
+
+
+def string_to_sign(method, params):
+    pairs = sorted((k, v) for k, v in params.items() if k != "Signature")
+    canon = "&".join(f"{_enc(k)}={_enc(v)}" for k, v in pairs)
+    return f"{method}&%2F&{_enc(canon)}"
+
+
+def sign(secret, sts):
+    return base64.b64encode(hmac.new((secret + "&").encode(), sts.encode(), hashlib.sha1).digest()).decode()
+
+
+class AssumeRole:
+    def __init__(self, authority, min_duration=900, clock=time.time):
+        self.authority = authority
+        self.min_duration = min_duration
+        self.clock = clock
+        self._nonces = {}
+        self._lock = threading.Lock()
+
+    def _require(self, params, name):
+        v = params.get(name)
+        if v is None or v == "" and name != "SignatureType":
+            raise StsError(400, f"Missing{name}", f"{name} is mandatory for this action.")
+        return v
+
+    def _nonce_seen(self, nonce, now):
+        with self._lock:
+            for n, t in list(self._nonces.items()):
+                if t < now - 2 * SKEW_SECONDS:
+                    del self._nonces[n]
+            if nonce in self._nonces:
+                return True
+            self._nonces[nonce] = now
+            return False
+
+    def handle(self, method, params):
+        """params: merged query + form parameters (decoded). Returns the success dict."""
+        for name in ("AccessKeyId", "Signature", "SignatureNonce", "Timestamp"):
+            self._require(params, name)
+        if params.get("Action") != "AssumeRole":
+            raise StsError(404, "InvalidAction.NotFound", "Specified api is not found, please check your url and method.")
+        if params.get("Version") != "2015-04-01":
+            raise StsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
+        if params.get("SignatureMethod", "HMAC-SHA1") != "HMAC-SHA1":
+            raise StsError(400, "InvalidSignatureMethod", "Specified signature method is not supported.")
+        ak = params["AccessKeyId"]
+        principal = self.authority.static.get(ak)
+        if principal is None:
+            raise StsError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+        now = self.clock()
+        try:
+            ts = datetime.strptime(params["Timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise StsError(400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted.")
+        if abs(ts.timestamp() - now) > SKEW_SECONDS:
+            raise StsError(400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired.")
+        sts = string_to_sign(method, params)
+        if not hmac.compare_digest(sign(principal.secret, sts), params["Signature"]):
+            raise StsError(400, "SignatureDoesNotMatch",
+                           "Specified signature is not matched with our calculation. server string to sign is:" + sts)
+        if self._nonce_seen(params["SignatureNonce"], now):
+            raise StsError(400, "SignatureNonceUsed", "Specified signature nonce was used already.")
+
+        arn = self._require(params, "RoleArn")
+        if not ROLE_ARN_RE.match(arn):
+            raise StsError(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
+        if arn != self.authority.role_arn:
+            raise StsError(404, "EntityNotExist.Role", f"The role not exists: {arn}.")
+        if principal.kind not in ("user", "root"):
+            raise StsError(403, "NoPermission", "You are not authorized to do this action. "
+                                                "You should be authorized by RAM.")
+        name = self._require(params, "RoleSessionName")
+        if not SESSION_NAME_RE.match(name):
+            raise StsError(400, "InvalidParameter.RoleSessionName", "The parameter RoleSessionName is wrongly formed.")
+        raw = params.get("DurationSeconds") or "3600"
+        try:
+            duration = int(raw)
+        except ValueError:
+            duration = -1
+        if not self.min_duration <= duration <= MAX_DURATION:
+            raise StsError(400, "InvalidParameter.DurationSeconds",
+                           f"The Min/Max value of DurationSeconds is {self.min_duration}s/{MAX_DURATION}s.")
+        policy = None
+        if params.get("Policy") is not None:
+            text = params["Policy"]
+            try:
+                if not 1 <= len(text) <= 2048:
+                    raise ValueError("length")
+                policy = parse_policy(text)
+            except ValueError:
+                raise StsError(400, "InvalidParameter.PolicyGrammar",
+                               "The parameter Policy has not passed grammar check.")
+
+        s = self.authority.issue(principal.kind, name, duration, policy)
+        role_id = "3" + str(int(hashlib.sha1(arn.encode()).hexdigest(), 16) % 10 ** 17).zfill(17)
+        return {
+            "RequestId": str(uuid.uuid4()).upper(),
+            "AssumedRoleUser": {"Arn": f"{arn}/{name}", "AssumedRoleId": f"{role_id}:{name}"},
+            "Credentials": {
+                "AccessKeyId": s.access_key_id,
+                "AccessKeySecret": s.secret,
+                "SecurityToken": s.token,
+                # rounded down: a client never believes a token lives longer than it does
+                "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(s.expires_at))),
+            },
+        }
+
+
+def error_json(err, request_id):
+    return json.dumps({"RequestId": request_id, "HostId": "sts.aliyuncs.com", "Code": err.code,
+                       "Message": err.message,
+                       "Recommend": f"https://api.aliyun.com/troubleshoot?q={err.code}&product=Sts"}).encode()
