@@ -22,7 +22,7 @@ def test_db_is_private_and_wal(tmp_path, state):
     mode = stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode)
     assert mode == 0o600
     assert state.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert state.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert state.db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_identity_change_requeues(state):

@@ -16,10 +16,12 @@ import structlog
 
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, secret_file_warning
+from ossyncd.credentials import CredentialsError
 from ossyncd.engine import Engine
 from ossyncd.errors import ConfigError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
+from ossyncd.sweeper import Sweeper
 from ossyncd.watcher import Watcher
 
 log = structlog.get_logger(__name__)
@@ -31,6 +33,10 @@ class Daemon:
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
+        self.metrics = None
+        self.sweeper = None
+        self._last_ping = float("-inf")
+        self._last_status = float("-inf")
 
     def _setup_logging(self, cfg: Config) -> None:
         logsetup.configure(cfg.daemon.log_level, cfg.daemon.log_format)
@@ -47,17 +53,28 @@ class Daemon:
         warning = secret_file_warning(cfg)
         if warning:
             log.warning("config file permissions", problem=warning)
+        if cfg.metrics.listen:
+            from ossyncd.metrics import Metrics
+            self.metrics = Metrics()
         try:
-            self.engine = engine = Engine(cfg)
+            self.engine = engine = Engine(cfg, on_retry=self.metrics.on_retry if self.metrics else None)
             engine.state.acquire_daemon_lock()
         except StateError as e:
             log.error("cannot start", error=str(e))
             print(f"state error: {e}", file=sys.stderr)
             return 1
+        except CredentialsError as e:  # the [credentials] section cannot build a source
+            log.error("cannot start", error=str(e))
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
         self.cfg = cfg
         interrupted = engine.state.reset_interrupted()
         engine.credentials.start()
         self.scheduler = sched = Scheduler(engine, cfg)
+        self.sweeper = Sweeper(engine.store, engine.state, cfg,
+                               on_abort=self.metrics.on_orphan_aborted if self.metrics else None)
+        if self.metrics is not None:
+            self._start_metrics(cfg)
         self.watcher = Watcher(sched.on_event, on_rescan=sched.request_rescan)
         for w in cfg.watch:
             self.watcher.add(w)
@@ -67,6 +84,8 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         loop = threading.Thread(target=sched.run, args=(self.stop,), name="scheduler", daemon=True)
         loop.start()
+        sweep = threading.Thread(target=self.sweeper.run, args=(self.stop,), name="sweeper", daemon=True)
+        sweep.start()
         log.info("started", watches=[str(w.path) for w in cfg.watch], bucket=cfg.oss.bucket,
                  state=str(cfg.state.path), resumed=interrupted)
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
@@ -76,25 +95,49 @@ class Daemon:
         self.watcher.stop()
         loop.join(5)
         sched.shutdown(timeout=8)
+        sweep.join(2)
+        if self.metrics is not None:
+            self.metrics.close()
         engine.close()
         log.info("stopped")
         return 0
 
+    def _start_metrics(self, cfg: Config) -> None:
+        m = self.metrics
+        m.bind(self.engine.state, self.engine.credentials)
+        self.engine.store.inner = m.timed_store(self.engine.store.inner)   # times each UploadPart attempt
+        self.scheduler.on_done = m.on_done
+        try:
+            host, port = m.serve(cfg.metrics.listen)
+        except OSError as e:   # uploads matter more than the endpoint: carry on without it
+            log.error("metrics endpoint not started", listen=cfg.metrics.listen, error=e.strerror or str(e))
+            return
+        log.info("metrics listening", address=f"{host}:{port}", url=f"http://{host}:{port}/metrics")
+
     def _supervise(self) -> None:
-        """The main thread: watchdog pings (only while the loop ticks), status, reloads."""
+        """The main thread: reloads, then one supervise step (watchdog, status)."""
         wd = self.notifier.watchdog_interval
-        last_status = 0.0
-        while not self.stop.wait(min(0.5, wd or 0.5)):
+        while not self.stop.wait(min(0.5, wd / 2 if wd else 0.5)):
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
-            now = time.monotonic()
-            alive = now - self.scheduler.last_tick < max(2.0, (wd or 1.0) * 2)
-            if wd and alive:
-                self.notifier.send("WATCHDOG=1")
-            if now - last_status >= 2.0:
-                last_status = now
-                self.notifier.send(f"STATUS={self._status_line()}")
+            self._supervise_step(time.monotonic())
+
+    def loop_alive(self, now: float) -> bool:
+        """The scheduler loop ticks at least every 0.5 s; one silent for a whole watchdog period
+        (WATCHDOG_USEC) is stuck, and systemd should restart the daemon."""
+        wd = self.notifier.watchdog_interval or 1.0
+        return now - self.scheduler.last_tick < max(2.0, wd * 2)
+
+    def _supervise_step(self, now: float) -> None:
+        """WATCHDOG=1 every half watchdog period while the loop ticks; STATUS= every 2 s."""
+        wd = self.notifier.watchdog_interval
+        if wd and now - self._last_ping >= wd and self.loop_alive(now):
+            self._last_ping = now
+            self.notifier.send("WATCHDOG=1")
+        if now - self._last_status >= 2.0:
+            self._last_status = now
+            self.notifier.send(f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
         c = self.engine.state.counts()
@@ -126,9 +169,12 @@ class Daemon:
                     self.scheduler.add_watch(w)
                     self.watcher.add(w)
             self.scheduler.cfg = new
+            self.sweeper.cfg = new
             self.engine.uploader.cfg = new.upload
             self.engine.cfg = new
         self.scheduler.call_soon(apply)
+        if new.metrics != self.cfg.metrics:
+            log.warning("metrics.listen changed; restart the daemon to apply it", listen=new.metrics.listen)
         self.cfg = new
         log.info("config reloaded", watches=list(fresh))
         self.notifier.send("READY=1")

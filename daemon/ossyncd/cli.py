@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
@@ -19,8 +20,9 @@ from ossyncd.config import Config, load_config
 from ossyncd.errors import ConfigError, StateError
 
 EXIT_CONFIG = 2
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# emoji=False: rich would render ":ram:" in a role ARN (acs:ram::123:role/x) as an emoji
+err = Console(stderr=True, soft_wrap=True, emoji=False)
+out = Console(soft_wrap=True, emoji=False)
 
 config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
@@ -81,11 +83,16 @@ def upload(config_path, prefix, files):
                 progress.update(tasks[file_id], completed=done)
             progress.update(total_task, completed=sum(done_bytes.values()))
 
+    from ossyncd.credentials import CredentialsError
     try:
         engine = Engine(cfg, on_progress=on_progress)
     except StateError as e:
         err.print(f"[red]state error:[/red] {e}", highlight=False)
         sys.exit(1)
+    except CredentialsError as e:  # the [credentials] section cannot build a source
+        err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
+        sys.exit(EXIT_CONFIG)
+    engine.credentials.start()  # rotate at ~80% of the lifetime, as the daemon does
     failed = 0
     rows = []
     with progress:
@@ -245,11 +252,27 @@ def check_config(config_path):
         store = OssStore(cfg.oss, creds)
         store.list_uploads(cfg.prefixes[0])
         click.echo(f"endpoint {cfg.oss.endpoint}: ok (bucket {cfg.oss.bucket} reachable, ListMultipartUploads allowed)")
+        # Try what a policy governs per prefix: start and abort a multipart upload of a probe key
+        # (allowed by the upload-only policy; no object is ever written).
+        for prefix in cfg.prefixes:
+            probe = f"{prefix}.ossyncd-check-{os.urandom(4).hex()}"
+            try:
+                store.abort(probe, store.init_multipart(probe))
+            except StoreError as e:
+                if e.code != "AccessDenied":
+                    raise
+                err.print(f"[red]permissions:[/red] {e.op} on probe key {escape(repr(probe))} was refused "
+                          f"(AccessDenied): these credentials may not upload under watch prefix "
+                          f"{escape(repr(prefix))}; compare the role's policy and any credentials.policy "
+                          "with `ossyncd policy`", highlight=False)
+                sys.exit(1)
+        click.echo("uploads allowed under prefix(es) " + ", ".join(repr(p) for p in cfg.prefixes)
+                   + " (probe: InitiateMultipartUpload + AbortMultipartUpload)")
     except CredentialsError as e:
-        err.print(f"[red]credentials ({cfg.credentials.source}):[/red] {e}", highlight=False)
+        err.print(f"[red]credentials ({cfg.credentials.source}):[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
     except StoreError as e:
-        err.print(f"[red]endpoint {cfg.oss.endpoint}:[/red] {e}", highlight=False)
+        err.print(f"[red]endpoint {cfg.oss.endpoint}:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
 
 

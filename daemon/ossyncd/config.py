@@ -98,6 +98,8 @@ class CredentialsConfig(_Section):
     ecs_role_name: str = ""
     ecs_metadata_url: str = "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
     timeout_seconds: float = Field(10.0, gt=0)
+    retry_backoff: float = Field(1.0, gt=0)        # first wait after a failed credentials fetch
+    retry_backoff_max: float = Field(60.0, gt=0)   # longest wait between fetch attempts
 
     @model_validator(mode="after")
     def _required(self) -> "CredentialsConfig":
@@ -197,8 +199,27 @@ class DaemonConfig(_Section):
     orphan_sweep_interval: float = Field(3600.0, gt=0)
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" / "[::1]:9464" -> (host, port); port 0 picks a free one."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT; write e.g. \"127.0.0.1:9464\" (port 0 picks a free one)")
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]")):
+            raise ValueError(f"{value!r}: unbalanced [ ] around the IPv6 address")
+        host = host[1:-1]
+    return host, int(port)
+
+
 class MetricsConfig(_Section):
-    listen: str = ""
+    listen: str = ""          # HOST:PORT for the Prometheus endpoint; empty = off
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v.strip():
+            parse_listen(v)
+        return v.strip()
 
 
 class Config(_Section):

@@ -933,6 +933,14 @@ class RotatingCredentials:
         with self._cond:
             return self._next_attempt
 
+    def retry_at(self) -> float | None:
+        """After a failed fetch, when the next one is due (epoch seconds); None when healthy.
+        Work waiting for credentials should come back then, not sooner (it would fail at once)."""
+        with self._cond:
+            if self._failures and math.isfinite(self._next_attempt):
+                return self._next_attempt
+            return None
+
     def status(self) -> dict:
         with self._cond:
             now = self._clock()

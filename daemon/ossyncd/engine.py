@@ -25,7 +25,9 @@ class Engine:
         self.cfg = cfg
         self.state = State(cfg.state.path)
         self.credentials = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket,
-                                                            prefixes=cfg.prefixes))
+                                                            prefixes=cfg.prefixes),
+                                               min_backoff=cfg.credentials.retry_backoff,
+                                               max_backoff=cfg.credentials.retry_backoff_max)
         up = cfg.upload
         self.part_pool = ThreadPoolExecutor(up.parallel_parts, thread_name_prefix="part")
         self.oss = OssStore(cfg.oss, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2)

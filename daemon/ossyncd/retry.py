@@ -23,7 +23,12 @@ MAX_AUTH_REFRESHES = 5
 
 
 class CredentialsUnavailable(OssyncdError):
-    """No valid credentials could be obtained; uploads wait, nothing is marked failed."""
+    """No valid credentials could be obtained; uploads wait, nothing is marked failed.
+    ``retry_at``: when the credentials will next be fetched (epoch seconds), if known."""
+
+    def __init__(self, message: str, retry_at: float | None = None):
+        super().__init__(message)
+        self.retry_at = retry_at
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class RetryingStore:
     def __getattr__(self, name):  # url(), signed_url(), cfg ... pass through
         return getattr(self.inner, name)
 
+    def _unavailable(self, e: Exception) -> CredentialsUnavailable:
+        retry_at = getattr(self.credentials, "retry_at", None)
+        return CredentialsUnavailable(str(e), retry_at=retry_at() if callable(retry_at) else None)
+
     def _run(self, op: str, fn, *args, cancel: threading.Event | None = None, **kwargs):
         from ossyncd.credentials import CredentialsError
 
@@ -59,7 +68,7 @@ class RetryingStore:
             try:
                 return fn(*args, **kwargs)
             except CredentialsError as e:
-                raise CredentialsUnavailable(str(e)) from None
+                raise self._unavailable(e) from None
             except AuthExpired as e:
                 refreshes += 1
                 if refreshes > MAX_AUTH_REFRESHES:
@@ -68,7 +77,7 @@ class RetryingStore:
                 try:
                     self.credentials.force_refresh(self.inner.last_credentials())
                 except CredentialsError as ce:
-                    raise CredentialsUnavailable(str(ce)) from None
+                    raise self._unavailable(ce) from None
             except TransientError as e:
                 failures += 1
                 if failures > self.attempts:

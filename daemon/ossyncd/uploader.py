@@ -101,7 +101,10 @@ class Uploader:
         except FileProblem as e:
             return self._file_problem(row, e)
         except CredentialsUnavailable as e:
-            at = time.time() + min(self.cfg.file_retry_delay, 10.0)
+            now = time.time()
+            # come back when the credentials are next fetched: sooner would fail at once, later
+            # would leave the file idle after STS is back (attempts are not counted either way)
+            at = e.retry_at if e.retry_at and e.retry_at > now else now + min(self.cfg.file_retry_delay, 10.0)
             msg = f"waiting for credentials: {e}"
             self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=at, identity=row.identity)
             log.warning("credentials unavailable", path=row.path, error=str(e))
@@ -119,9 +122,8 @@ class Uploader:
             log.warning("upload will be retried", path=row.path, error=str(e), retry_in=round(delay, 1))
             return Outcome("retry_wait", msg)
         seconds = time.monotonic() - started
-        done = self.state.get_by_id(row.id)
         log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
-                 seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=done.url)
+                 seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(row.key))
         return Outcome("done", seconds=seconds, parts_sent=parts)
 
     def _file_problem(self, row: FileRow, e: FileProblem) -> Outcome:
@@ -182,13 +184,13 @@ class Uploader:
             os.close(fd)
 
     def _progress(self, row: FileRow):
-        last = [0.0]
+        last = [time.monotonic()]   # first write after PROGRESS_EVERY: small files need none
 
         def report(done: int) -> None:
             now = time.monotonic()
             if self.on_progress is not None:
                 self.on_progress(row.id, done, row.size)
-            if now - last[0] >= PROGRESS_EVERY or done == row.size:
+            if now - last[0] >= PROGRESS_EVERY:
                 last[0] = now
                 self.state.set_progress(row.id, done)
         return report
@@ -201,7 +203,7 @@ class Uploader:
             md5.update(chunk)
             crc = crc64(chunk, crc)
         report = self._progress(row)
-        body = Body(row.path, 0, row.size, cancel=scope, limiter=self.limiter, progress=report, fd=fd)
+        body = Body(row.path, fd, 0, row.size, cancel=scope, limiter=self.limiter, progress=report)
         result = self.store.put(row.key, body, content_md5=base64.b64encode(md5.digest()).decode(),
                                 cancel=scope)
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
@@ -234,8 +236,8 @@ class Uploader:
             return cb
 
         def send(r) -> PartRow:
-            body = Body(row.path, r.offset, r.size, cancel=scope, limiter=self.limiter,
-                        progress=part_progress(r.number), fd=fd)
+            body = Body(row.path, fd, r.offset, r.size, cancel=scope, limiter=self.limiter,
+                        progress=part_progress(r.number))
             res = self.store.upload_part(row.key, up.upload_id, r.number, body, cancel=scope)
             part = PartRow(r.number, res.etag, res.crc64, r.size)
             self.state.record_part(up.id, part.number, part.etag, part.crc64, part.size)
@@ -344,7 +346,8 @@ class Uploader:
 
 def _hint(e: PermanentError) -> str:
     hints = {
-        "AccessDenied": "; the credentials may not write this key: check the role policy (ossyncd policy) and watch prefixes",
+        "AccessDenied": "; the credentials may not write this key: compare the role's policy and any "
+                        "credentials.policy with `ossyncd policy`, and check the watch prefixes",
         "InvalidObjectName": "; the object key is not valid for OSS: rename the file",
         "NoSuchBucket": "; check oss.bucket and oss.endpoint",
         "InvalidDigest": "; the file changed while being read; it will be retried once it settles",
