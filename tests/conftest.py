@@ -56,3 +56,24 @@ def sts_credentials(emulator):
         return json.loads(client.do_action_with_exception(req))["Credentials"]
 
     return assume
+
+
+# ---------------------------------------------------------------- ossyncd run as a subprocess
+@pytest.fixture
+def daemon_factory(tmp_path, emulator):
+    """make(watches, **sections) -> tests.helpers.Daemon; every daemon is killed at teardown."""
+    from tests.helpers import Daemon, fast_upload
+
+    made = []
+
+    def make(watches, **sections):
+        sections.setdefault("upload", fast_upload())
+        sections.setdefault("daemon", {"rescan_interval": 5.0})
+        d = Daemon(tmp_path, emulator, watches, **sections)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -104,3 +105,54 @@ def list_json(config: Path, state: str | None = None) -> list[dict]:
     r = ossyncd(*args)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, emu, watches: list[dict], **sections):
+        self.tmp = tmp_path
+        self.emu = emu
+        self.config = write_config(tmp_path / "ossyncd.toml", emu, state=tmp_path / "state.db",
+                                   watches=watches, **sections)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = tmp_path / "daemon.log"
+
+    def start(self, env: dict | None = None):
+        self.log = open(self.log_path, "ab")
+        self.proc = spawn_ossyncd("run", "-c", self.config, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env=env or {})
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout=15) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        self.log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict:
+        r = ossyncd("status", "-c", self.config, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def files(self, state=None) -> list[dict]:
+        return list_json(self.config, state)
+
+    def wait_states(self, expected: dict[str, int], timeout: float):
+        def ok():
+            counts = self.status()["counts"]
+            assert self.proc.poll() is None, self.output()[-3000:]
+            return all(counts.get(s, 0) == n for s, n in expected.items())
+        wait_until(ok, timeout, interval=0.3, what=f"states {expected} (log: {self.log_path})")
+
+
+def bucket_keys(emu) -> list[str]:
+    return sorted(o.key for o in oss2.ObjectIterator(root_bucket(emu)))
+
+
+def fast_upload(**kw):
+    return {"multipart_threshold": 1 * MiB, "part_size": "256KiB", "parallel_parts": 4,
+            "max_files_in_flight": 4, "retry_backoff": 0.05, "retry_backoff_max": 0.2,
+            "file_retry_delay": 1.0, "file_retry_delay_max": 2.0, **kw}

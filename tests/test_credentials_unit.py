@@ -10,7 +10,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from ossyncd import credentials as C

@@ -4,7 +4,6 @@ import base64
 import email.utils
 import hashlib
 import hmac
-import json
 import time
 
 import oss2

@@ -4,7 +4,6 @@ sweep and the Prometheus endpoint."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -17,25 +16,10 @@ from types import SimpleNamespace
 import pytest
 
 from tests.helpers import MiB, object_bytes, ossyncd, random_file, root_bucket, wait_until, write_config
-from tests.test_daemon import Daemon, bucket_keys, fast_upload
+from tests.helpers import Daemon, bucket_keys, fast_upload
 from tests.test_systemd import NotifySocket, json_lines
 
 
-@pytest.fixture
-def daemons(tmp_path, emulator):
-    made = []
-
-    def make(watches, **sections):
-        sections.setdefault("upload", fast_upload())
-        sections.setdefault("daemon", {"rescan_interval": 5.0})
-        d = Daemon(tmp_path, emulator, watches, **sections)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
 
 
 def events(d: Daemon, name: str) -> list[dict]:
@@ -45,13 +29,13 @@ def events(d: Daemon, name: str) -> list[dict]:
 # ------------------------------------------------------------------------ SIGHUP
 
 @pytest.mark.timeout(60)
-def test_sighup_swaps_watch_folders(tmp_path, emulator, daemons, monkeypatch):
+def test_sighup_swaps_watch_folders(tmp_path, emulator, daemon_factory, monkeypatch):
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
     daemon_cfg = {"rescan_interval": 2.0}
-    d = daemons([{"path": str(old), "prefix": "old/", "settle_seconds": 0.3}], daemon=daemon_cfg)
+    d = daemon_factory([{"path": str(old), "prefix": "old/", "settle_seconds": 0.3}], daemon=daemon_cfg)
     notify = NotifySocket()
     try:
         d.start(env=notify.env(None))
@@ -82,10 +66,10 @@ def test_sighup_swaps_watch_folders(tmp_path, emulator, daemons, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_sighup_with_broken_config_keeps_the_running_one(tmp_path, emulator, daemons):
+def test_sighup_with_broken_config_keeps_the_running_one(tmp_path, emulator, daemon_factory):
     drop = tmp_path / "drop"
     drop.mkdir()
-    d = daemons([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
     d.start()
     wait_until(lambda: events(d, "started"), 30, what="daemon started")
     good = d.config.read_text()
@@ -112,11 +96,11 @@ def test_sighup_with_broken_config_keeps_the_running_one(tmp_path, emulator, dae
 # ------------------------------------------------------------------------ pause / resume
 
 @pytest.mark.timeout(90)
-def test_pause_stops_parts_within_2s_and_resume_finishes_without_resending(tmp_path, emulator, daemons):
+def test_pause_stops_parts_within_2s_and_resume_finishes_without_resending(tmp_path, emulator, daemon_factory):
     drop = tmp_path / "drop"
     drop.mkdir()
     part, parallel = 1 * MiB, 2
-    d = daemons([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
                 upload=fast_upload(part_size="1MiB", multipart_threshold=8 * MiB, parallel_parts=parallel))
     emulator.set_faults([{"op": "UploadPart", "delay_ms": 100}])
     data = random_file(drop / "big.bin", 64 * MiB, seed=5)
@@ -193,7 +177,7 @@ def test_retry_path_requeues_only_that_file(tmp_path, emulator):
 # ------------------------------------------------------------------------ orphan sweep
 
 @pytest.mark.timeout(60)
-def test_orphan_sweep_aborts_strays_but_not_the_daemons_own_upload(tmp_path, emulator, daemons):
+def test_orphan_sweep_aborts_strays_but_not_the_daemons_own_upload(tmp_path, emulator, daemon_factory):
     drop = tmp_path / "drop"
     drop.mkdir()
     bucket = root_bucket(emulator)
@@ -202,7 +186,7 @@ def test_orphan_sweep_aborts_strays_but_not_the_daemons_own_upload(tmp_path, emu
     outside = bucket.init_multipart_upload("other/keep.bin").upload_id     # not under a watch prefix
     emulator.set_faults([{"op": "UploadPart", "delay_ms": 400}])
     data = random_file(drop / "big.bin", 8 * MiB, seed=6)                    # 8 parts, 2 at a time: ~2 s
-    d = daemons([{"path": str(drop), "prefix": "in/", "settle_seconds": 0.3}],
+    d = daemon_factory([{"path": str(drop), "prefix": "in/", "settle_seconds": 0.3}],
                 upload=fast_upload(part_size="1MiB", multipart_threshold=1 * MiB, parallel_parts=2),
                 daemon={"rescan_interval": 5.0, "orphan_max_age": 0, "orphan_sweep_interval": 0.5})
     d.start()
@@ -280,13 +264,13 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @pytest.mark.timeout(60)
-def test_metrics_endpoint_counts_what_was_uploaded(tmp_path, emulator, daemons):
+def test_metrics_endpoint_counts_what_was_uploaded(tmp_path, emulator, daemon_factory):
     drop = tmp_path / "drop"
     drop.mkdir()
     sizes = [0, 1000, 70_000, 2 * MiB + 5, 3 * MiB]
     files = {f"f{i}.bin": random_file(drop / f"f{i}.bin", n, seed=10 + i) for i, n in enumerate(sizes)}
     emulator.set_faults([{"op": "PutObject", "status": 503, "count": 1}])
-    d = daemons([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
                 upload=fast_upload(part_size="1MiB", multipart_threshold=1 * MiB),
                 metrics={"listen": "127.0.0.1:0"})
     d.start()

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.helpers import MiB, object_bytes, random_file, wait_until
-from tests.test_daemon import Daemon, fast_upload
+from tests.helpers import fast_upload
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "ossyncd.service"
@@ -175,21 +175,6 @@ def notify_socket(monkeypatch):
     ns.close()
 
 
-@pytest.fixture
-def daemons(tmp_path, emulator):
-    made = []
-
-    def make(watches, **sections):
-        sections.setdefault("upload", fast_upload())
-        sections.setdefault("daemon", {"rescan_interval": 5.0})
-        d = Daemon(tmp_path, emulator, watches, **sections)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
 
 
 def json_lines(text: str) -> list[dict]:
@@ -204,11 +189,11 @@ def json_lines(text: str) -> list[dict]:
 
 
 @pytest.mark.timeout(90)
-def test_notify_ready_watchdog_status_then_clean_stop_and_resume(tmp_path, emulator, daemons, notify_socket):
+def test_notify_ready_watchdog_status_then_clean_stop_and_resume(tmp_path, emulator, daemon_factory, notify_socket):
     drop = tmp_path / "drop"
     drop.mkdir()
     part = 1 * MiB
-    d = daemons([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
                 upload=fast_upload(part_size="1MiB", multipart_threshold=1 * MiB, parallel_parts=4))
     d.start(env=notify_socket.env())
     ready_at = notify_socket.wait_ready(d)
@@ -263,13 +248,13 @@ def test_notify_ready_watchdog_status_then_clean_stop_and_resume(tmp_path, emula
 
 
 @pytest.mark.timeout(60)
-def test_watchdog_pings_stop_while_the_loop_is_stuck(tmp_path, emulator, daemons, notify_socket):
+def test_watchdog_pings_stop_while_the_loop_is_stuck(tmp_path, emulator, daemon_factory, notify_socket):
     """End to end: a real stall. Another process holds the state DB's write lock, so the
     scheduler loop blocks inside tick() (SQLite busy wait); the pings must stop within the
     watchdog period and come back once the lock is released."""
     drop = tmp_path / "drop"
     drop.mkdir()
-    d = daemons([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
     d.start(env=notify_socket.env())
     notify_socket.wait_ready(d)
     time.sleep(2.5)
@@ -353,7 +338,7 @@ main()
 
 
 @pytest.mark.timeout(60)
-def test_daemon_runs_under_memory_deny_write_execute(tmp_path, emulator, daemons):
+def test_daemon_runs_under_memory_deny_write_execute(tmp_path, emulator, daemon_factory):
     """The unit sets MemoryDenyWriteExecute=yes. The kernel's own equivalent (prctl PR_SET_MDWE,
     Linux >= 6.3; systemd >= 254 uses it too) is applied to the daemon process here, and a
     simple and a multipart upload, STS refresh, the metrics endpoint and shutdown must work."""
@@ -363,7 +348,7 @@ def test_daemon_runs_under_memory_deny_write_execute(tmp_path, emulator, daemons
     drop = tmp_path / "drop"
     drop.mkdir()
     files = {"s.txt": random_file(drop / "s.txt", 5000, seed=1), "m.bin": random_file(drop / "m.bin", 3 * MiB, seed=2)}
-    d = daemons([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}], metrics={"listen": "127.0.0.1:0"})
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}], metrics={"listen": "127.0.0.1:0"})
     d.log = open(d.log_path, "ab")
     d.proc = subprocess.Popen([sys.executable, "-c", MDWE_RUNNER, str(d.config)], stdout=d.log,
                               stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "127.0.0.1"})
