@@ -108,13 +108,17 @@ def list_json(config: Path, state: str | None = None) -> list[dict]:
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, emu, watches: list[dict], **sections):
+    """`ossyncd run` as a subprocess, its stdout+stderr captured to a file. `name` lets
+    several daemons (each with its own config, state DB and log) share one tmp dir."""
+
+    def __init__(self, tmp_path: Path, emu, watches: list[dict], *, name: str | None = None, **sections):
         self.tmp = tmp_path
         self.emu = emu
-        self.config = write_config(tmp_path / "ossyncd.toml", emu, state=tmp_path / "state.db",
+        self.db = tmp_path / (f"{name}-state.db" if name else "state.db")
+        self.config = write_config(tmp_path / (f"{name}.toml" if name else "ossyncd.toml"), emu, state=self.db,
                                    watches=watches, **sections)
         self.proc: subprocess.Popen | None = None
-        self.log_path = tmp_path / "daemon.log"
+        self.log_path = tmp_path / (f"{name}.log" if name else "daemon.log")
 
     def start(self, env: dict | None = None):
         self.log = open(self.log_path, "ab")
@@ -126,11 +130,12 @@ class Daemon:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout)
-        self.log.close()
-        return self.proc.returncode
+        if hasattr(self, "log"):
+            self.log.close()
+        return self.proc.returncode if self.proc else 0
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def status(self) -> dict:
         r = ossyncd("status", "-c", self.config, "--json")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from ossyncd.state import State
-from tests.helpers import (MiB, object_bytes, ossyncd, random_file, spawn_ossyncd, wait_until,
-                           write_config)
+from tests import helpers
+from tests.helpers import MiB, object_bytes, ossyncd, random_file, wait_until, write_config
 from tests.helpers import sts_credentials as sts_config
 
 AUTH_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
@@ -132,22 +131,16 @@ class StateRecorder:
         return h[h.index("uploading"):] if "uploading" in h else h
 
 
-class Daemon:
-    """`ossyncd run` as a subprocess with its stdout+stderr captured to a file."""
+class Daemon(helpers.Daemon):
+    """The shared daemon helper, plus direct reads of its state DB."""
 
     def __init__(self, tmp: Path, emu, *, watches: list[dict], credentials: dict, upload: dict | None = None,
                  daemon: dict | None = None, name: str = "d"):
-        self.tmp = tmp
-        self.db = tmp / f"{name}-state.db"
-        self.config = write_config(tmp / f"{name}.toml", emu, state=self.db, watches=watches,
-                                   credentials=credentials, upload=upload or fast_upload(),
-                                   daemon={"rescan_interval": 30.0, **(daemon or {})})
-        self.log_path = tmp / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(tmp, emu, watches, name=name, credentials=credentials, upload=upload or fast_upload(),
+                         daemon={"rescan_interval": 30.0, **(daemon or {})})
 
     def start(self) -> "Daemon":
-        self._log = open(self.log_path, "ab")
-        self.proc = spawn_ossyncd("run", "-c", self.config, stdout=self._log, stderr=subprocess.STDOUT)
+        super().start()
         wait_until(lambda: self.alive() and State.lock_holder(self.db) == self.proc.pid, 20, interval=0.05,
                    what="daemon start")
         return self
@@ -165,29 +158,12 @@ class Daemon:
         return True
 
     def stop(self) -> int:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
-        return self.proc.returncode if self.proc else 0
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def status(self) -> dict:
-        r = ossyncd("status", "-c", self.config, "--json", timeout=30)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def files(self) -> list[dict]:
-        r = ossyncd("list", "-c", self.config, "--json", timeout=30)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        try:
+            return super().stop(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return self.proc.returncode
 
 
 def fast_upload(**kw) -> dict:
