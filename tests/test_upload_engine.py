@@ -234,3 +234,14 @@ def test_cancel_stops_in_flight_part_quickly_and_keeps_checkpoints(tmp_path, emu
     finally:
         engine.close()
     assert object_bytes(emulator, "t/c.bin") == data
+
+
+@pytest.mark.timeout(60)
+def test_part_size_too_small_for_the_file_fails_with_what_to_change(tmp_path, emulator, setup):
+    cfg = setup(part_size="100KiB", max_parts=2)
+    random_file(tmp_path / "wide.bin", THRESHOLD + 1, seed=1)   # 6 parts of 100 KiB
+    r = ossyncd("upload", "-c", cfg, "--prefix", "t/", tmp_path / "wide.bin")
+    assert r.returncode == 1
+    (row,) = list_json(cfg)
+    assert row["state"] == "failed" and "more than 2 parts" in row["error"] and "part_size" in row["error"]
+    assert emulator.stats()["requests"].get("InitiateMultipartUpload", 0) == 0

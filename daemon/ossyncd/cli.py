@@ -170,10 +170,11 @@ def url(config_path, sign, expires, path):
     if not sign:
         click.echo(row.url)
         return
-    from ossyncd.credentials import CredentialsError, RotatingCredentials, build_source
+    from ossyncd.credentials import CredentialsError
+    from ossyncd.engine import make_credentials
     from ossyncd.store import OssStore
     try:
-        creds = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes))
+        creds = make_credentials(cfg)
         click.echo(OssStore(cfg.oss, creds).signed_url(row.key, expires))
     except CredentialsError as e:
         err.print(f"[red]credentials:[/red] {e}", highlight=False)
@@ -236,7 +237,8 @@ def policy(config_path):
 def check_config(config_path):
     """Validate the config, then obtain credentials once and reach the endpoint."""
     from ossyncd.config import secret_file_warning
-    from ossyncd.credentials import CredentialsError, RotatingCredentials, build_source
+    from ossyncd.credentials import CredentialsError
+    from ossyncd.engine import make_credentials
     from ossyncd.errors import StoreError
     from ossyncd.store import OssStore
     cfg = _load(config_path)
@@ -245,7 +247,7 @@ def check_config(config_path):
     if warning:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     try:
-        creds = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes))
+        creds = make_credentials(cfg)
         snap = creds.current()
         click.echo(f"credentials ({cfg.credentials.source}): ok"
                    + (f", expire {creds.status().get('expires_at')}" if snap.expires_at else ""))

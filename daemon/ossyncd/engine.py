@@ -20,14 +20,18 @@ from ossyncd.store import OssStore, object_url
 from ossyncd.uploader import Uploader
 
 
+def make_credentials(cfg: Config) -> RotatingCredentials:
+    """The configured source behind the rotating provider (raises CredentialsError)."""
+    c = cfg.credentials
+    return RotatingCredentials(build_source(c, bucket=cfg.oss.bucket, prefixes=cfg.prefixes),
+                               min_backoff=c.retry_backoff, max_backoff=c.retry_backoff_max)
+
+
 class Engine:
     def __init__(self, cfg: Config, *, on_progress=None, on_retry=None):
         self.cfg = cfg
         self.state = State(cfg.state.path)
-        self.credentials = RotatingCredentials(build_source(cfg.credentials, bucket=cfg.oss.bucket,
-                                                            prefixes=cfg.prefixes),
-                                               min_backoff=cfg.credentials.retry_backoff,
-                                               max_backoff=cfg.credentials.retry_backoff_max)
+        self.credentials = make_credentials(cfg)
         up = cfg.upload
         self.part_pool = ThreadPoolExecutor(up.parallel_parts, thread_name_prefix="part")
         self.oss = OssStore(cfg.oss, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2)

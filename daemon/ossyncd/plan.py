@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from ossyncd.config import MAX_PART_SIZE, MIN_PART_SIZE, UploadConfig
 
 
+class PlanError(ValueError):
+    """The file cannot be uploaded with the configured part size; the message says what to change."""
+
+
 @dataclass(frozen=True)
 class PartRange:
     number: int
@@ -29,7 +33,7 @@ def choose_part_size(size: int, cfg: UploadConfig) -> int:
             part *= 2
         part = min(part, MAX_PART_SIZE)
     if -(-size // part) > cfg.max_parts:
-        raise ValueError(f"{size} bytes need more than {cfg.max_parts} parts of {part} bytes; "
+        raise PlanError(f"{size} bytes need more than {cfg.max_parts} parts of {part} bytes; "
                          f"raise upload.part_size or use part_size = \"auto\"")
     return part
 

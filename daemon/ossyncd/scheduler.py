@@ -265,6 +265,11 @@ class Scheduler:
         outcome = Outcome("retry_wait", f"internal error: {exc!r}") if exc else fut.result()
         if exc is not None:
             log.error("upload crashed", path=row.path, error=repr(exc))
+            try:  # never leave the row `uploading`, where nothing would pick it up again
+                self.state.transition(row.id, "retry_wait", error=outcome.error, identity=row.identity,
+                                      next_attempt_at=time.time() + self.cfg.upload.file_retry_delay)
+            except Exception as e:  # the state DB itself failed; the restart path requeues it
+                log.error("cannot record the crash", path=row.path, error=repr(e))
         self.finished.put((row, outcome))
         self.wake.set()
 

@@ -25,7 +25,7 @@ from ossyncd.config import UploadConfig
 from ossyncd.crc import crc64
 from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
                             TransientError)
-from ossyncd.plan import choose_part_size, is_multipart, part_ranges
+from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff, CredentialsUnavailable
 from ossyncd.state import FileRow, PartRow, State, UploadRow
 
@@ -114,6 +114,10 @@ class Uploader:
             self.state.transition(row.id, "failed", error=msg, count_attempt=True, identity=row.identity)
             log.error("upload failed", path=row.path, key=row.key, error=msg)
             return Outcome("failed", msg)
+        except PlanError as e:
+            self.state.transition(row.id, "failed", error=str(e), count_attempt=True, identity=row.identity)
+            log.error("upload failed", path=row.path, key=row.key, error=str(e))
+            return Outcome("failed", str(e))
         except (TransientError, StoreError, OSError) as e:
             delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
             msg = f"{e} (will retry)"
