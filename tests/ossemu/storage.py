@@ -148,6 +148,28 @@ class ObjectReader:
         self.close()
 
 
+
+def _page(entries, prefix, delimiter, after, limit, kind):
+    """One listing page from (key, item) pairs in key order, already past the marker: keys
+    with `delimiter` after the prefix fold into common prefixes; at most `limit` entries."""
+    out, last_cp = [], None
+    for key, item in entries:
+        if delimiter:
+            j = key.find(delimiter, len(prefix))
+            if j >= 0:
+                cp = key[:j + len(delimiter)]
+                if cp == last_cp or cp <= after:
+                    continue
+                if len(out) >= limit:
+                    return out, True
+                out.append(("cp", cp))
+                last_cp = cp
+                continue
+        if len(out) >= limit:
+            return out, True
+        out.append((kind, item))
+    return out, False
+
 class Storage:
     def __init__(self, data_dir, buckets=()):
         self.root = os.path.abspath(data_dir)
@@ -313,30 +335,15 @@ class Storage:
             b = self.bucket(bucket)
             keys, objects = b.keys, b.objects
             start = bisect.bisect_right(keys, after) if after >= prefix else bisect.bisect_left(keys, prefix)
-            out, truncated, last_cp = [], False, None
-            for i in range(start, len(keys)):
-                k = keys[i]
-                if not k.startswith(prefix):
-                    if k > prefix:
-                        break
-                    continue
-                if delimiter:
-                    j = k.find(delimiter, len(prefix))
-                    if j >= 0:
-                        cp = k[:j + len(delimiter)]
-                        if cp == last_cp or cp <= after:
-                            continue
-                        if len(out) >= limit:
-                            truncated = True
-                            break
-                        out.append(("cp", cp))
-                        last_cp = cp
+
+            def entries():
+                for k in keys[start:]:
+                    if not k.startswith(prefix):
+                        if k > prefix:
+                            return
                         continue
-                if len(out) >= limit:
-                    truncated = True
-                    break
-                out.append(("obj", objects[k]))
-            return out, truncated
+                    yield k, objects[k]
+            return _page(entries(), prefix, delimiter, after, limit, "obj")
 
     # ---------- multipart ----------
     def initiate(self, bucket, key, content_type, headers, forbid_overwrite=False):
@@ -446,27 +453,9 @@ class Storage:
             self.bucket(bucket)
             ups = sorted((u for u in self.uploads.values() if u.bucket == bucket and u.key.startswith(prefix)),
                          key=lambda u: (u.key, u.upload_id))
-        out, truncated, last_cp = [], False, None
-        for u in ups:
-            if u.key < key_marker or (u.key == key_marker and (not id_marker or u.upload_id <= id_marker)):
-                continue
-            if delimiter:
-                j = u.key.find(delimiter, len(prefix))
-                if j >= 0:
-                    cp = u.key[:j + len(delimiter)]
-                    if cp == last_cp or cp <= key_marker:
-                        continue
-                    if len(out) >= limit:
-                        truncated = True
-                        break
-                    out.append(("cp", cp))
-                    last_cp = cp
-                    continue
-            if len(out) >= limit:
-                truncated = True
-                break
-            out.append(("upload", u))
-        return out, truncated
+        entries = ((u.key, u) for u in ups
+                   if u.key > key_marker or (u.key == key_marker and id_marker and u.upload_id > id_marker))
+        return _page(entries, prefix, delimiter, key_marker, limit, "upload")
 
     def open_uploads(self):
         with self.lock:
