@@ -26,7 +26,7 @@ demo: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m tests.demo
 
 lint: $(STAMP)
-	$(BIN)/python -m compileall -q daemon tests
+	$(BIN)/python -m pyflakes daemon tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-data

@@ -93,6 +93,29 @@ def test_sighup_with_broken_config_keeps_the_running_one(tmp_path, emulator, dae
     assert d.stop() == 0
 
 
+@pytest.mark.timeout(90)
+def test_sighup_with_fixed_credentials_resumes_uploads_without_restart(tmp_path, emulator, daemon_factory):
+    from tests.helpers import sts_credentials
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    wrong = sts_credentials(emulator, access_key_secret="not-the-secret", retry_backoff=0.2, retry_backoff_max=0.5)
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}], credentials=wrong)
+    data = random_file(drop / "waiting.txt", 700, seed=5)
+    d.start()
+    wait_until(lambda: d.status()["credentials"]["error"], 30, interval=0.3, what="credential error in status")
+    assert "InvalidAccessKeySecret" in d.status()["credentials"]["error"]
+    assert all(f["state"] != "failed" for f in d.files())         # waiting, not failed
+    pid = d.proc.pid
+    d.config.write_text(d.config.read_text().replace('"not-the-secret"',
+                                                     '"' + emulator.info()["user"]["secret"] + '"'))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: events(d, "credentials replaced"), 10, what="credentials replaced")
+    d.wait_states({"done": 1}, 30)
+    assert object_bytes(emulator, "waiting.txt") == data
+    assert d.proc.pid == pid and d.status()["credentials"]["error"] is None
+    assert d.stop() == 0
+
+
 # ------------------------------------------------------------------------ pause / resume
 
 @pytest.mark.timeout(90)

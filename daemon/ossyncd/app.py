@@ -17,7 +17,7 @@ import structlog
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, secret_file_warning
 from ossyncd.credentials import CredentialsError
-from ossyncd.engine import Engine
+from ossyncd.engine import Engine, make_credentials
 from ossyncd.errors import ConfigError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
@@ -148,14 +148,25 @@ class Daemon:
 
     def _reload(self) -> None:
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        creds = None
         try:
             new = load_config(self.config_path)
             if new.state.path != self.cfg.state.path:
                 raise ConfigError("state.path: cannot change on reload; restart the daemon")
-        except ConfigError as e:
+            if (new.credentials, new.oss.bucket, new.prefixes) != (self.cfg.credentials, self.cfg.oss.bucket,
+                                                                   self.cfg.prefixes):
+                creds = make_credentials(new)   # e.g. a fixed secret: no restart needed
+        except (ConfigError, CredentialsError) as e:
             log.error("reload rejected; the running config stays in force", error=str(e))
             self.notifier.send("READY=1")
             return
+        if creds is not None:
+            logsetup.register_secrets([new.credentials.access_key_secret, new.credentials.security_token,
+                                       new.credentials.broker_token])
+            self.engine.swap_credentials(creds)
+            if self.metrics is not None:
+                self.metrics.bind(self.engine.state, creds)
+            log.info("credentials replaced", source=new.credentials.source)
         old = {str(w.path): w for w in self.cfg.watch}
         fresh = {str(w.path): w for w in new.watch}
 

@@ -41,6 +41,15 @@ class Engine:
         self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
                                  url_for=lambda key: object_url(cfg.oss, key), on_progress=on_progress)
 
+    def swap_credentials(self, credentials: RotatingCredentials) -> None:
+        """Use new credentials from the next request on (config reload); uploads carry on."""
+        old = self.credentials
+        self.credentials = credentials
+        self.oss.provider.credentials = credentials
+        self.store.credentials = credentials
+        credentials.start()
+        old.stop()
+
     def watch_for(self, path: str) -> WatchConfig | None:
         p = Path(path)
         for w in self.cfg.watch:

@@ -46,6 +46,16 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    for noisy in ("oss2", "urllib3", "aliyunsdkcore"):
+    # Libraries log through stdlib logging: render their records the same way (one JSON line each
+    # for journald), redacted too. The STS SDK's own error lines repeat what we report ourselves.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer,
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True), _redact]))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+    for noisy in ("oss2", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("aliyunsdkcore").setLevel(logging.CRITICAL)

@@ -96,11 +96,11 @@ class RotatingProvider(oss2.CredentialsProvider):
     remember, per thread, which one signed the last request (for single-flight refresh)."""
 
     def __init__(self, credentials):
-        self._credentials = credentials
+        self.credentials = credentials      # swapped whole on a config reload
         self._last = threading.local()
 
     def get_credentials(self):
-        snap = self._credentials.current()
+        snap = self.credentials.current()
         self._last.snapshot = snap
         return Oss2Credentials(snap.access_key_id, snap.access_key_secret, snap.security_token or None)
 
