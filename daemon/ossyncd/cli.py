@@ -64,6 +64,7 @@ def upload(config_path, prefix, files):
     unchanged are not sent again.
     """
     from ossyncd.engine import Engine
+    from ossyncd.paths import check_key
     from ossyncd.uploader import stat_identity
 
     cfg = _load(config_path)
@@ -110,7 +111,7 @@ def upload(config_path, prefix, files):
                 failed += 1
                 continue
             watch, key = engine.key_for(path, prefix)
-            problem = engine.check_key(key)
+            problem = check_key(key)
             if problem:
                 engine.state.mark_skipped(path, watch, problem)
                 err.print(f"[red]{name}:[/red] {problem}", highlight=False)

@@ -485,6 +485,21 @@ class _HttpJsonSource(_SourceBase):
 
     _unreachable_hint = "will retry"
 
+    def _json(self, r: requests.Response, where: str, hint: str, *, transient: bool):
+        try:
+            return r.json()
+        except ValueError:
+            ctype = r.headers.get("Content-Type", "?")
+            raise self._err(f"{where} did not return JSON (Content-Type {ctype}); {hint}",
+                            transient=transient, code="BadResponse") from None
+
+    def _snapshot(self, doc: dict, where: str, *, transient: bool) -> Snapshot:
+        try:
+            return _snapshot_from_doc(doc)
+        except ValueError as e:
+            raise self._err(f"{where} returned unusable credentials: {e}", transient=transient,
+                            code="BadResponse") from None
+
 
 class BrokerSource(_HttpJsonSource):
     """GET a credentials broker (the upload-with-STS pattern)."""
@@ -526,12 +541,7 @@ class BrokerSource(_HttpJsonSource):
         if status >= 300:
             raise self._err(f"credentials broker {self.url} answered {_status_text(r)}; "
                             "check credentials.broker_url", transient=False, code=f"HTTP{status}")
-        try:
-            doc = r.json()
-        except ValueError:
-            ctype = r.headers.get("Content-Type", "?")
-            raise self._err(f"credentials broker {self.url} did not return JSON (Content-Type {ctype}); "
-                            "check credentials.broker_url", transient=False, code="BadResponse") from None
+        doc = self._json(r, f"credentials broker {self.url}", "check credentials.broker_url", transient=False)
         creds = _find_credentials_dict(doc)
         if creds is None:
             keys = sorted(str(k) for k in doc)[:10] if isinstance(doc, dict) else type(doc).__name__
@@ -539,11 +549,7 @@ class BrokerSource(_HttpJsonSource):
                             f"keys: {keys}); it must hold AccessKeyId, AccessKeySecret, SecurityToken and "
                             "Expiration at the top level or under one wrapper key such as 'result'",
                             transient=False, code="BadResponse")
-        try:
-            return _snapshot_from_doc(creds)
-        except ValueError as e:
-            raise self._err(f"credentials broker {self.url} returned unusable credentials: {e}",
-                            transient=False, code="BadResponse") from None
+        return self._snapshot(creds, f"credentials broker {self.url}", transient=False)
 
 
 # --- ecs-ram-role ---------------------------------------------------------------------
@@ -622,11 +628,8 @@ class EcsRamRoleSource(_HttpJsonSource):
         url = self.metadata_url + role
         r = self._imds_get(url)
         self._check(r, url, "for the role document")
-        try:
-            doc = r.json()
-        except ValueError:
-            raise self._err(f"instance metadata service {url} did not return JSON; check "
-                            "credentials.ecs_metadata_url", transient=True, code="BadResponse") from None
+        doc = self._json(r, f"instance metadata service {url}", "check credentials.ecs_metadata_url",
+                         transient=True)
         if not isinstance(doc, dict):
             raise self._err(f"instance metadata service {url} returned unexpected JSON",
                             transient=True, code="BadResponse")
@@ -634,11 +637,7 @@ class EcsRamRoleSource(_HttpJsonSource):
         if code is not None and code != "Success":
             raise self._err(f"instance metadata service {url} returned Code={code!r} for role {role!r}; "
                             "will retry", transient=True, code=str(code))
-        try:
-            return _snapshot_from_doc(doc)
-        except ValueError as e:
-            raise self._err(f"instance metadata service {url} returned unusable credentials: {e}",
-                            transient=True, code="BadResponse") from None
+        return self._snapshot(doc, f"instance metadata service {url}", transient=True)
 
 
 # --- env / static ---------------------------------------------------------------------

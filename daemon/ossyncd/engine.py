@@ -13,7 +13,7 @@ from pathlib import Path
 from ossyncd.body import RateLimiter
 from ossyncd.config import Config, WatchConfig
 from ossyncd.credentials import RotatingCredentials, build_source
-from ossyncd.paths import check_key, object_key
+from ossyncd.paths import object_key
 from ossyncd.retry import Backoff, RetryingStore
 from ossyncd.state import State
 from ossyncd.store import OssStore, object_url
@@ -64,9 +64,6 @@ class Engine:
         if w is not None and prefix is None:
             return str(w.path), object_key(w.prefix, os.path.relpath(path, w.path))
         return "", object_key(prefix or "", os.path.basename(path))
-
-    def check_key(self, key: str) -> str | None:
-        return check_key(key)
 
     def close(self) -> None:
         self.credentials.stop()

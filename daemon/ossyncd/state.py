@@ -354,10 +354,6 @@ class State:
                            [limit - len(retry)])
         return [_file(r) for r in retry + queued]
 
-    def next_retry_at(self) -> float | None:
-        row = self._one("SELECT min(next_attempt_at) FROM files WHERE state='retry_wait'")
-        return row[0] if row else None
-
     def recent_failures(self, limit: int = 10) -> list[FileRow]:
         return [_file(r) for r in self._all(
             f"SELECT {_FILE_COLS} FROM files WHERE state IN ('failed', 'retry_wait', 'skipped')"

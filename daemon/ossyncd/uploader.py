@@ -252,10 +252,7 @@ class Uploader:
             return part
 
         self._run_window(todo, send, scope)
-        try:
-            self._check_identity(row)
-        except FileProblem:
-            raise
+        self._check_identity(row)
         parts = sorted(self.state.parts(up.id).values(), key=lambda p: p.number)
         if [p.number for p in parts] != [r.number for r in ranges]:
             raise TransientError("CompleteMultipartUpload", row.key, "recorded parts do not cover the file")
