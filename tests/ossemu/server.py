@@ -5,7 +5,7 @@ request line with an absolute URI (`GET http://drop.oss-cn-hangzhou.aliyuncs.com
 served here, addressed by its host as OSS does (hosts.py); `sts.*` hosts get the STS service.
 Other hosts are refused with 502 ProxyHostNotServed: nothing is forwarded anywhere.
 
-Control endpoints on the OSS port, addressed by IP host without a proxy (no auth):
+Control endpoints on the OSS port, on an IP host (no auth):
     GET  /-/stats            counters (see faults.Stats.snapshot) + uploads_open, objects
     POST /-/stats/reset      zero the counters
     GET  /-/uploads          open multipart uploads with their parts
@@ -303,7 +303,7 @@ class OSSHandler(_BaseHandler):
     def _dispatch(self):
         emu = self.server.emu
         req = Request(self)
-        if req.raw_path.startswith("/-/") and is_ip_host(req.hostname) and not req.proxied:
+        if req.raw_path.startswith("/-/") and is_ip_host(req.hostname):   # never a named bucket's key
             return self._control(emu, req)
         if emu.endpoints.is_sts(req.hostname):
             return self._serve_sts(req)
