@@ -6,7 +6,8 @@ As OSS does:
     key alone in the path (what oss2 and ali-oss send to a real endpoint name);
   * any other name (the endpoint itself included) with a bucket in the path: refused with 403
     SecondLevelDomainForbidden "Please use virtual hosted style to access.", the reply OSS gives
-    to path-style access on its endpoint names (no EC documented, so none is sent);
+    to path-style access on its endpoint names (S3 SDKs forced to path style get exactly this
+    status, code and message from oss-<region>.aliyuncs.com; OSS documents no EC, none is sent);
   * `sts.aliyuncs.com` and `sts.<region>.aliyuncs.com`: the STS service.
 
 Signatures do not depend on the shape: V1 signs `/bucket/key` and V4's canonical URI is
