@@ -86,6 +86,8 @@ def test_alioss_sts_put_multipart_cancel_resume(alioss_dir, emulator, root_bucke
     assert emulator.uploads() == []                    # the resumed upload id was completed
     stats = emulator.stats()
     assert stats["requests"]["AssumeRole"] == 1 and stats["requests"]["InitiateMultipartUpload"] == 1
-    # nothing ali-oss sent was refused; only parts in flight at cancel() may have been cut off
+    # nothing ali-oss sent was refused; only a part in flight at cancel() may be cut off, or land
+    # after the resumed upload completed (NoSuchUpload, rightly)
     assert set(stats["errors"]) <= {"UploadPart"}, stats["errors"]
-    assert set(stats["errors"].get("UploadPart", {})) <= {"ConnectionReset", "ClientGone"}, stats["errors"]
+    late = {"ConnectionReset", "ClientGone", "NoSuchUpload"}
+    assert set(stats["errors"].get("UploadPart", {})) <= late, stats["errors"]
