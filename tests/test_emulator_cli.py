@@ -23,8 +23,11 @@ def test_cli_prints_json_serves_and_exits_on_sigterm(tmp_path):
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         info = json.loads(proc.stdout.readline())
-        assert set(info) == {"oss", "sts", "region", "root", "user", "role_arn"}
+        assert set(info) == {"oss", "sts", "region", "proxy", "oss_endpoint", "sts_endpoint", "root", "user",
+                             "role_arn"}
         assert info["oss"].startswith("http://127.0.0.1:") and info["region"] == "cn-hangzhou"
+        assert info["proxy"] == info["oss"] and info["oss_endpoint"] == "http://oss-cn-hangzhou.aliyuncs.com"
+        assert info["sts_endpoint"] == "http://sts.cn-hangzhou.aliyuncs.com"
         assert info["role_arn"].startswith("acs:ram::") and info["role_arn"].endswith(":role/uploader")
         assert len(info["role_arn"].split(":")[3]) == 16
         auth = oss2.Auth(info["root"]["id"], info["root"]["secret"])

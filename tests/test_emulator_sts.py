@@ -102,3 +102,18 @@ def test_rpc_details(emulator):
     c = rpc(emulator).json()["Credentials"]
     r = rpc(emulator, key_id=c["AccessKeyId"], secret=c["AccessKeySecret"])
     assert r.status_code in (403, 404)
+
+
+def test_timestamp_with_fractional_seconds(emulator):
+    """STS takes ISO 8601 UTC with or without fractions (ali-oss sends toISOString()'s milliseconds)."""
+    now = time.time()
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    for ts in (f"{whole}Z", f"{whole}.123Z", f"{whole}.5Z", f"{whole}.123456Z"):
+        r = rpc(emulator, timestamp=ts)
+        assert r.status_code == 200, (ts, r.text)
+    old = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now - 20 * 60))
+    assert rpc(emulator, timestamp=old).json()["Code"] == "InvalidTimeStamp.Expired"
+    for bad in (f"{whole}", f"{whole}.Z", f"{whole}.123", f"{whole}+08:00", f"{whole}.12aZ",
+                whole.replace("T", " ") + "Z", "2026-13-01T00:00:00Z", "1764611280", " "):
+        r = rpc(emulator, timestamp=bad)
+        assert r.status_code == 400 and r.json()["Code"] == "InvalidTimeStamp.Format", (bad, r.text)

@@ -5,6 +5,7 @@ import threading
 from . import server
 from .auth import Authority
 from .faults import FaultEngine, Stats
+from .hosts import Endpoints
 from .storage import Storage
 from .sts import AssumeRole
 
@@ -14,6 +15,7 @@ class Emulator:
 
     >>> emu = Emulator(tmpdir, buckets=["drop"], min_duration=900, region="cn-hangzhou")
     >>> emu.start(); emu.oss_url, emu.sts_url, emu.root.id, emu.user.secret, emu.role_arn
+    >>> emu.proxy_env()   # {"HTTP_PROXY": emu.oss_url, ...}: reach it as http://oss-<region>.aliyuncs.com
     >>> emu.stop()
     """
 
@@ -26,6 +28,7 @@ class Emulator:
         self._ports = (port, sts_port)
         self.storage = Storage(data_dir, list(buckets) or ["drop"])
         self.authority = Authority(region)
+        self.endpoints = Endpoints(region)
         self.assume_role = AssumeRole(self.authority, min_duration=min_duration)
         self.faults = FaultEngine()
         self.counters = Stats()
@@ -78,8 +81,22 @@ class Emulator:
     def role_arn(self):
         return self.authority.role_arn
 
+    @property
+    def oss_endpoint(self):
+        """The real endpoint name; reachable through the OSS port as a forward proxy (hosts.py)."""
+        return f"http://{self.endpoints.oss[0]}"
+
+    @property
+    def sts_endpoint(self):
+        return f"http://{self.endpoints.sts[1]}"
+
+    def proxy_env(self):
+        """Environment that sends oss2, aliyunsdkcore and requests to the endpoint names through us."""
+        return {"HTTP_PROXY": self.oss_url, "http_proxy": self.oss_url}
+
     def info(self):
         return {"oss": self.oss_url, "sts": self.sts_url, "region": self.region,
+                "proxy": self.oss_url, "oss_endpoint": self.oss_endpoint, "sts_endpoint": self.sts_endpoint,
                 "root": {"id": self.root.id, "secret": self.root.secret},
                 "user": {"id": self.user.id, "secret": self.user.secret},
                 "role_arn": self.role_arn}

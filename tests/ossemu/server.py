@@ -1,6 +1,11 @@
 """HTTP plumbing: keep-alive threaded servers, request parsing, body streaming, control endpoints.
 
-Control endpoints on the OSS port (no auth):
+The OSS port is also an HTTP forward proxy for the endpoint names (`HTTP_PROXY=<oss url>`): a
+request line with an absolute URI (`GET http://drop.oss-cn-hangzhou.aliyuncs.com/k HTTP/1.1`) is
+served here, addressed by its host as OSS does (hosts.py); `sts.*` hosts get the STS service.
+Other hosts are refused with 502 ProxyHostNotServed: nothing is forwarded anywhere.
+
+Control endpoints on the OSS port, on an IP host (no auth):
     GET  /-/stats            counters (see faults.Stats.snapshot) + uploads_open, objects
     POST /-/stats/reset      zero the counters
     GET  /-/uploads          open multipart uploads with their parts
@@ -25,6 +30,7 @@ from . import ops
 from . import xmlfmt as X
 from .common import CHUNK
 from .errors import ConnectionAbort, OSSError, StsError
+from .hosts import hostname, is_ip_host
 from .sts import error_json
 
 DRAIN_LIMIT = 1 << 30
@@ -120,8 +126,13 @@ class Request:
         self.method = handler.command
         self.request_id = _request_id()
         target = handler.path
-        if "://" in target.split("?", 1)[0]:
-            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        authority = None
+        if "://" in target.split("?", 1)[0]:   # absolute form: sent to us as a forward proxy
+            authority, _, rest = target.split("://", 1)[1].partition("/")
+            target = "/" + rest
+        self.proxied = authority is not None
+        # RFC 9112 3.2.2: the absolute URI's authority wins over Host
+        self.hostname = hostname(authority if self.proxied else handler.headers.get("host"))
         self.raw_path, _, self.raw_query = target.partition("?")
         self.query = parse_qsl(self.raw_query, keep_blank_values=True, encoding="utf-8", errors="replace")
         self.qdict = dict(self.query)
@@ -139,12 +150,11 @@ class Request:
     def header(self, name):
         return self._h.get(name)
 
-    def parse_target(self):
-        """Split /bucket/key; the key is percent-decoded exactly once."""
-        path = self.raw_path
-        if path == "/" or not path.startswith("/"):
+    def parse_target(self, endpoints):
+        """Bucket and key from host + path (hosts.Endpoints.split); the key is percent-decoded exactly once."""
+        bucket_raw, key_raw = endpoints.split(self.hostname, self.raw_path)
+        if bucket_raw is None:
             return
-        bucket_raw, sep, key_raw = path[1:].partition("/")
         self.bucket = unquote(bucket_raw)
         self.raw_key = key_raw
         try:
@@ -239,6 +249,48 @@ class _BaseHandler(BaseHTTPRequestHandler):
             hdrs.append(("x-oss-request-id", request_id))
         self._send(status, hdrs, body)
 
+    # ---------------------------------------------------------- STS (own port, or sts.* host via the proxy)
+    def _serve_sts(self, req):
+        emu = self.server.emu
+        emu.counters.request("AssumeRole")
+        fault = emu.faults.pick("AssumeRole")
+        try:
+            if fault is not None:
+                emu.counters.fault("AssumeRole")
+                req.body.fault = fault
+            body = b""
+            while True:
+                chunk = req.body.read(65536)
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > 1 << 20:
+                    raise StsError(400, "InvalidParameter", "Request body too large.")
+            params = dict(req.query)
+            ctype = (req.header("content-type") or "").lower()
+            if body and "application/x-www-form-urlencoded" in ctype:
+                params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+            if fault is not None:
+                fault.sleep()
+                if fault.status:
+                    raise StsError(int(fault.status), fault.code, fault.message)
+            result = emu.assume_role.handle(req.method, params)
+            emu.counters.add("sts_issued")
+            emu.counters.success("AssumeRole")
+            self._json(200, result)
+        except StsError as e:
+            emu.counters.error("AssumeRole", e.code)
+            self._send(e.status, [("Content-Type", "application/json;charset=utf-8")],
+                       error_json(e, req.request_id))
+        except ConnectionAbort:
+            emu.counters.error("AssumeRole", "ConnectionReset")
+            self._abort()
+        except Exception:
+            traceback.print_exc()
+            emu.counters.error("AssumeRole", "InternalError")
+            self._send(500, [("Content-Type", "application/json")],
+                       error_json(StsError(500, "InternalError", "internal error"), req.request_id))
+
 
 class OSSHandler(_BaseHandler):
     server_version = "AliyunOSS"
@@ -251,12 +303,19 @@ class OSSHandler(_BaseHandler):
     def _dispatch(self):
         emu = self.server.emu
         req = Request(self)
-        if req.raw_path.startswith("/-/"):
+        if req.raw_path.startswith("/-/") and is_ip_host(req.hostname):   # never a named bucket's key
             return self._control(emu, req)
+        if emu.endpoints.is_sts(req.hostname):
+            return self._serve_sts(req)
         op, fault = "Unknown", None
         try:
             try:
-                req.parse_target()
+                if req.proxied and not emu.endpoints.serves(req.hostname):
+                    raise OSSError(502, "ProxyHostNotServed",
+                                   f"The emulator as a proxy serves only its own endpoints "
+                                   f"{', '.join(emu.endpoints.oss + emu.endpoints.sts)} (and BUCKET.<oss "
+                                   f"endpoint>), not {req.hostname}; put that host in NO_PROXY.")
+                req.parse_target(emu.endpoints)
                 if req.bucket is None:
                     raise ops.not_implemented("Service-level requests")
                 op = ops.route(req)
@@ -381,46 +440,7 @@ class STSHandler(_BaseHandler):
     server_version = "Tengine"
 
     def do_POST(self):
-        emu = self.server.emu
-        req = Request(self)
-        emu.counters.request("AssumeRole")
-        fault = emu.faults.pick("AssumeRole")
-        try:
-            if fault is not None:
-                emu.counters.fault("AssumeRole")
-                req.body.fault = fault
-            body = b""
-            while True:
-                chunk = req.body.read(65536)
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > 1 << 20:
-                    raise StsError(400, "InvalidParameter", "Request body too large.")
-            params = dict(req.query)
-            ctype = (req.header("content-type") or "").lower()
-            if body and "application/x-www-form-urlencoded" in ctype:
-                params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-            if fault is not None:
-                fault.sleep()
-                if fault.status:
-                    raise StsError(int(fault.status), fault.code, fault.message)
-            result = emu.assume_role.handle(req.method, params)
-            emu.counters.add("sts_issued")
-            emu.counters.success("AssumeRole")
-            self._json(200, result)
-        except StsError as e:
-            emu.counters.error("AssumeRole", e.code)
-            self._send(e.status, [("Content-Type", "application/json;charset=utf-8")],
-                       error_json(e, req.request_id))
-        except ConnectionAbort:
-            emu.counters.error("AssumeRole", "ConnectionReset")
-            self._abort()
-        except Exception:
-            traceback.print_exc()
-            emu.counters.error("AssumeRole", "InternalError")
-            self._send(500, [("Content-Type", "application/json")],
-                       error_json(StsError(500, "InternalError", "internal error"), req.request_id))
+        self._serve_sts(Request(self))
 
     do_GET = do_POST
 

@@ -3,6 +3,7 @@
 Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
   404 InvalidAccessKeyId.NotFound      unknown AccessKeyId
   400 SignatureDoesNotMatch            "...server string to sign is:<STS>" (the SDK splits on ':')
+  400 InvalidTimeStamp.Format          Timestamp not ISO 8601 UTC (YYYY-MM-DDThh:mm:ss[.fff]Z)
   400 InvalidTimeStamp.Expired         Timestamp more than 15 minutes off
   400 SignatureNonceUsed               replayed SignatureNonce
   400 Missing<Param>                   a required parameter is absent
@@ -28,6 +29,9 @@ from .errors import StsError
 
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9.@_-]{2,64}$")
 ROLE_ARN_RE = re.compile(r"^acs:ram::\d+:role/[A-Za-z0-9.@_-]+$")
+# ISO 8601 UTC, fractions optional: aliyunsdkcore sends whole seconds, ali-oss sends
+# new Date().toISOString() (milliseconds); STS accepts both.
+TIMESTAMP_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z$")
 MAX_DURATION = 3600
 
 
@@ -43,6 +47,18 @@ def string_to_sign(method, params):
 
 def sign(secret, sts):
     return base64.b64encode(hmac.new((secret + "&").encode(), sts.encode(), hashlib.sha1).digest()).decode()
+
+
+def parse_timestamp(value):
+    """The RPC Timestamp as epoch seconds, or None when it is not ISO 8601 UTC."""
+    m = TIMESTAMP_RE.match(value)
+    if m is None:
+        return None
+    try:
+        whole = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:   # e.g. month 13
+        return None
+    return whole.timestamp() + float("0." + (m.group(2) or "0"))
 
 
 class AssumeRole:
@@ -84,11 +100,10 @@ class AssumeRole:
         if principal is None:
             raise StsError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
         now = self.clock()
-        try:
-            ts = datetime.strptime(params["Timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-        except ValueError:
+        ts = parse_timestamp(params["Timestamp"])
+        if ts is None:
             raise StsError(400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted.")
-        if abs(ts.timestamp() - now) > SKEW_SECONDS:
+        if abs(ts - now) > SKEW_SECONDS:
             raise StsError(400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired.")
         sts = string_to_sign(method, params)
         if not hmac.compare_digest(sign(principal.secret, sts), params["Signature"]):
