@@ -324,7 +324,7 @@ def test_lost_complete_response_resends_once_and_says_why(tmp_path, emulator, da
     d.wait_states({"done": 1}, timeout=60)
     assert object_bytes(emulator, "in/big.bin") == data
     stats = emulator.stats()
-    # the upload-only role cannot read the object back to recognise it (docs/verification.md):
+    # the upload-only role cannot read the object back to recognise it (docs/architecture.md, verification):
     # exactly one re-send, logged with its cause
     assert stats["uploads_initiated"] == 2 and stats["uploads_completed"] == 2, stats
     assert stats["uploads_open"] == 0

@@ -13,7 +13,7 @@ body corrupted in transit (InvalidDigest, retried). A server that returns no CRC
 (some OSS-compatible servers, header-stripping proxies) is verified by MD5 instead:
 the ETag of a PutObject or part is the hex MD5 of its bytes, and a multipart object
 is verified through its parts (each part's ETag matched, and Complete accepted
-exactly those parts). See docs/verification.md.
+exactly those parts). See docs/architecture.md (verification).
 """
 
 from __future__ import annotations

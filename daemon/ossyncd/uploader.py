@@ -124,24 +124,23 @@ class Uploader:
                     self._check_identity(row)
                 except FileProblem as changed:
                     return self._file_problem(row, changed)
-            delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
-            msg = f"{e} (will retry)"
-            self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=time.time() + delay,
-                                  count_attempt=True, identity=row.identity)
-            log.warning("upload will be retried", path=row.path, error=str(e), retry_in=round(delay, 1))
-            return Outcome("retry_wait", msg)
+            return self._retry_later(row, f"{e} (will retry)")
         seconds = time.monotonic() - started
         log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
                  seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(row.key))
         return Outcome("done", seconds=seconds, parts_sent=parts)
 
+    def _retry_later(self, row: FileRow, msg: str) -> Outcome:
+        """retry_wait with the file's backoff; the attempt counts."""
+        delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
+        self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=time.time() + delay,
+                              count_attempt=True, identity=row.identity)
+        log.warning("upload will be retried", path=row.path, error=msg, retry_in=round(delay, 1))
+        return Outcome("retry_wait", msg)
+
     def _file_problem(self, row: FileRow, e: FileProblem) -> Outcome:
-        if e.reason == "host":
-            delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
-            self.state.transition(row.id, "retry_wait", error=e.detail, next_attempt_at=time.time() + delay,
-                                  count_attempt=True, identity=row.identity)
-            log.warning("upload will be retried", path=row.path, error=e.detail, retry_in=round(delay, 1))
-            return Outcome("retry_wait", e.detail)
+        if e.reason == "host":   # out of descriptors or memory: the host may recover, the file is fine
+            return self._retry_later(row, e.detail)
         up = self.state.upload_for(row.id)
         if up is not None and e.reason in ("gone", "changed"):
             self._abort(up)
@@ -276,7 +275,7 @@ class Uploader:
             result = self.store.complete(row.key, up.upload_id, parts, cancel=scope)
         except NoSuchUpload:
             # Either it was aborted, or an earlier Complete succeeded and its response was lost.
-            # The upload-only role cannot read the object to tell (docs/verification.md), so
+            # The upload-only role cannot read the object to tell (docs/architecture.md, verification), so
             # the file is sent once more rather than marked done unverified.
             log.warning("upload gone at Complete (aborted, or a lost Complete response); re-sending the file",
                         path=row.path, key=row.key, upload_id=up.upload_id, size=row.size)
