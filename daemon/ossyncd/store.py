@@ -215,7 +215,8 @@ class OssStore:
         etag = (result.etag or "").strip('"').upper()
         if etag != body.md5.hex().upper():
             raise IntegrityError(op, key, f"ETag {etag or '(none)'} is not the MD5 {body.md5.hex().upper()} "
-                                 f"of the bytes sent", request_id=result.request_id)
+                                 f"of the bytes sent; a server without x-oss-hash-crc64ecma must return the MD5 "
+                                 f"as ETag, or uploads to it cannot be verified", request_id=result.request_id)
         self._note_verification(MD5)
         return WriteResult(result.etag, body.crc64, MD5)
 
