@@ -70,6 +70,17 @@ def test_reset_after_bytes(root_bucket, emulator):
         root_bucket.get_object("reset").read()
 
 
+def test_drop_response_performs_the_operation_then_closes(root_bucket, emulator):
+    emulator.set_faults([{"op": "CompleteMultipartUpload", "drop_response": True, "count": 1}])
+    up = root_bucket.init_multipart_upload("dropped").upload_id
+    p = root_bucket.upload_part("dropped", up, 1, b"d" * 1000)
+    with pytest.raises(oss2.exceptions.RequestError):
+        root_bucket.complete_multipart_upload("dropped", up, [oss2.models.PartInfo(1, p.etag)])
+    assert root_bucket.get_object("dropped").read() == b"d" * 1000   # completed, only the answer was lost
+    with pytest.raises(oss2.exceptions.NoSuchUpload):
+        root_bucket.complete_multipart_upload("dropped", up, [oss2.models.PartInfo(1, p.etag)])
+
+
 def test_flip_bit(root_bucket, emulator):
     data = os.urandom(200_000)
     emulator.set_faults([{"op": "PutObject", "flip_bit": True, "count": 1}])

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ossyncd.errors import StateError
-from ossyncd.state import PartRow, State
+from ossyncd.state import MIGRATIONS, PartRow, State
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def test_db_is_private_and_wal(tmp_path, state):
     mode = stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode)
     assert mode == 0o600
     assert state.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert state.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert state.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 def test_identity_change_requeues(state):
@@ -46,6 +46,27 @@ def test_parts_and_done_in_one_transaction(state):
     state.mark_done(row.id, row.identity, url="u", etag="E-3", crc64=5, mode="multipart")
     assert state.upload_for(row.id) is None
     assert state.db.execute("SELECT count(*) FROM parts").fetchone()[0] == 0
+
+
+def test_verification_migration_keeps_rows_and_records_the_mode(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    for migration in MIGRATIONS[:2]:        # a DB written before the verification column
+        migration(old)
+    old.execute("PRAGMA user_version=2")
+    old.execute("INSERT INTO files (path, state, updated_at) VALUES ('/d/old', 'done', 1.0)")
+    old.commit()
+    old.close()
+    s = State(path)
+    try:
+        assert s.get("/d/old").verification is None
+        row, _ = s.observe("/d/a", "/d", "a", 10, 1, 7)
+        assert s.mark_done(row.id, row.identity, url="u", etag="E", crc64=1, mode="simple", verification="md5")
+        assert s.get("/d/a").verification == "md5"
+    finally:
+        s.close()
 
 
 def test_due_and_requeue(state):

@@ -4,10 +4,16 @@ Each attempt gets a fresh reader (so a retry re-reads from the range start); the
 reader computes CRC64 as bytes go out, honours cancellation within one block and
 the bandwidth limiter, and reports progress. Nothing larger than one block is
 held in memory, whatever the part size.
+
+`checksum()` is one read pass before sending: MD5 (for the Content-MD5 header, which
+must precede the body, and to check the ETag of a server that returns no CRC64) and
+CRC64 together. hashlib releases the GIL on 1 MiB blocks, so parts hash in parallel.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import threading
 import time
@@ -60,6 +66,25 @@ class Body:
         self.progress = progress      # called with the bytes sent in this attempt
         self.sent = 0
         self.crc64 = 0
+        self.md5: bytes | None = None        # digest from checksum(), sent as Content-MD5
+        self.checksum_crc64: int | None = None
+
+    def checksum(self) -> tuple[bytes, int]:
+        """(MD5 digest, CRC64) of the range, read once in READ_BLOCK blocks; kept on the body."""
+        md5 = hashlib.md5()
+        crc = 0
+        end = self.offset + self.size
+        for off in range(self.offset, end, READ_BLOCK):
+            data = os.pread(self.fd, min(READ_BLOCK, end - off), off)
+            if not data:
+                raise FileProblem(self.path, "changed", "file shrank while it was being checksummed")
+            md5.update(data)
+            crc = crc64(data, crc)
+        self.md5, self.checksum_crc64 = md5.digest(), crc
+        return self.md5, crc
+
+    def content_md5(self) -> str | None:
+        return base64.b64encode(self.md5).decode() if self.md5 is not None else None
 
     def open(self) -> "_Reader":
         """A fresh reader for one attempt; a retry re-reads from the range start."""

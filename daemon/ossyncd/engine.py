@@ -6,7 +6,9 @@ through exactly the same code and state.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,11 +37,17 @@ class Engine:
         up = cfg.upload
         self.part_pool = ThreadPoolExecutor(up.parallel_parts, thread_name_prefix="part")
         self.oss = OssStore(cfg.oss, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2)
+        self.oss.on_verification = self._record_verification
         self.store = RetryingStore(self.oss, self.credentials, attempts=up.request_retries,
                                    backoff=Backoff(up.retry_backoff, up.retry_backoff_max), on_retry=on_retry)
         self.limiter = RateLimiter(up.bandwidth_limit) if up.bandwidth_limit > 0 else None
         self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
                                  url_for=lambda key: object_url(cfg.oss, key), on_progress=on_progress)
+
+    def _record_verification(self, mode: str) -> None:
+        """For `ossyncd status`: how this run verifies uploads (the server's CRC64 capability)."""
+        from ossyncd.status import iso
+        self.state.set_meta("verification", json.dumps({"mode": mode, "detected_at": iso(time.time())}))
 
     def swap_credentials(self, credentials: RotatingCredentials) -> None:
         """Use new credentials from the next request on (config reload); uploads carry on."""

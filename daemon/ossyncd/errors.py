@@ -5,10 +5,12 @@
     ├── StateError             the state DB is locked, corrupt or unwritable
     ├── Cancelled              cooperative cancellation (pause, shutdown); nothing is recorded
     ├── FileProblem            the local file: .reason is one of
-    │                          "gone" (vanished), "changed" (identity moved on), "unreadable"
+    │                          "gone" (vanished), "changed" (identity moved on), "unreadable",
+    │                          "host" (out of descriptors/memory on open: retried, never failed)
     └── StoreError             an OSS call failed; .op, .key, .status, .code, .request_id
         ├── TransientError     retry with backoff: 5xx, 429, resets, timeouts
-        │   ├── IntegrityError CRC64 or size mismatch between what we sent and what OSS stored
+        │   ├── IntegrityError CRC64, MD5 (ETag, InvalidDigest) or size mismatch between what
+        │   │                  we sent and what OSS stored
         │   └── AuthExpired    SecurityTokenExpired / InvalidAccessKeyId: refresh and retry,
         │                      never counted against a file's budget
         └── PermanentError     retrying cannot help: AccessDenied, InvalidObjectName, ...

@@ -92,8 +92,8 @@ class RetryingStore:
                 else:
                     threading.Event().wait(wait)
 
-    def put(self, key, body, *, content_md5=None, cancel=None):
-        return self._run("PutObject", self.inner.put, key, body, content_md5=content_md5, cancel=cancel)
+    def put(self, key, body, *, cancel=None):
+        return self._run("PutObject", self.inner.put, key, body, cancel=cancel)
 
     def init_multipart(self, key, *, cancel=None):
         return self._run("InitiateMultipartUpload", self.inner.init_multipart, key, cancel=cancel)

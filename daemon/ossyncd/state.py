@@ -43,6 +43,7 @@ class FileRow:
     bytes_done: int
     updated_at: float
     mode: str | None
+    verification: str | None = None   # how the object was verified: crc64 | md5
 
     @property
     def identity(self) -> tuple[int, int, int]:
@@ -135,7 +136,12 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX files_state_id ON files(state, id)")
 
 
-MIGRATIONS = [_migration_1, _migration_2]
+def _migration_verification(db: sqlite_utils.Database) -> None:
+    """files.verification: crc64 or md5 (a server that returns no CRC64); NULL before this."""
+    db.execute("ALTER TABLE files ADD COLUMN verification TEXT")
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_verification]
 _FILE_COLS = ", ".join(f.name for f in fields(FileRow))
 _UPLOAD_COLS = ", ".join(f.name for f in fields(UploadRow))
 
@@ -299,15 +305,16 @@ class State:
         return self._write(sql, params).rowcount == 1
 
     def mark_done(self, file_id: int, identity: tuple[int, int, int], *, url: str, etag: str, crc64: int,
-                  mode: str, now: float | None = None) -> bool:
+                  mode: str, verification: str = "crc64", now: float | None = None) -> bool:
         """The object of this version is verified: record it and forget the upload, in one
         transaction. False (and nothing written) if the row moved on to a newer version."""
         now = time.time() if now is None else now
         with self._lock, self.db.atomic():
             n = self.db.execute(
-                "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, uploaded_at=?, error=NULL,"
-                " next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=? AND size=? AND mtime_ns=? AND inode=?",
-                [url, etag, str(crc64), mode, now, now, file_id, *identity]).rowcount
+                "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
+                " error=NULL, next_attempt_at=NULL, bytes_done=size, updated_at=?"
+                " WHERE id=? AND size=? AND mtime_ns=? AND inode=?",
+                [url, etag, str(crc64), mode, verification, now, now, file_id, *identity]).rowcount
             if n:
                 self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
             return n == 1

@@ -22,13 +22,13 @@ def file_json(f: FileRow) -> dict:
     return {"path": f.path, "key": f.key, "state": f.state, "size": f.size, "url": f.url,
             "crc64": str(f.crc64) if f.crc64 is not None else None, "etag": f.etag, "error": f.error,
             "attempts": f.attempts, "uploaded_at": iso(f.uploaded_at), "mode": f.mode,
-            "next_attempt_at": iso(f.next_attempt_at)}
+            "next_attempt_at": iso(f.next_attempt_at), "verification": f.verification}
 
 
 def status_dict(cfg: Config, state: State | None) -> dict:
     pid = State.lock_holder(cfg.state.path)
     counts = {s: 0 for s in STATES}
-    in_flight, failures, creds, paused = [], [], {}, False
+    in_flight, failures, creds, paused, verification = [], [], {}, False, None
     if state is not None:
         counts.update(state.counts())
         in_flight = [{"path": f.path, "key": f.key, "bytes_done": f.bytes_done, "bytes_total": f.size}
@@ -37,6 +37,7 @@ def status_dict(cfg: Config, state: State | None) -> dict:
                      "next_attempt_at": iso(f.next_attempt_at)} for f in state.recent_failures(10)]
         creds = json.loads(state.get_meta("credentials") or "{}")
         paused = state.get_meta("paused") == "1"
+        verification = json.loads(state.get_meta("verification") or "null")
     return {
         "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
                    "paused": paused and pid is not None},
@@ -45,6 +46,7 @@ def status_dict(cfg: Config, state: State | None) -> dict:
         "failures": failures,
         "credentials": {"source": cfg.credentials.source, "expires_at": creds.get("expires_at"),
                         "error": creds.get("last_error"), "next_attempt_at": creds.get("next_attempt_at")},
+        "verification": verification,   # {"mode": crc64|md5, "detected_at"}; null until the first upload
         "throughput_mib_s": json.loads(state.get_meta("throughput") or "null") if state is not None else None,
         "state_db": str(cfg.state.path),
         "generated_at": iso(time.time()),
@@ -68,6 +70,11 @@ def render_status(d: dict, console: Console) -> None:
         if c.get("next_attempt_at"):
             line += f" (next attempt {c['next_attempt_at']})"
     console.print(line)
+    v = d.get("verification")
+    if v:
+        how = ("CRC64 (x-oss-hash-crc64ecma)" if v["mode"] == "crc64"
+               else "MD5 (the server returns no x-oss-hash-crc64ecma; Content-MD5 and ETag are checked)")
+        console.print(f"verification: {how}, detected {v['detected_at']}")
     counts = ", ".join(f"{s} {n}" for s, n in d["counts"].items() if n)
     console.print(f"files: {counts or 'none'}")
     if d["in_flight"]:

@@ -5,8 +5,15 @@ failure into the hierarchy of ossyncd.errors. Retries are not here: `retry.py`
 wraps any ObjectStore (restic-style), so the policy is the same for every backend.
 
 oss2's own CRC64 check is off (it runs crcmod in small chunks under the GIL and
-is the client bottleneck, design.md 9b); `body.Body` computes CRC-64/XZ natively
-while streaming and we compare it with the x-oss-hash-crc64ecma OSS returns.
+is the client bottleneck); `body.Body` computes CRC-64/XZ natively while streaming
+and we compare it with the x-oss-hash-crc64ecma OSS returns.
+
+Every PutObject and UploadPart carries Content-MD5, so the server itself rejects a
+body corrupted in transit (InvalidDigest, retried). A server that returns no CRC64
+(some OSS-compatible servers, header-stripping proxies) is verified by MD5 instead:
+the ETag of a PutObject or part is the hex MD5 of its bytes, and a multipart object
+is verified through its parts (each part's ETag matched, and Complete accepted
+exactly those parts). See docs/architecture.md (verification).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from urllib.parse import quote, urlparse
 
 import oss2
 import requests
+import structlog
 from oss2.credentials import Credentials as Oss2Credentials
 
 from ossyncd.body import Body
@@ -28,16 +36,20 @@ from ossyncd.errors import (AuthExpired, IntegrityError, NoSuchUpload, NotSuppor
                             StoreError, TransientError)
 from ossyncd.state import PartRow
 
+log = structlog.get_logger(__name__)
 BLOCKSIZE = 1 << 20
 AUTH_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
 TRANSIENT_CODES = {"RequestTimeout", "ServiceUnavailable", "InternalError", "SlowDown", "Throttling",
                    "RequestTimeTooSkewed", "ConnectionReset"}
+CRC64 = "crc64"   # verification modes, recorded per file
+MD5 = "md5"
 
 
 @dataclass(frozen=True)
 class WriteResult:
     etag: str
-    crc64: int
+    crc64: int               # of the bytes stored: OSS's, or ours when OSS sent none and MD5 verified them
+    verification: str = CRC64
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,9 @@ class ObjectStore(Protocol):
     """The narrow seam between the uploader and OSS. Every method makes at most one request
     (retries are the caller's wrapper's job) and raises only ossyncd.errors types."""
 
-    def put(self, key: str, body: Body, *, content_md5: str | None = None) -> WriteResult:
-        """PutObject. Raises IntegrityError when OSS's CRC64 differs from the bytes sent.
-        Idempotent: a repeat overwrites the same key with the same bytes."""
+    def put(self, key: str, body: Body) -> WriteResult:
+        """PutObject. Raises IntegrityError when OSS's CRC64 (or, without one, the ETag)
+        differs from the bytes sent. Idempotent: a repeat overwrites the same key."""
 
     def init_multipart(self, key: str) -> str:
         """InitiateMultipartUpload; returns the upload id. Not idempotent (a new id each call)."""
@@ -136,6 +148,9 @@ def classify(op: str, key: str, exc: Exception) -> StoreError:
         status, code = exc.status, exc.code or ""
         msg = exc.message or exc.__class__.__name__
         kw = dict(status=status, code=code, request_id=exc.request_id)
+        if code == "InvalidDigest":  # the body OSS received differs from our Content-MD5
+            return IntegrityError(op, key, f"{msg} (body corrupted in transit, or the file changed while read)",
+                                  **kw)
         if code in AUTH_EXPIRED_CODES:
             return AuthExpired(op, key, msg, **kw)
         if code == "NoSuchUpload":
@@ -157,6 +172,9 @@ class OssStore:
     def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8):
         self.cfg = cfg
         self.provider = RotatingProvider(credentials)
+        self.verification: str | None = None      # crc64 | md5, learned from the first write response
+        self.on_verification = None               # called with the mode when it is learned or changes
+        self._lock = threading.Lock()
         if cfg.signature == "v4":
             auth = oss2.ProviderAuthV4(self.provider)
         else:
@@ -182,39 +200,69 @@ class OssStore:
         except requests.RequestException as e:
             raise TransientError(op, key, f"network error: {_short(e)}") from None
 
-    @staticmethod
-    def _verify(op: str, key: str, result, body: Body) -> WriteResult:
+    def _verify(self, op: str, key: str, result, body: Body) -> WriteResult:
         if body.sent != body.size:
             raise IntegrityError(op, key, f"sent {body.sent} of {body.size} bytes")
-        if result.crc is None:
-            raise IntegrityError(op, key, "OSS returned no x-oss-hash-crc64ecma; cannot verify",
-                                 request_id=result.request_id)
-        if result.crc != body.crc64:
-            raise IntegrityError(op, key, f"CRC64 mismatch: sent {body.crc64}, OSS stored {result.crc}",
-                                 request_id=result.request_id)
-        return WriteResult(result.etag, result.crc)
+        if result.crc is not None:
+            if result.crc != body.crc64:
+                raise IntegrityError(op, key, f"CRC64 mismatch: sent {body.crc64}, OSS stored {result.crc}",
+                                     request_id=result.request_id)
+            self._note_verification(CRC64)
+            return WriteResult(result.etag, result.crc, CRC64)
+        if body.md5 is None:
+            raise IntegrityError(op, key, "OSS returned no x-oss-hash-crc64ecma and the body has no MD5; "
+                                 "cannot verify", request_id=result.request_id)
+        etag = (result.etag or "").strip('"').upper()
+        if etag != body.md5.hex().upper():
+            raise IntegrityError(op, key, f"ETag {etag or '(none)'} is not the MD5 {body.md5.hex().upper()} "
+                                 f"of the bytes sent; a server without x-oss-hash-crc64ecma must return the MD5 "
+                                 f"as ETag, or uploads to it cannot be verified", request_id=result.request_id)
+        self._note_verification(MD5)
+        return WriteResult(result.etag, body.crc64, MD5)
 
-    def put(self, key: str, body: Body, *, content_md5: str | None = None) -> WriteResult:
-        headers = {"Content-MD5": content_md5} if content_md5 else None
-        r = self._call("PutObject", key, self.bucket.put_object, key, body.open(), headers=headers)
+    def _note_verification(self, mode: str) -> None:
+        """The server's capability, from its first write response (logged once, and on a change)."""
+        if self.verification == mode:
+            return
+        with self._lock:
+            if self.verification == mode:
+                return
+            self.verification = mode
+        if mode == MD5:
+            log.warning("server returns no x-oss-hash-crc64ecma; verifying uploads by Content-MD5 and ETag",
+                        endpoint=self.cfg.endpoint)
+        else:
+            log.info("server returns x-oss-hash-crc64ecma; verifying uploads by CRC64", endpoint=self.cfg.endpoint)
+        if self.on_verification is not None:
+            self.on_verification(mode)
+
+    def _headers(self, body: Body) -> dict | None:
+        md5 = body.content_md5()
+        return {"Content-MD5": md5} if md5 else None
+
+    def put(self, key: str, body: Body) -> WriteResult:
+        r = self._call("PutObject", key, self.bucket.put_object, key, body.open(), headers=self._headers(body))
         return self._verify("PutObject", key, r, body)
 
     def init_multipart(self, key: str) -> str:
         return self._call("InitiateMultipartUpload", key, self.bucket.init_multipart_upload, key).upload_id
 
     def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> WriteResult:
-        r = self._call("UploadPart", key, self.bucket.upload_part, key, upload_id, number, body.open())
+        r = self._call("UploadPart", key, self.bucket.upload_part, key, upload_id, number, body.open(),
+                       headers=self._headers(body))
         return self._verify("UploadPart", key, r, body)
 
     def complete(self, key: str, upload_id: str, parts: list[PartRow]) -> WriteResult:
         infos = [oss2.models.PartInfo(p.number, p.etag, size=p.size, part_crc=p.crc64) for p in parts]
         r = self._call("CompleteMultipartUpload", key, self.bucket.complete_multipart_upload, key, upload_id, infos)
         expected = combine_parts([(p.crc64, p.size) for p in parts])
-        if r.crc is None or r.crc != expected:
+        if r.crc is None:   # verified through its parts: each was, and OSS joined exactly those
+            return WriteResult(r.etag, expected, MD5)
+        if r.crc != expected:
             raise IntegrityError("CompleteMultipartUpload", key,
                                  f"object CRC64 {r.crc} differs from the parts' combined {expected}",
                                  request_id=r.request_id)
-        return WriteResult(r.etag, r.crc)
+        return WriteResult(r.etag, r.crc, CRC64)
 
     def list_parts(self, key: str, upload_id: str) -> list[ServerPart]:
         out: list[ServerPart] = []

@@ -1,15 +1,15 @@
 """Run one file's upload: one verified object out, checkpoints in state along the way.
 
-Durability order (design.md 4): a part is recorded only after OSS returned its ETag and
-the CRC64 matched; the file is `done` only after the object's CRC64 matched, with URL,
-ETag and CRC64 in the same transaction. Before Complete the file is re-stat'ed: if it
+Durability order (docs/architecture.md): a part is recorded only after OSS returned its
+ETag and the CRC64 (or, from a server without CRC64, the MD5 ETag) matched; the file is
+`done` only after the object was verified, with URL, ETag, CRC64 and how it was verified
+in the same transaction. Before Complete the file is re-stat'ed: if it
 changed, the upload is aborted and the file requeued, so no object mixes versions.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import errno
 import os
 import stat
 import threading
@@ -22,7 +22,6 @@ import structlog
 
 from ossyncd.body import Body, RateLimiter
 from ossyncd.config import UploadConfig
-from ossyncd.crc import crc64
 from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
                             TransientError)
 from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
@@ -32,6 +31,7 @@ from ossyncd.state import FileRow, PartRow, State, UploadRow
 log = structlog.get_logger(__name__)
 PROGRESS_EVERY = 0.5  # seconds between bytes_done writes; status promises 1 s freshness
 INVALID_PARTS = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall"}
+HOST_LIMITS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}   # the host's condition, not the file's
 
 
 class CancelScope:
@@ -119,18 +119,28 @@ class Uploader:
             log.error("upload failed", path=row.path, key=row.key, error=str(e))
             return Outcome("failed", str(e))
         except (TransientError, StoreError, OSError) as e:
-            delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
-            msg = f"{e} (will retry)"
-            self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=time.time() + delay,
-                                  count_attempt=True, identity=row.identity)
-            log.warning("upload will be retried", path=row.path, error=str(e), retry_in=round(delay, 1))
-            return Outcome("retry_wait", msg)
+            if isinstance(e, StoreError) and e.code == "InvalidDigest":
+                try:  # OSS got other bytes than we hashed: corruption in transit, unless the file changed
+                    self._check_identity(row)
+                except FileProblem as changed:
+                    return self._file_problem(row, changed)
+            return self._retry_later(row, f"{e} (will retry)")
         seconds = time.monotonic() - started
         log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
                  seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(row.key))
         return Outcome("done", seconds=seconds, parts_sent=parts)
 
+    def _retry_later(self, row: FileRow, msg: str) -> Outcome:
+        """retry_wait with the file's backoff; the attempt counts."""
+        delay = self.backoff.delay(min(row.attempts, 16)) + self.cfg.file_retry_delay / 2
+        self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=time.time() + delay,
+                              count_attempt=True, identity=row.identity)
+        log.warning("upload will be retried", path=row.path, error=msg, retry_in=round(delay, 1))
+        return Outcome("retry_wait", msg)
+
     def _file_problem(self, row: FileRow, e: FileProblem) -> Outcome:
+        if e.reason == "host":   # out of descriptors or memory: the host may recover, the file is fine
+            return self._retry_later(row, e.detail)
         up = self.state.upload_for(row.id)
         if up is not None and e.reason in ("gone", "changed"):
             self._abort(up)
@@ -174,6 +184,10 @@ class Uploader:
             raise FileProblem(row.path, "unreadable", f"cannot read: {e.strerror}; fix its permissions "
                                                       f"or run ossyncd as a user that can read it") from None
         except OSError as e:
+            if e.errno in HOST_LIMITS:
+                raise FileProblem(row.path, "host", f"cannot open: {e.strerror}; the daemon is out of file "
+                                  f"descriptors or memory: raise LimitNOFILE in the systemd unit (or `ulimit -n`) "
+                                  f"or lower upload.max_files_in_flight (will retry)") from None
             raise FileProblem(row.path, "unreadable", f"cannot open: {e.strerror}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_ino != row.inode:
@@ -200,21 +214,14 @@ class Uploader:
         return report
 
     def _simple(self, row: FileRow, fd: int, scope: CancelScope) -> None:
-        md5 = hashlib.md5()
-        crc = 0
-        for off in range(0, row.size, 1 << 20):
-            chunk = os.pread(fd, 1 << 20, off)
-            md5.update(chunk)
-            crc = crc64(chunk, crc)
-        report = self._progress(row)
-        body = Body(row.path, fd, 0, row.size, cancel=scope, limiter=self.limiter, progress=report)
-        result = self.store.put(row.key, body, content_md5=base64.b64encode(md5.digest()).decode(),
-                                cancel=scope)
+        body = Body(row.path, fd, 0, row.size, cancel=scope, limiter=self.limiter, progress=self._progress(row))
+        _, crc = body.checksum()
+        result = self.store.put(row.key, body, cancel=scope)
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
             raise FileProblem(row.path, "changed", "file changed while it was being uploaded")
         self._check_identity(row)
         if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
-                                    crc64=result.crc64, mode="simple"):
+                                    crc64=result.crc64, mode="simple", verification=result.verification):
             raise FileProblem(row.path, "changed", "a newer version was seen during the upload")
 
     def _multipart(self, row: FileRow, fd: int, scope: CancelScope) -> int:
@@ -223,6 +230,7 @@ class Uploader:
             part_size = choose_part_size(row.size, self.cfg)
             upload_id = self.store.init_multipart(row.key, cancel=scope)
             up = self.state.begin_upload(row.id, upload_id, row.key, part_size, row.identity)
+            self._abort_strays(row.key, scope)
         ranges = part_ranges(row.size, up.part_size)
         recorded = self.state.parts(up.id)
         todo = [r for r in ranges if r.number not in recorded]
@@ -242,6 +250,7 @@ class Uploader:
         def send(r) -> PartRow:
             body = Body(row.path, fd, r.offset, r.size, cancel=scope, limiter=self.limiter,
                         progress=part_progress(r.number))
+            body.checksum()
             res = self.store.upload_part(row.key, up.upload_id, r.number, body, cancel=scope)
             part = PartRow(r.number, res.etag, res.crc64, r.size)
             self.state.record_part(up.id, part.number, part.etag, part.crc64, part.size)
@@ -251,7 +260,13 @@ class Uploader:
                 base += r.size
             return part
 
-        self._run_window(todo, send, scope)
+        try:
+            self._run_window(todo, send, scope)
+        except NoSuchUpload:  # aborted behind our back (a lifecycle rule, an admin)
+            log.warning("multipart upload vanished while parts were sent; starting over", path=row.path,
+                        key=row.key, upload_id=up.upload_id)
+            self.state.drop_upload(up.id)
+            raise TransientError("UploadPart", row.key, "upload vanished while parts were sent; starting over") from None
         self._check_identity(row)
         parts = sorted(self.state.parts(up.id).values(), key=lambda p: p.number)
         if [p.number for p in parts] != [r.number for r in ranges]:
@@ -259,6 +274,11 @@ class Uploader:
         try:
             result = self.store.complete(row.key, up.upload_id, parts, cancel=scope)
         except NoSuchUpload:
+            # Either it was aborted, or an earlier Complete succeeded and its response was lost.
+            # The upload-only role cannot read the object to tell (docs/architecture.md, verification), so
+            # the file is sent once more rather than marked done unverified.
+            log.warning("upload gone at Complete (aborted, or a lost Complete response); re-sending the file",
+                        path=row.path, key=row.key, upload_id=up.upload_id, size=row.size)
             self.state.drop_upload(up.id)
             raise TransientError("CompleteMultipartUpload", row.key, "upload vanished before Complete; starting over") from None
         except PermanentError as e:
@@ -267,7 +287,7 @@ class Uploader:
                 raise TransientError("CompleteMultipartUpload", row.key, f"{e.code}; starting over") from None
             raise
         if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
-                                    crc64=result.crc64, mode="multipart"):
+                                    crc64=result.crc64, mode="multipart", verification=result.verification):
             raise FileProblem(row.path, "changed", "a newer version was seen during the upload")
         return len(todo)
 
@@ -323,7 +343,7 @@ class Uploader:
             if mine is not None and mine.etag.upper() == sp.etag.upper() and mine.size == sp.size:
                 keep.append(mine)
             else:
-                adopted = self._adopt(fd, r, sp.etag)  # sent before a crash, never recorded
+                adopted = self._adopt(row.path, fd, r, sp.etag)  # sent before a crash, never recorded
                 if adopted is not None:
                     keep.append(adopted)
         self.state.set_parts(up.id, keep)
@@ -331,16 +351,27 @@ class Uploader:
                  parts_total=len(ranges))
         return up
 
+    def _abort_strays(self, key: str, scope: CancelScope) -> None:
+        """Abort open uploads of this key that state does not own: left by a lost Initiate
+        response (the retry made another) or a kill between Initiate and its record. Only
+        this daemon writes its keys, so they need not wait for the orphan sweep's max age."""
+        try:
+            strays = [u for u in self.store.list_uploads(key, cancel=scope) if u.key == key]
+            if not strays:
+                return
+            owned = self.state.owned_upload_ids()
+            for u in strays:
+                if u.upload_id not in owned:
+                    self.store.abort(u.key, u.upload_id, cancel=scope)
+                    log.info("stray upload of this key aborted", key=key, upload_id=u.upload_id)
+        except (StoreError, CredentialsUnavailable) as e:  # the orphan sweep gets them later
+            log.warning("could not check for stray uploads", key=key, error=str(e))
+
     @staticmethod
-    def _adopt(fd: int, r, etag: str) -> PartRow | None:
+    def _adopt(path: str, fd: int, r, etag: str) -> PartRow | None:
         """A part OSS holds but we never recorded: keep it if its ETag is the MD5 of our bytes."""
-        md5 = hashlib.md5()
-        crc = 0
-        for off in range(r.offset, r.offset + r.size, 1 << 20):
-            chunk = os.pread(fd, min(1 << 20, r.offset + r.size - off), off)
-            md5.update(chunk)
-            crc = crc64(chunk, crc)
-        if md5.hexdigest().upper() != etag.strip('"').upper():
+        md5, crc = Body(path, fd, r.offset, r.size).checksum()
+        if md5.hex().upper() != etag.strip('"').upper():
             return None
         return PartRow(r.number, etag, crc, r.size)
 
@@ -351,6 +382,5 @@ def _hint(e: PermanentError) -> str:
                         "credentials.policy with `ossyncd policy`, and check the watch prefixes",
         "InvalidObjectName": "; the object key is not valid for OSS: rename the file",
         "NoSuchBucket": "; check oss.bucket and oss.endpoint",
-        "InvalidDigest": "; the file changed while being read; it will be retried once it settles",
     }
     return hints.get(e.code or "", "")

@@ -19,6 +19,8 @@ def main(argv=None):
                     help="bucket(s) to create (repeatable; default drop)")
     ap.add_argument("--min-duration", type=int, default=900, help="minimum AssumeRole DurationSeconds")
     ap.add_argument("--region", default="cn-hangzhou")
+    ap.add_argument("--no-crc64", action="store_true",
+                    help="omit x-oss-hash-crc64ecma, like servers and proxies that do not send it")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = ap.parse_args(argv)
 
@@ -27,7 +29,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     emu = Emulator(args.data, buckets=args.bucket or ["drop"], host=args.host, port=args.port,
                    sts_port=args.sts_port, min_duration=args.min_duration, region=args.region,
-                   verbose=args.verbose)
+                   verbose=args.verbose, crc64=not args.no_crc64)
     emu.start()
     sys.stdout.write(json.dumps(emu.info()) + "\n")
     sys.stdout.flush()

@@ -13,15 +13,16 @@ from .sts import AssumeRole
 class Emulator:
     """Local OSS + STS emulator.
 
-    >>> emu = Emulator(tmpdir, buckets=["drop"], min_duration=900, region="cn-hangzhou")
+    >>> emu = Emulator(tmpdir, buckets=["drop"], min_duration=900, region="cn-hangzhou", crc64=True)
     >>> emu.start(); emu.oss_url, emu.sts_url, emu.root.id, emu.user.secret, emu.role_arn
     >>> emu.proxy_env()   # {"HTTP_PROXY": emu.oss_url, ...}: reach it as http://oss-<region>.aliyuncs.com
     >>> emu.stop()
     """
 
     def __init__(self, data_dir, buckets=("drop",), host="127.0.0.1", port=0, sts_port=0,
-                 min_duration=900, region="cn-hangzhou", verbose=False):
+                 min_duration=900, region="cn-hangzhou", verbose=False, crc64=True):
         self.data_dir = data_dir
+        self.crc64 = crc64   # False: omit x-oss-hash-crc64ecma (and HashCrc64ecma in ListParts)
         self.region = region
         self.host = host
         self.verbose = verbose

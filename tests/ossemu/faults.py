@@ -13,6 +13,7 @@ A fault rule is a dict:
      "reset_after_bytes": 65536,  # read that many body bytes, then shutdown+close, no response
      "flip_bit": true,            # flip one bit of the body (at "flip_offset", default the middle)
                                   # before it is stored and checksummed
+     "drop_response": true,       # perform the operation, then close without a response
     }
 
 The first rule (in list order) that matches and fires is applied; at most one per request.
@@ -24,8 +25,8 @@ import time
 from collections import defaultdict
 
 RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
-               "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset"}
-ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit"}
+               "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response"}
+ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response"}
 
 
 class Fault:
@@ -39,6 +40,7 @@ class Fault:
         self.reset_after = rule.get("reset_after_bytes")
         self.flip_bit = bool(rule.get("flip_bit"))
         self.flip_offset = rule.get("flip_offset")
+        self.drop_response = bool(rule.get("drop_response"))
 
     def sleep(self):
         if self.delay > 0:
