@@ -39,7 +39,11 @@ def parse_size(value: Any) -> int:
     m = _SIZE_RE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{value!r} is not a size; write e.g. 512KiB, 8MiB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n == 0 and float(m.group(1)) != 0:  # "0.5" would silently mean 0 (for bandwidth_limit: unlimited)
+        raise ValueError(f"{value!r} is less than 1 byte; write a whole number of bytes or a larger unit "
+                         f"(e.g. 512KiB), or exactly 0")
+    return n
 
 
 class _Section(BaseModel):
@@ -182,12 +186,20 @@ class WatchConfig(_Section):
     def _prefix(cls, v: str) -> str:
         if v.startswith(("/", "\\")):
             raise ValueError("must not start with '/' or '\\' (OSS keys cannot)")
+        # a URL with "." / ".." / "//" segments resolves to another key than the one uploaded
+        bad = [seg for seg in v.removesuffix("/").split("/") if seg in ("", ".", "..")] if v else []
+        if bad:
+            raise ValueError(f"{v!r} has an empty, '.' or '..' segment; write plain folder names "
+                             f"such as \"photos/2024/\"")
         return v
 
     @model_validator(mode="after")
     def _move(self) -> "WatchConfig":
         if self.after_upload == "move" and self.move_to is None:
             raise ValueError("move_to: required with after_upload = \"move\"")
+        if self.after_upload != "move" and self.move_to is not None:
+            raise ValueError(f"move_to: only used with after_upload = \"move\" (after_upload is "
+                             f"\"{self.after_upload}\"); set after_upload = \"move\" or remove move_to")
         return self
 
 
@@ -297,26 +309,77 @@ def parse_config(data: dict, source_path: Path | None = None) -> Config:
 
 
 def _check_paths(cfg: Config) -> None:
-    seen: dict[Path, int] = {}
     for w in cfg.watch:
         where = f"watch[{w.index}]"
         if not w.path.is_absolute():
             raise ConfigError(f"{where}.path: {w.path} is not absolute; write the full path")
         if not w.path.is_dir():
             raise ConfigError(f"{where}.path: {w.path} does not exist or is not a directory; create it or fix the path")
-        if w.path in seen:
-            raise ConfigError(f"{where}.path: {w.path} is already watched by watch[{seen[w.path]}]; remove one")
-        seen[w.path] = w.index
-        if w.after_upload == "move" and w.move_to is not None:
-            if not w.move_to.is_absolute():
-                raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
-            if w.move_to == w.path:
-                raise ConfigError(f"{where}.move_to: must differ from the watch path; choose another folder")
+        if w.move_to is not None and not w.move_to.is_absolute():
+            raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
+    _check_roots(cfg.watch)
+    _check_prefixes(cfg.watch)
     parent = cfg.state.path.parent
     if not cfg.state.path.is_absolute():
         raise ConfigError(f"state.path: {cfg.state.path} is not absolute; write the full path")
     if not parent.is_dir():
         raise ConfigError(f"state.path: directory {parent} does not exist; create it (systemd's StateDirectory= does)")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_roots(watches: tuple[WatchConfig, ...]) -> None:
+    """Roots must not nest and move_to must not feed a watch: resolved paths, since a
+    symlink alias is the same folder (a nested root flips a file between two keys)."""
+    real = {w.index: os.path.realpath(w.path) for w in watches}
+    for w in watches:
+        where = f"watch[{w.index}]"
+        for other in watches:
+            if other.index < w.index and real[w.index] == real[other.index]:
+                raise ConfigError(f"{where}.path: {w.path} is already watched by watch[{other.index}] "
+                                  f"({other.path}); remove one")
+            if real[w.index] != real[other.index] and _inside(real[w.index], real[other.index]):
+                raise ConfigError(f"{where}.path: {w.path} lies inside watch[{other.index}].path {other.path}; "
+                                  f"its files would be uploaded twice under two keys - remove one watch, or "
+                                  f"exclude the subfolder from watch[{other.index}]")
+        if w.after_upload != "move" or w.move_to is None:
+            continue
+        dest = os.path.realpath(w.move_to)
+        if dest == real[w.index]:
+            raise ConfigError(f"{where}.move_to: must differ from the watch path; choose another folder")
+        for other in watches:
+            if other.index != w.index and (_inside(dest, real[other.index]) or _inside(real[other.index], dest)):
+                raise ConfigError(f"{where}.move_to: {w.move_to} overlaps watch[{other.index}].path {other.path}; "
+                                  f"moved files would be uploaded again - choose a folder outside every watch")
+
+
+def _folder(prefix: str) -> str:
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _check_prefixes(watches: tuple[WatchConfig, ...]) -> None:
+    """Key spaces must not overlap, or one watch's file silently replaces another's object."""
+    for n, w in enumerate(watches):
+        mine = _folder(w.prefix)
+        for other in watches[:n]:
+            theirs = _folder(other.prefix)
+            if mine == theirs:
+                raise ConfigError(f"watch[{w.index}].prefix \"{w.prefix}\" is already used by watch[{other.index}]; "
+                                  "give each watch its own prefix (e.g. \"cam1/\" and \"cam2/\")")
+            if mine.startswith(theirs) or theirs.startswith(mine):
+                raise ConfigError(f"watch[{w.index}].prefix \"{w.prefix}\" overlaps watch[{other.index}].prefix "
+                                  f"\"{other.prefix}\" (one contains the other, so keys can collide); "
+                                  f"use prefixes where neither starts with the other")
+
+
+def require_watches(cfg: Config) -> None:
+    """`run` with no [[watch]] would sit idle for ever; `upload` needs none."""
+    if not cfg.watch:
+        where = cfg.source_path or "the config"
+        raise ConfigError(f"{where}: no [[watch]] section, so `ossyncd run` would upload nothing; add a [[watch]] "
+                          f"with path and prefix (see config/ossyncd.example.toml), or use `ossyncd upload FILE...`")
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
