@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import ossyncd
+from ossyncd.model import Identity
 from ossyncd.scanner import scan_root, scan_tree, stat_entry
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,7 +53,7 @@ def test_nested_dirs(tmp_path):
     assert (c.kind, c.key, c.size, c.mtime_ns, c.inode, c.dev) == (
         "file", "in/d1/d2/d3/c.bin", 5, st.st_mtime_ns, st.st_ino, st.st_dev)
     assert c.path == str(tmp_path / "d1/d2/d3/c.bin")
-    assert c.identity == (c.path, 5, st.st_mtime_ns, st.st_ino)
+    assert c.identity == Identity(5, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def test_not_recursive(tmp_path):

@@ -64,6 +64,7 @@ def upload(config_path, prefix, files):
     unchanged are not sent again.
     """
     from ossyncd.engine import Engine
+    from ossyncd.model import Identity
     from ossyncd.paths import check_key
     from ossyncd.uploader import stat_identity
 
@@ -117,7 +118,7 @@ def upload(config_path, prefix, files):
                 err.print(f"[red]{name}:[/red] {problem}", highlight=False)
                 failed += 1
                 continue
-            row, new = engine.state.observe(path, watch, key, st.st_size, st.st_mtime_ns, st.st_ino)
+            row, new = engine.state.observe(path, watch, key, Identity.of(st))
             if row.state == "done" and not new:
                 err.print(f"{name}: already uploaded and unchanged, nothing to do: {row.url}", highlight=False)
                 continue
@@ -134,11 +135,11 @@ def upload(config_path, prefix, files):
                 if outcome.state != "queued" or outcome.error == "cancelled":
                     return row, outcome
                 try:
-                    size, mtime_ns, inode = stat_identity(row.path)
+                    identity = stat_identity(row.path)
                 except FileNotFoundError:
                     return row, outcome
-                row, _ = engine.state.observe(row.path, row.watch, row.key, size, mtime_ns, inode)
-                progress.update(tasks[row.id], total=size)
+                row, _ = engine.state.observe(row.path, row.watch, row.key, identity)
+                progress.update(tasks[row.id], total=identity.size)
             return row, outcome
 
         with ThreadPoolExecutor(cfg.upload.max_files_in_flight) as pool:

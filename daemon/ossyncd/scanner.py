@@ -13,6 +13,7 @@ import stat as st_
 from dataclasses import dataclass
 from typing import Iterator
 
+from .model import Identity
 from .paths import (
     check_key,
     glob_matcher,
@@ -42,11 +43,12 @@ class Entry:
     inode: int = 0
     dev: int = 0
     reason: str = ""
+    ctime_ns: int | None = None
 
     @property
-    def identity(self) -> tuple[str, int, int, int]:
-        """(path, size, mtime_ns, inode): a version of a file (design section 3)."""
-        return (self.path, self.size, self.mtime_ns, self.inode)
+    def identity(self) -> Identity:
+        """Which version of the file this is (see model.Identity)."""
+        return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
 
 def _special_reason(mode: int) -> str:
@@ -84,7 +86,8 @@ class _Rules:
         bad = check_key(key)
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)
-        return Entry(path, relpath, "file", key, s.st_size, s.st_mtime_ns, s.st_ino, s.st_dev)
+        i = Identity.of(s)
+        return Entry(path, relpath, "file", key, i.size, i.mtime_ns, i.inode, s.st_dev, ctime_ns=i.ctime_ns)
 
     def skipped(self, path: str, relpath: str, reason: str) -> Entry:
         return Entry(path, relpath, "skipped", self.key_prefix + relpath, reason=reason)

@@ -23,6 +23,7 @@ import structlog
 from ossyncd.config import Config, WatchConfig
 from ossyncd.engine import Engine
 from ossyncd.errors import StoreError
+from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
 from ossyncd.settle import SettleTracker
@@ -32,6 +33,12 @@ from ossyncd.uploader import CancelScope, Outcome
 log = structlog.get_logger(__name__)
 MAX_EVENTS_PER_TICK = 20_000
 STATUS_EVERY = 1.0
+
+
+def _stamp(entry) -> tuple[int, int | None]:
+    """What the settle tracker compares besides the size: the ctime too, so a chmod or a
+    `cp -p` that restores the mtime is a change it does not swallow."""
+    return (entry.mtime_ns, entry.ctime_ns)
 
 
 @dataclass
@@ -148,7 +155,7 @@ class Scheduler:
             self.state.mark_skipped(entry.path, root, entry.reason)
             log.warning("skipped", path=entry.path, reason=entry.reason)
             return
-        self.trackers[root].observe(entry.path, entry.size, entry.mtime_ns, now, closed)
+        self.trackers[root].observe(entry.path, entry.size, _stamp(entry), now, closed)
 
     def _settle(self, now: float) -> None:
         for root, tracker in self.trackers.items():
@@ -160,12 +167,12 @@ class Scheduler:
                     if entry is not None:
                         self.state.mark_skipped(entry.path, root, entry.reason)
                     continue
-                if not tracker.confirm(path, entry.size, entry.mtime_ns, now):
+                if not tracker.confirm(path, entry.size, _stamp(entry), now):
                     continue
                 if any(j.row.path == path for j in self.jobs.values()):
                     self.deferred.add(path)
                     continue
-                row, new = self.state.observe(path, root, entry.key, entry.size, entry.mtime_ns, entry.inode)
+                row, new = self.state.observe(path, root, entry.key, entry.identity)
                 if not new and row.state == "settling":
                     self.state.transition(row.id, "queued", identity=row.identity)
                 if new:
@@ -199,11 +206,11 @@ class Scheduler:
                 continue
             seen.add(entry.path)
             k = known.get(entry.path)
-            if k is not None and k[1] == (entry.size, entry.mtime_ns, entry.inode) and k[0] not in ("gone", "skipped"):
+            if k is not None and k[1] == entry.identity and k[0] not in ("gone", "skipped"):
                 if k[0] == "settling":
-                    tracker.observe(entry.path, entry.size, entry.mtime_ns, now, False)
+                    tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
                 continue
-            tracker.observe(entry.path, entry.size, entry.mtime_ns, now, False)
+            tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
         if unreadable_root:
             return
         in_flight = {j.row.path for j in self.jobs.values()}
@@ -281,7 +288,7 @@ class Scheduler:
                 return
             self.jobs.pop(row.id, None)
             if outcome.state == "done":
-                self.uploaded_bytes += row.size
+                self.uploaded_bytes += 0 if outcome.unchanged else row.size
                 self._after_upload(row)
             elif outcome.state == "queued" and outcome.error not in ("cancelled",):
                 # the file changed: let it settle again before the next attempt
@@ -301,7 +308,7 @@ class Scheduler:
             st = os.stat(row.path, follow_symlinks=False)
         except FileNotFoundError:
             return
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != row.identity:
+        if not row.identity.matches(Identity.of(st)):
             log.info("source changed after upload; kept", path=row.path)
             return
         try:
