@@ -77,6 +77,7 @@ class Daemon:
         if self.metrics is not None:
             self._start_metrics(cfg)
         self.watcher = Watcher(sched.on_event, on_rescan=sched.request_rescan)
+        sched.on_rearm = self.watcher.add      # a watch root deleted and recreated is watched again
         for w in cfg.watch:
             self.watcher.add(w)
         self.watcher.start()

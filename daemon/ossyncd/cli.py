@@ -28,9 +28,9 @@ config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
 
 
-def _load(config_path: str | None) -> Config:
+def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Config:
     try:
-        return load_config(config_path)
+        return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist)
     except ConfigError as e:
         err.print(f"[red]config error:[/red] {e}", highlight=False)
         sys.exit(EXIT_CONFIG)
@@ -189,7 +189,7 @@ def url(config_path, sign, expires, path):
 def status(config_path, as_json):
     """What the daemon is doing: counts, uploads in flight, failures, credentials."""
     from ossyncd.status import render_status, status_dict
-    cfg = _load(config_path)
+    cfg = _load(config_path, watch_dirs_must_exist=False)   # a vanished watch folder is what it must show
     state = _open_state(cfg, readonly=True)
     d = status_dict(cfg, state)
     if as_json:
@@ -205,7 +205,7 @@ def status(config_path, as_json):
 def list_files(config_path, state_filter, as_json):
     """Files with their state, key, size, URL and error."""
     from ossyncd.status import file_json, render_list
-    cfg = _load(config_path)
+    cfg = _load(config_path, watch_dirs_must_exist=False)
     state = _open_state(cfg, readonly=True)
     files = state.files(state_filter) if state else []
     if as_json:

@@ -287,7 +287,7 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def parse_config(data: dict, source_path: Path | None = None) -> Config:
+def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must_exist: bool = True) -> Config:
     data = dict(data)
     creds = dict(data.get("credentials") or {})
     for key, env in (("access_key_id", "OSSYNCD_ACCESS_KEY_ID"), ("access_key_secret", "OSSYNCD_ACCESS_KEY_SECRET")):
@@ -304,16 +304,16 @@ def parse_config(data: dict, source_path: Path | None = None) -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
-    _check_paths(cfg)
+    _check_paths(cfg, watch_dirs_must_exist)
     return cfg
 
 
-def _check_paths(cfg: Config) -> None:
+def _check_paths(cfg: Config, watch_dirs_must_exist: bool = True) -> None:
     for w in cfg.watch:
         where = f"watch[{w.index}]"
         if not w.path.is_absolute():
             raise ConfigError(f"{where}.path: {w.path} is not absolute; write the full path")
-        if not w.path.is_dir():
+        if watch_dirs_must_exist and not w.path.is_dir():
             raise ConfigError(f"{where}.path: {w.path} does not exist or is not a directory; create it or fix the path")
         if w.move_to is not None and not w.move_to.is_absolute():
             raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
@@ -382,7 +382,9 @@ def require_watches(cfg: Config) -> None:
                           f"with path and prefix (see config/ossyncd.example.toml), or use `ossyncd upload FILE...`")
 
 
-def load_config(path: str | os.PathLike | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist: bool = True) -> Config:
+    """``watch_dirs_must_exist=False`` for read-only views (`status`, `list`): they must work
+    exactly when a watch folder has vanished."""
     p = find_config_path(path)
     try:
         raw = p.read_bytes()
@@ -395,7 +397,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_config(data, source_path=p.resolve())
+    return parse_config(data, source_path=p.resolve(), watch_dirs_must_exist=watch_dirs_must_exist)
 
 
 def secret_file_warning(cfg: Config) -> str | None:

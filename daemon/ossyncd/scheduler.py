@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,16 @@ from ossyncd.uploader import CancelScope, Outcome
 log = structlog.get_logger(__name__)
 MAX_EVENTS_PER_TICK = 20_000
 STATUS_EVERY = 1.0
+ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exists
+
+
+def _dir_ident(path: str) -> tuple[int, int] | None:
+    """(dev, inode) of the folder a watch root names, None when it is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _stamp(entry) -> tuple[int, int | None]:
@@ -71,6 +82,10 @@ class Scheduler:
         self.uploaded_bytes = 0
         self.on_done = None                      # hook: (row, outcome) for metrics
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
+        self.health: dict[str, dict] = {}        # root -> {"state", "since", "ident"}, shown by `status`
+        self.on_rearm = None                     # hook: (watch) restarts its event source (the watcher)
+        self._roots_at = float("-inf")
+        self._health_dirty = True
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -81,12 +96,16 @@ class Scheduler:
         self.watches[root] = w
         self.trackers[root] = SettleTracker(w.settle_seconds)
         self.rescan_due[root] = 0.0   # scan at once
+        self.health[root] = {"state": "ok", "since": time.time(), "ident": _dir_ident(root)}
+        self._health_dirty = True
 
     def remove_watch(self, w: WatchConfig) -> None:
         root = str(w.path)
         self.watches.pop(root, None)
         self.trackers.pop(root, None)
         self.rescan_due.pop(root, None)
+        self.health.pop(root, None)
+        self._health_dirty = True
 
     # -- inputs from other threads ---------------------------------------------------------
 
@@ -128,6 +147,7 @@ class Scheduler:
         self._reap()
         self._drain_intake(now)
         self._settle(now)
+        self._check_roots(now)
         self._rescan(now)
         self._check_pause()
         self._dispatch(now)
@@ -178,9 +198,42 @@ class Scheduler:
                 if new:
                     log.debug("queued", path=path, key=entry.key, size=entry.size)
 
+    def _check_roots(self, now: float) -> None:
+        """A deleted watch root loses its inotify watch: show it in `status`, and re-arm the
+        watch once the folder is back (also when it was replaced between two checks)."""
+        if now - self._roots_at < ROOT_CHECK_EVERY:
+            return
+        self._roots_at = now
+        for root, h in self.health.items():
+            ident = _dir_ident(root)
+            if ident == h["ident"]:
+                continue
+            self._health_dirty = True
+            if ident is None:
+                h.update(state="missing", since=now, ident=None)
+                log.error("watch_root_missing", path=root,
+                          hint="recreate the folder; the watch is re-armed when it reappears, no restart needed")
+                continue
+            h.update(state="ok", since=now, ident=ident)
+            try:
+                if self.on_rearm is not None:
+                    self.on_rearm(self.watches[root])
+            except Exception as e:   # e.g. an inotify limit: try again at the next check
+                h.update(state="failed", ident=None, error=str(e))
+                log.error("watch_rearm_failed", path=root, error=str(e), hint="see the error; retried every second")
+                continue
+            h.pop("error", None)
+            log.warning("watch_root_rearmed", path=root)
+            self.rescan_due[root] = 0.0   # files that arrived with the folder
+        if self._health_dirty:
+            self._health_dirty = False
+            self.state.set_meta("watches", json.dumps(
+                [{"index": self.watches[r].index, "path": r, "state": h["state"], "since": h["since"],
+                  **({"error": h["error"]} if "error" in h else {})} for r, h in self.health.items()]))
+
     def _rescan(self, now: float) -> None:
         for root, due in list(self.rescan_due.items()):
-            if due > now:
+            if due > now or self.health.get(root, {}).get("state") != "ok":
                 continue
             self.rescan_due[root] = now + self.cfg.daemon.rescan_interval
             self.scan_root(root, now)
