@@ -259,3 +259,13 @@ def test_sighup_with_colliding_prefixes_is_rejected_and_the_running_config_kept(
     assert object_bytes(emulator, "photos/IMG_0001.JPG") == data
     assert d.proc.poll() is None and not events(d, "config reloaded")
     assert d.stop() == 0
+
+
+def test_temp_names_are_rules_or_file_name_globs(tmp_path):
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\ntemp_names = ["vim-probe", "*.partial"]\n'
+    assert load_config(write(tmp_path, base(tmp_path, "", watch))).watch[0].temp_names == ("vim-probe", "*.partial")
+    assert load_config(write(tmp_path, base(tmp_path))).watch[0].temp_names is None     # built-in rules
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\ntemp_names = ["tmp/*.x"]\n'
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(tmp_path, "", watch)))
+    assert str(e.value).startswith("watch[0].temp_names") and "rsync" in str(e.value)

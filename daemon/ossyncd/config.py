@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ossyncd.errors import ConfigError
+from ossyncd.paths import TEMP_RULES
 
 DEFAULT_CONFIG_PATH = "/etc/ossyncd/ossyncd.toml"
 MAX_PARTS = 10_000
@@ -180,6 +181,16 @@ class WatchConfig(_Section):
     after_upload: Literal["keep", "delete", "move"] = "keep"
     move_to: Path | None = None
     follow_symlinks: bool = False
+    temp_names: tuple[str, ...] | None = None   # None: every built-in rule (paths.TEMP_RULES)
+
+    @field_validator("temp_names")
+    @classmethod
+    def _temp_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for rule in v or ():
+            if not rule or "/" in rule:
+                raise ValueError(f"{rule!r}: each entry is a built-in rule ({', '.join(TEMP_RULES)}) or a glob "
+                                 f"for a file name (no '/'), e.g. \"*.partial\"")
+        return v
 
     @field_validator("prefix")
     @classmethod

@@ -86,6 +86,7 @@ class Scheduler:
         self.on_rearm = None                     # hook: (watch) restarts its event source (the watcher)
         self._roots_at = float("-inf")
         self._health_dirty = True
+        self.temp_skipped: dict[str, str] = {}   # path -> root: settled files a temp-name rule skipped
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -147,7 +148,7 @@ class Scheduler:
         self._reap()
         self._drain_intake(now)
         self._settle(now)
-        self._check_roots(now)
+        self._housekeeping(now)
         self._rescan(now)
         self._check_pause()
         self._dispatch(now)
@@ -181,13 +182,16 @@ class Scheduler:
         for root, tracker in self.trackers.items():
             w = self.watches[root]
             for path in tracker.ready(now):
-                entry = stat_entry(w, path)
-                if entry is None or entry.kind != "file":
+                entry = stat_entry(w, path, with_temp=True)
+                if entry is None or entry.kind == "skipped":
                     tracker.confirm(path, None, None, now)
                     if entry is not None:
                         self.state.mark_skipped(entry.path, root, entry.reason)
                     continue
                 if not tracker.confirm(path, entry.size, _stamp(entry), now):
+                    continue
+                if entry.kind == "temp":
+                    self._skip_temp(root, entry)
                     continue
                 if any(j.row.path == path for j in self.jobs.values()):
                     self.deferred.add(path)
@@ -198,12 +202,33 @@ class Scheduler:
                 if new:
                     log.debug("queued", path=path, key=entry.key, size=entry.size)
 
-    def _check_roots(self, now: float) -> None:
-        """A deleted watch root loses its inotify watch: show it in `status`, and re-arm the
-        watch once the folder is back (also when it was replaced between two checks)."""
+    def _skip_temp(self, root: str, entry) -> None:
+        """A temp name still there after settling may be a real file: show it in `list`."""
+        self.state.mark_skipped(entry.path, root, entry.reason)
+        if entry.path not in self.temp_skipped:
+            log.warning("skipped", path=entry.path, reason=entry.reason)
+        self.temp_skipped[entry.path] = root
+
+    def _check_temps(self) -> None:
+        """A temp file renamed to its final name leaves no `skipped` row behind for `status`."""
+        for path, root in list(self.temp_skipped.items()):
+            if root in self.watches and os.path.lexists(path):
+                continue
+            del self.temp_skipped[path]
+            row = self.state.get(printable_path(path))
+            if row is not None and row.state == "skipped":
+                self._gone(row.path, "temp file renamed or removed")
+
+    def _housekeeping(self, now: float) -> None:
         if now - self._roots_at < ROOT_CHECK_EVERY:
             return
         self._roots_at = now
+        self._check_roots(now)
+        self._check_temps()
+
+    def _check_roots(self, now: float) -> None:
+        """A deleted watch root loses its inotify watch: show it in `status`, and re-arm the
+        watch once the folder is back (also when it was replaced between two checks)."""
         for root, h in self.health.items():
             ident = _dir_ident(root)
             if ident == h["ident"]:
@@ -246,7 +271,16 @@ class Scheduler:
         seen: set[str] = set()
         tracker = self.trackers[root]
         unreadable_root = False
-        for entry in scan_root(w):
+        for entry in scan_root(w, with_temp=True):
+            if entry.kind == "temp":
+                stored = printable_path(entry.path)
+                seen.add(stored)
+                k = known.get(stored)
+                if k and k[0] == "skipped":
+                    self.temp_skipped[entry.path] = root
+                else:
+                    tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
+                continue
             if entry.kind == "skipped":
                 stored = printable_path(entry.path)   # how state keys a non-UTF-8 name
                 seen.add(stored)

@@ -316,9 +316,9 @@ class Watcher:
             rel = relpath_of(r.root, path)
         except ValueError:
             return
-        if not rel or is_temp_name(rel.rpartition("/")[2]):
-            return
         w = r.watch
+        if not rel or is_temp_name(rel.rpartition("/")[2], getattr(w, "temp_names", None)):
+            return
         if is_excluded(rel, w.exclude or ()) or watch_ignores(w, path):
             return
         self._on_event(w, path, closed)
