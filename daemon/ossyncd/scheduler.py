@@ -375,7 +375,8 @@ class Scheduler:
                 return
             self.jobs.pop(row.id, None)
             if outcome.state == "done":
-                self.uploaded_bytes += 0 if outcome.unchanged else row.size
+                if not outcome.unchanged:
+                    self.uploaded_bytes += row.size
                 self._after_upload(row)
             elif outcome.state == "queued" and outcome.error not in ("cancelled",):
                 # the file changed: let it settle again before the next attempt

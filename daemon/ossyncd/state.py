@@ -277,30 +277,28 @@ class State:
         check_crc, so the uploader compares CRC64 before sending anything.
         """
         now = time.time() if now is None else now
-        ident = identity
         with self._lock, self.db.atomic():
             old = self.get(path)
             same_key = old is not None and old.key == key and old.state not in ("gone", "skipped")
-            if same_key and old.identity == ident:
+            if same_key and old.identity == identity:
                 return old, False
             check_crc = 0
-            if same_key and old.identity.same_but_ctime(ident):
+            if same_key and old.identity.same_but_ctime(identity):
                 if old.state == "done" and old.crc64 is not None:
                     check_crc = 1
                 elif old.ctime_ns is None:   # unknown since the upgrade: the same version
-                    self.db.execute("UPDATE files SET ctime_ns=? WHERE id=?", [ident.ctime_ns, old.id])
+                    self.db.execute("UPDATE files SET ctime_ns=? WHERE id=?", [identity.ctime_ns, old.id])
                     return self.get(path), False
             if old:
                 self.db.execute(
                     "UPDATE files SET watch=?, key=?, size=?, mtime_ns=?, inode=?, ctime_ns=?, check_crc=?, state=?,"
                     " attempts=0, next_attempt_at=NULL, error=NULL, bytes_done=0, updated_at=? WHERE id=?",
-                    [watch, key, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns, check_crc, state, now,
-                     old.id])
+                    [watch, key, *_identity_params(identity), check_crc, state, now, old.id])
             else:
                 self.db.execute(
                     "INSERT INTO files (path, watch, key, size, mtime_ns, inode, ctime_ns, state, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [path, watch, key, ident.size, ident.mtime_ns, ident.inode, ident.ctime_ns, state, now])
+                    [path, watch, key, *_identity_params(identity), state, now])
             return self.get(path), True
 
     def mark_skipped(self, path: str, watch: str, reason: str, *, now: float | None = None) -> None:

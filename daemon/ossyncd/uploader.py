@@ -185,7 +185,7 @@ class Uploader:
             os.close(fd)
             raise FileProblem(row.path, "changed", "replaced by another file since it was queued")
         try:
-            if row.check_crc and row.crc64 is not None and self._unchanged(row, fd):
+            if row.check_crc and row.crc64 is not None and self._unchanged(row, fd, scope):
                 return "unchanged", 0
             if is_multipart(row.size, self.cfg):
                 return "multipart", self._multipart(row, fd, scope)
@@ -194,11 +194,13 @@ class Uploader:
         finally:
             os.close(fd)
 
-    def _unchanged(self, row: FileRow, fd: int) -> bool:
+    def _unchanged(self, row: FileRow, fd: int, scope: CancelScope) -> bool:
         """Only the ctime moved since `done` (a chmod, a rename, `touch -r`): if our bytes still
         have the object's CRC64, record the new identity instead of sending them again."""
         crc = 0
         for off in range(0, row.size, 1 << 20):
+            if scope.is_set():    # pause or shutdown: a big file must not hold them up
+                raise Cancelled("cancelled")
             crc = crc64(os.pread(fd, 1 << 20, off), crc)
         if crc != row.crc64:
             return False          # a same-size rewrite with the mtime restored (`cp -p`): upload
