@@ -54,12 +54,12 @@ def test_far_future_mtime_uploads_and_every_watch_keeps_working(tmp_path, emulat
         assert object_bytes(emulator, key) == data
     # a restart rescans the file: same identity, not uploaded again, and new files still flow
     assert d.stop() == 0
-    sent = puts(emulator)
+    sent, scans = puts(emulator), len(events(d, "rescan"))
     d.start()
+    wait_until(lambda: len(events(d, "rescan")) >= scans + 2, 30, what="the startup rescan of both watches")
     fresh = random_file(b / "fresh.txt", 300, seed=4)
     d.wait_states({"done": 4, "failed": 0}, 30)
     assert object_bytes(emulator, "b/fresh.txt") == fresh
-    wait_until(lambda: events(d, "rescan"), 30, what="the startup rescan")
     assert puts(emulator) == sent + 1
     assert d.stop() == 0
 
