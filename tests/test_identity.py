@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+from contextlib import closing
 
 import pytest
 import sqlite_utils
@@ -140,3 +141,26 @@ def test_upgrade_leaves_ctime_unknown_and_compares_by_crc(tmp_path):
         assert new and row.state == "queued" and row.check_crc == 0
     finally:
         state.close()
+
+
+@pytest.mark.timeout(120)
+def test_rows_from_before_the_ctime_migration_are_not_re_uploaded(tmp_path, emulator, daemon_factory):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}], daemon={"rescan_interval": 1.0})
+    d.start()
+    data = {f"f{i}.bin": random_file(drop / f"f{i}.bin", 2000 + i, seed=i) for i in range(3)}
+    d.wait_states({"done": 3}, 30)
+    assert d.stop() == 0
+    with closing(sqlite3.connect(d.db)) as conn:   # what the migration leaves on rows recorded before it
+        conn.execute("UPDATE files SET ctime_ns = NULL")
+        conn.commit()
+    d.start()
+    wait_until(lambda: len(events(d, "unchanged; only its ctime moved, the object already holds these bytes")) == 3,
+               30, what="each upgraded row compared by CRC64")
+    d.wait_states({"done": 3, "queued": 0, "failed": 0}, 30)
+    assert puts(emulator) == 3
+    assert all(object_bytes(emulator, k) == v for k, v in data.items())
+    with closing(sqlite3.connect(d.db)) as conn:
+        assert conn.execute("SELECT count(*) FROM files WHERE ctime_ns IS NULL").fetchone()[0] == 0
+    assert d.stop() == 0
