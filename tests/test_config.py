@@ -124,3 +124,148 @@ def test_missing_config_file_says_what_to_do(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "config file not found" in r.stderr
+
+
+# ---------------------------------------------------------------- key spaces and paths that collide
+
+@pytest.mark.parametrize("prefix", ["../x/", "a/../b/", "./x/", "a/./b", "a//b/", "x//"])
+def test_prefix_with_dot_or_empty_segments_is_refused(tmp_path, prefix):
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\nprefix = "{prefix}"\n'
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(tmp_path, "", watch)))
+    assert str(e.value).startswith("watch[0].prefix:") and "segment" in str(e.value)
+
+
+@pytest.mark.parametrize("prefix", ["", "photos", "photos/", "a/b/c/", "x..y/", ".hidden/"])
+def test_plain_prefixes_are_accepted(tmp_path, prefix):
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\nprefix = "{prefix}"\n'
+    assert load_config(write(tmp_path, base(tmp_path, "", watch))).watch[0].prefix == prefix
+
+
+def two_watches(tmp_path, a: dict, b: dict) -> str:
+    out = ""
+    for w in (a, b):
+        out += "[[watch]]\n" + "".join(f'{k} = "{v}"\n' for k, v in w.items())
+    return out
+
+
+@pytest.mark.parametrize("p0,p1,fragment", [
+    ("photos/", "photos/", 'watch[1].prefix "photos/" is already used by watch[0]'),
+    ("photos", "photos/", 'watch[1].prefix "photos/" is already used by watch[0]'),
+    ("photos/", "photos/2024/", 'watch[1].prefix "photos/2024/" overlaps watch[0].prefix "photos/"'),
+    ("photos/2024/", "photos/", 'watch[1].prefix "photos/" overlaps watch[0].prefix "photos/2024/"'),
+    ("", "cam/", 'watch[1].prefix "cam/" overlaps watch[0].prefix ""'),
+])
+def test_overlapping_prefixes_are_refused(tmp_path, p0, p1, fragment):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    text = base(tmp_path, "", two_watches(tmp_path, {"path": tmp_path / "a", "prefix": p0},
+                                          {"path": tmp_path / "b", "prefix": p1}))
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert fragment in str(e.value)
+
+
+def test_distinct_prefixes_are_accepted(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # "cam1/" and "cam10/" share characters but not a folder
+    text = base(tmp_path, "", two_watches(tmp_path, {"path": tmp_path / "a", "prefix": "cam1/"},
+                                          {"path": tmp_path / "b", "prefix": "cam10/"}))
+    assert [w.prefix for w in load_config(write(tmp_path, text)).watch] == ["cam1/", "cam10/"]
+
+
+def test_nested_roots_are_refused_also_through_a_symlink(tmp_path):
+    (tmp_path / "drop" / "sub").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "drop")
+    for second, fragment in ((tmp_path / "drop" / "sub", "lies inside watch[0].path"),
+                             (tmp_path / "alias" / "sub", "lies inside watch[0].path"),
+                             (tmp_path / "alias", "is already watched by watch[0]")):
+        text = base(tmp_path, "", two_watches(tmp_path, {"path": tmp_path / "drop", "prefix": "a/"},
+                                              {"path": second, "prefix": "b/"}))
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, text))
+        assert str(e.value).startswith("watch[1].path:") and fragment in str(e.value), second
+
+
+def test_move_to_into_another_watch_or_its_own_root_is_refused(tmp_path):
+    for d in ("a", "b/done"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "a")
+    cases = [(tmp_path / "b", "overlaps watch[1].path"), (tmp_path / "b" / "done", "overlaps watch[1].path"),
+             (tmp_path, "overlaps watch[1].path"), (tmp_path / "alias", "must differ from the watch path")]
+    for move_to, fragment in cases:
+        text = base(tmp_path, "", two_watches(
+            tmp_path, {"path": tmp_path / "a", "prefix": "a/", "after_upload": "move", "move_to": move_to},
+            {"path": tmp_path / "b", "prefix": "b/"}))
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, text))
+        assert str(e.value).startswith("watch[0].move_to:") and fragment in str(e.value), move_to
+    # a subfolder of its own root is fine: the scanner ignores it
+    text = base(tmp_path, "", f'[[watch]]\npath = "{tmp_path / "a"}"\nafter_upload = "move"\n'
+                              f'move_to = "{tmp_path / "a" / "done"}"\n')
+    assert load_config(write(tmp_path, text)).watch[0].move_to == tmp_path / "a" / "done"
+
+
+# ---------------------------------------------------------------- settings that silently did nothing
+
+def test_move_to_without_after_upload_move_is_refused(tmp_path):
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\nmove_to = "{tmp_path / "done"}"\n'
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(tmp_path, "", watch)))
+    assert str(e.value).startswith("watch[0].move_to: only used with after_upload = \"move\"")
+    assert 'after_upload is "keep"' in str(e.value)
+
+
+@pytest.mark.parametrize("value", ['"0.5"', '"0.9B"', '"0.0001KiB"'])
+def test_bandwidth_limit_below_one_byte_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(tmp_path, f"[upload]\nbandwidth_limit = {value}\n")))
+    assert str(e.value).startswith("upload.bandwidth_limit:") and "less than 1 byte" in str(e.value)
+
+
+@pytest.mark.parametrize("value,expected", [('"0"', 0), ("0", 0), ('"0.0"', 0), ('"1.5KiB"', 1536)])
+def test_bandwidth_limit_zero_or_real_sizes_load(tmp_path, value, expected):
+    assert load_config(write(tmp_path, base(tmp_path, f"[upload]\nbandwidth_limit = {value}\n"))).upload.bandwidth_limit == expected
+
+
+def test_run_without_any_watch_refuses_to_start(tmp_path):
+    p = write(tmp_path, base(tmp_path, "", watch=""))
+    assert load_config(p).watch == ()          # `upload` and `status` still work with it
+    r = subprocess.run([sys.executable, "-m", "ossyncd", "run", "-c", str(p)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "no [[watch]] section" in r.stderr and "ossyncd upload" in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_sighup_with_colliding_prefixes_is_rejected_and_the_running_config_kept(tmp_path, emulator, daemon_factory):
+    import signal
+    from tests.helpers import bucket_keys, object_bytes, random_file, wait_until
+    from tests.test_operator import events
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    d = daemon_factory([{"path": str(a), "prefix": "photos/", "settle_seconds": 0.3}]).start()
+    wait_until(lambda: events(d, "started"), 30, what="daemon started")
+    d.config.write_text(d.config.read_text() + f'[[watch]]\npath = "{b}"\nprefix = "photos/"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    rejected = wait_until(lambda: events(d, "reload rejected; the running config stays in force"), 10,
+                          what="reload rejected log line")
+    assert 'watch[1].prefix "photos/" is already used by watch[0]' in rejected[0]["error"]
+    random_file(b / "IMG_0001.JPG", 300, seed=2)              # the refused watch is not armed
+    data = random_file(a / "IMG_0001.JPG", 500, seed=1)
+    wait_until(lambda: bucket_keys(emulator) == ["photos/IMG_0001.JPG"], 30, interval=0.2, what="upload from a/")
+    assert object_bytes(emulator, "photos/IMG_0001.JPG") == data
+    assert d.proc.poll() is None and not events(d, "config reloaded")
+    assert d.stop() == 0
+
+
+def test_temp_names_are_rules_or_file_name_globs(tmp_path):
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\ntemp_names = ["vim-probe", "*.partial"]\n'
+    assert load_config(write(tmp_path, base(tmp_path, "", watch))).watch[0].temp_names == ("vim-probe", "*.partial")
+    assert load_config(write(tmp_path, base(tmp_path))).watch[0].temp_names is None     # built-in rules
+    watch = f'[[watch]]\npath = "{tmp_path / "drop"}"\ntemp_names = ["tmp/*.x"]\n'
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(tmp_path, "", watch)))
+    assert str(e.value).startswith("watch[0].temp_names") and "rsync" in str(e.value)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ossyncd.model import Identity
 from tests.helpers import MiB, object_bytes, ossyncd, random_file, root_bucket, wait_until, write_config
 from tests.helpers import Daemon, bucket_keys, fast_upload
 from tests.test_systemd import NotifySocket, json_lines
@@ -186,7 +187,7 @@ def test_retry_path_requeues_only_that_file(tmp_path, emulator):
                        watches=[{"path": str(drop), "prefix": ""}])
     st = State(tmp_path / "state.db")
     for name in ("a.txt", "b.txt"):
-        row, _ = st.observe(str(drop / name), str(drop), name, 1, 1, 1)
+        row, _ = st.observe(str(drop / name), str(drop), name, Identity(1, 1, 1))
         st.transition(row.id, "failed", error="AccessDenied", count_attempt=True)
     st.close()
     r = ossyncd("retry", "-c", cfg, drop / "a.txt")
@@ -248,9 +249,9 @@ def test_sweep_rules_owned_uploading_age_and_prefix(tmp_path):
 
     st = State(tmp_path / "state.db")
     now = 10_000.0
-    owned, _ = st.observe("/d/owned", "/d", "in/owned", 10, 1, 1)
+    owned, _ = st.observe("/d/owned", "/d", "in/owned", Identity(10, 1, 1))
     st.begin_upload(owned.id, "id-owned", "in/owned", 5, owned.identity)
-    busy, _ = st.observe("/d/busy", "/d", "in/busy", 10, 1, 2)
+    busy, _ = st.observe("/d/busy", "/d", "in/busy", Identity(10, 1, 2))
     st.transition(busy.id, "uploading")                    # initiated, not recorded yet
     ups = [OpenUpload("in/owned", "id-owned", now - 10**6), OpenUpload("in/busy", "id-busy", now - 10**6),
            OpenUpload("in/old-stray", "id-old", now - 7200), OpenUpload("in/new-stray", "id-new", now - 60),

@@ -11,6 +11,7 @@ from ossyncd.paths import (
     is_temp_name,
     object_key,
     relpath_of,
+    temp_rule,
     watch_ignores,
 )
 
@@ -164,3 +165,21 @@ def test_watch_ignores_move_to_inside_root():
 def test_watch_ignores_nothing_otherwise():
     assert not watch_ignores(_watch(after_upload="move", move_to=Path("/srv/done")), "/srv/done/a")
     assert not watch_ignores(_watch(after_upload="keep", move_to=Path("/srv/drop/done")), "/srv/drop/done/a")
+
+
+@pytest.mark.parametrize("name,rule", [("4913", "vim-probe"), ("report.part", "partial"), ("Q3.TMP", "partial"),
+                                       (".env.backup", "rsync"), ("notes~", "backup"),
+                                       ("x.crdownload", "partial"), ("~$a.docx", "office-owner"),
+                                       (".a.txt.swp", "vim-swap"), (".#a.txt", "emacs-lock"),
+                                       (".~lock.a.ods#", "libreoffice-lock"), ("photo.jpg", None)])
+def test_temp_rule_names_the_rule(name, rule):
+    assert temp_rule(name) == rule
+
+
+def test_temp_rules_chosen_per_watch():
+    rules = ("*.partial", "vim-probe")
+    assert temp_rule("scan.partial", rules) == "*.partial"
+    assert temp_rule("4913", rules) == "vim-probe"
+    assert temp_rule("report.part", rules) is None
+    assert temp_rule("4913", ()) is None                     # [] turns every rule off
+    assert is_temp_name("4913") and not is_temp_name("4913", ())

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import ossyncd
+from ossyncd.model import Identity
 from ossyncd.scanner import scan_root, scan_tree, stat_entry
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,7 +53,7 @@ def test_nested_dirs(tmp_path):
     assert (c.kind, c.key, c.size, c.mtime_ns, c.inode, c.dev) == (
         "file", "in/d1/d2/d3/c.bin", 5, st.st_mtime_ns, st.st_ino, st.st_dev)
     assert c.path == str(tmp_path / "d1/d2/d3/c.bin")
-    assert c.identity == (c.path, 5, st.st_mtime_ns, st.st_ino)
+    assert c.identity == Identity(5, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def test_not_recursive(tmp_path):
@@ -344,3 +345,81 @@ def test_scan_100k_files_timing(big_dir, capsys):
         print(f"\n[scan] {n} files in {tmp_path.parent}: {times[0]:.2f}s first, {times[1]:.2f}s second"
               f" (creating them took {setup:.1f}s)")
     assert min(times) < 30  # sanity bound only; expected ~1 s on 2 cores
+
+
+# ---------------------------------------------------------------- temp names: visible when asked
+
+REAL_FILES_WITH_TEMP_NAMES = {"4913": "vim-probe", "report.part": "partial", "Q3.TMP": "partial",
+                              ".env.backup": "rsync", "notes~": "backup", "x.crdownload": "partial"}
+
+
+def test_temp_names_come_as_temp_entries_with_their_rule_when_asked(tmp_path):
+    for name in REAL_FILES_WITH_TEMP_NAMES:
+        write(tmp_path / "sub" / name, b"data")
+    write(tmp_path / "keep.jpg")
+    w = make_watch(tmp_path, exclude=("*.TMP",))
+    assert set(by_rel(w)) == {"keep.jpg"}                      # silent by default
+    temps = {e.relpath: e for e in scan_root(w, with_temp=True) if e.kind == "temp"}
+    assert set(temps) == {f"sub/{n}" for n in REAL_FILES_WITH_TEMP_NAMES if n != "Q3.TMP"}  # excluded wins
+    for name, rule in REAL_FILES_WITH_TEMP_NAMES.items():
+        if name == "Q3.TMP":
+            continue
+        e = temps[f"sub/{name}"]
+        assert e.reason.startswith(f"temp name: {rule} - not uploaded") and e.size == 4
+        assert stat_entry(w, e.path) is None
+        assert stat_entry(w, e.path, with_temp=True).reason == e.reason
+
+
+def test_watch_temp_names_replace_the_built_in_rules(tmp_path):
+    write(tmp_path / "report.part")
+    write(tmp_path / "scan.partial")
+    write(tmp_path / "4913")
+    w = make_watch(tmp_path, temp_names=("*.partial", "vim-probe"))
+    assert set(by_rel(w)) == {"report.part"}
+    (temp,) = [e for e in scan_root(w, with_temp=True) if e.relpath == "scan.partial"]
+    assert temp.kind == "temp" and temp.reason.startswith('temp name: "*.partial"')
+    assert set(by_rel(make_watch(tmp_path, temp_names=()))) == {"report.part", "scan.partial", "4913"}
+
+
+@pytest.mark.timeout(120)
+def test_settled_temp_names_are_listed_as_skipped_and_a_renamed_temp_leaves_no_row(tmp_path, emulator,
+                                                                                    daemon_factory):
+    from tests.helpers import object_bytes, ossyncd, random_file, wait_until
+    drop, own = tmp_path / "drop", tmp_path / "own"
+    drop.mkdir()
+    own.mkdir()
+    d = daemon_factory([{"path": str(drop), "prefix": "a/", "settle_seconds": 0.3},
+                        {"path": str(own), "prefix": "b/", "settle_seconds": 0.3, "temp_names": ["*.partial"]}],
+                       daemon={"rescan_interval": 1.0})
+    for name in REAL_FILES_WITH_TEMP_NAMES:
+        write(drop / name, b"real")
+    write(own / "x.partial", b"tmp")
+    d.start()
+    kept = random_file(own / "report.part", 700, seed=1)       # not a temp name for this watch
+
+    def skipped():
+        return {f["path"]: f["error"] for f in d.files("skipped")}
+    want = {str(drop / n): rule for n, rule in REAL_FILES_WITH_TEMP_NAMES.items()}
+    want[str(own / "x.partial")] = '"*.partial"'
+    wait_until(lambda: set(skipped()) == set(want), 30, interval=0.3, what="temp-named files listed as skipped")
+    for path, error in skipped().items():
+        assert error.startswith(f"temp name: {want[path]} - not uploaded"), (path, error)
+    wait_until(lambda: any(f["path"] == str(own / "report.part") and f["state"] == "done" for f in d.files()),
+               30, interval=0.3, what="report.part uploaded")
+    assert object_bytes(emulator, "b/report.part") == kept
+    text = ossyncd("list", "-c", d.config).stdout
+    assert "temp name: vim-probe" in text
+
+    # a download that paused past the settle time, then got its final name
+    dl = random_file(drop / "movie.mp4.part", 900, seed=2)
+    wait_until(lambda: str(drop / "movie.mp4.part") in skipped(), 30, interval=0.3, what="the paused .part")
+    os.rename(drop / "movie.mp4.part", drop / "movie.mp4")
+    wait_until(lambda: any(f["path"] == str(drop / "movie.mp4") and f["state"] == "done" for f in d.files()),
+               30, interval=0.3, what="movie.mp4 uploaded")
+    assert object_bytes(emulator, "a/movie.mp4") == dl
+    wait_until(lambda: str(drop / "movie.mp4.part") not in skipped(), 10, interval=0.3,
+               what="the renamed temp's skipped row gone")
+    problems = [f["path"] for f in d.status()["failures"]]
+    assert str(drop / "movie.mp4.part") not in problems
+    assert str(drop / "4913") in problems or len(problems) == 10     # real files stay visible
+    assert d.stop() == 0

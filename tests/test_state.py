@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ossyncd.errors import StateError
+from ossyncd.model import Identity
 from ossyncd.state import MIGRATIONS, PartRow, State
 
 
@@ -26,17 +27,17 @@ def test_db_is_private_and_wal(tmp_path, state):
 
 
 def test_identity_change_requeues(state):
-    row, new = state.observe("/d/a", "/d", "a", 10, 1, 7)
+    row, new = state.observe("/d/a", "/d", "a", Identity(10, 1, 7))
     assert new and row.state == "queued"
     state.mark_done(row.id, row.identity, url="u", etag="E", crc64=2**64 - 1, mode="simple")
-    same, new = state.observe("/d/a", "/d", "a", 10, 1, 7)
+    same, new = state.observe("/d/a", "/d", "a", Identity(10, 1, 7))
     assert not new and same.state == "done" and same.crc64 == 2**64 - 1
-    changed, new = state.observe("/d/a", "/d", "a", 11, 2, 7)
+    changed, new = state.observe("/d/a", "/d", "a", Identity(11, 2, 7))
     assert new and changed.state == "queued" and changed.attempts == 0
 
 
 def test_parts_and_done_in_one_transaction(state):
-    row, _ = state.observe("/d/big", "/d", "big", 300, 1, 1)
+    row, _ = state.observe("/d/big", "/d", "big", Identity(300, 1, 1))
     up = state.begin_upload(row.id, "UPLOAD1", "big", 100, row.identity)
     state.record_part(up.id, 1, "E1", 11, 100)
     state.record_part(up.id, 2, "E2", 22, 100)
@@ -70,8 +71,8 @@ def test_verification_migration_keeps_rows_and_records_the_mode(tmp_path):
 
 
 def test_due_and_requeue(state):
-    a, _ = state.observe("/d/a", "/d", "a", 1, 1, 1)
-    b, _ = state.observe("/d/b", "/d", "b", 1, 1, 2)
+    a, _ = state.observe("/d/a", "/d", "a", Identity(1, 1, 1))
+    b, _ = state.observe("/d/b", "/d", "b", Identity(1, 1, 2))
     state.transition(a.id, "retry_wait", error="503", next_attempt_at=100.0, count_attempt=True)
     state.transition(b.id, "failed", error="AccessDenied")
     assert [r.path for r in state.due(50.0)] == []
@@ -81,7 +82,7 @@ def test_due_and_requeue(state):
 
 
 def test_reader_sees_writer_commits(tmp_path, state):
-    state.observe("/d/a", "/d", "a", 1, 1, 1)
+    state.observe("/d/a", "/d", "a", Identity(1, 1, 1))
     reader = State(tmp_path / "state.db", readonly=True)
     assert reader.counts() == {"queued": 1}
     reader.close()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from ossyncd.model import Identity
 from tests.helpers import (MiB, fast_upload, list_json, object_bytes, ossyncd, random_file, root_bucket, spawn_ossyncd,
                            wait_until, write_config)
 
@@ -179,7 +180,7 @@ def test_vanished_file_is_gone_and_its_upload_aborted(tmp_path, emulator, setup)
         src = tmp_path / "v.bin"
         random_file(src, 12 * PART, seed=5)
         st = os.stat(src)
-        row, _ = engine.state.observe(str(src), "", "t/v.bin", st.st_size, st.st_mtime_ns, st.st_ino)
+        row, _ = engine.state.observe(str(src), "", "t/v.bin", Identity.of(st))
         emulator.set_faults([{"op": "UploadPart", "delay_ms": 200}])
         threading.Timer(0.5, os.unlink, [src]).start()      # deleted mid-upload
         outcome = engine.uploader.run(row)
@@ -191,7 +192,7 @@ def test_vanished_file_is_gone_and_its_upload_aborted(tmp_path, emulator, setup)
         src2 = tmp_path / "w.bin"
         random_file(src2, 10, seed=6)
         st = os.stat(src2)
-        row2, _ = engine.state.observe(str(src2), "", "t/w.bin", st.st_size, st.st_mtime_ns, st.st_ino)
+        row2, _ = engine.state.observe(str(src2), "", "t/w.bin", Identity.of(st))
         os.unlink(src2)
         assert engine.uploader.run(row2).state == "gone"
     finally:
@@ -211,7 +212,7 @@ def test_cancel_stops_in_flight_part_quickly_and_keeps_checkpoints(tmp_path, emu
         src = tmp_path / "c.bin"
         data = random_file(src, 24 * MiB, seed=9)
         st = os.stat(src)
-        row, _ = engine.state.observe(str(src), "", "t/c.bin", st.st_size, st.st_mtime_ns, st.st_ino)
+        row, _ = engine.state.observe(str(src), "", "t/c.bin", Identity.of(st))
         cancel = threading.Event()
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("o", engine.uploader.run(row, cancel)))

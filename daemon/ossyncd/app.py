@@ -15,7 +15,7 @@ import time
 import structlog
 
 from ossyncd import log as logsetup
-from ossyncd.config import Config, load_config, secret_file_warning
+from ossyncd.config import Config, load_config, require_watches, secret_file_warning
 from ossyncd.credentials import CredentialsError
 from ossyncd.engine import Engine, make_credentials
 from ossyncd.errors import ConfigError, StateError
@@ -46,6 +46,7 @@ class Daemon:
     def run(self) -> int:
         try:
             cfg = load_config(self.config_path)
+            require_watches(cfg)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
@@ -76,6 +77,7 @@ class Daemon:
         if self.metrics is not None:
             self._start_metrics(cfg)
         self.watcher = Watcher(sched.on_event, on_rescan=sched.request_rescan)
+        sched.on_rearm = self.watcher.add      # a watch root deleted and recreated is watched again
         for w in cfg.watch:
             self.watcher.add(w)
         self.watcher.start()
@@ -151,6 +153,7 @@ class Daemon:
         creds = None
         try:
             new = load_config(self.config_path)
+            require_watches(new)
             if new.state.path != self.cfg.state.path:
                 raise ConfigError("state.path: cannot change on reload; restart the daemon")
             if (new.credentials, new.oss.bucket, new.prefixes) != (self.cfg.credentials, self.cfg.oss.bucket,

@@ -75,6 +75,8 @@ class Body:
         crc = 0
         end = self.offset + self.size
         for off in range(self.offset, end, READ_BLOCK):
+            if self.cancel is not None and self.cancel.is_set():   # pause or shutdown: a big file must not hold them up
+                raise Cancelled("cancelled")
             data = os.pread(self.fd, min(READ_BLOCK, end - off), off)
             if not data:
                 raise FileProblem(self.path, "changed", "file shrank while it was being checksummed")

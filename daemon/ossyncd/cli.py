@@ -28,9 +28,9 @@ config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
 
 
-def _load(config_path: str | None) -> Config:
+def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Config:
     try:
-        return load_config(config_path)
+        return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist)
     except ConfigError as e:
         err.print(f"[red]config error:[/red] {e}", highlight=False)
         sys.exit(EXIT_CONFIG)
@@ -64,6 +64,7 @@ def upload(config_path, prefix, files):
     unchanged are not sent again.
     """
     from ossyncd.engine import Engine
+    from ossyncd.model import Identity
     from ossyncd.paths import check_key
     from ossyncd.uploader import stat_identity
 
@@ -117,7 +118,7 @@ def upload(config_path, prefix, files):
                 err.print(f"[red]{name}:[/red] {problem}", highlight=False)
                 failed += 1
                 continue
-            row, new = engine.state.observe(path, watch, key, st.st_size, st.st_mtime_ns, st.st_ino)
+            row, new = engine.state.observe(path, watch, key, Identity.of(st))
             if row.state == "done" and not new:
                 err.print(f"{name}: already uploaded and unchanged, nothing to do: {row.url}", highlight=False)
                 continue
@@ -134,11 +135,11 @@ def upload(config_path, prefix, files):
                 if outcome.state != "queued" or outcome.error == "cancelled":
                     return row, outcome
                 try:
-                    size, mtime_ns, inode = stat_identity(row.path)
+                    identity = stat_identity(row.path)
                 except FileNotFoundError:
                     return row, outcome
-                row, _ = engine.state.observe(row.path, row.watch, row.key, size, mtime_ns, inode)
-                progress.update(tasks[row.id], total=size)
+                row, _ = engine.state.observe(row.path, row.watch, row.key, identity)
+                progress.update(tasks[row.id], total=identity.size)
             return row, outcome
 
         with ThreadPoolExecutor(cfg.upload.max_files_in_flight) as pool:
@@ -188,7 +189,7 @@ def url(config_path, sign, expires, path):
 def status(config_path, as_json):
     """What the daemon is doing: counts, uploads in flight, failures, credentials."""
     from ossyncd.status import render_status, status_dict
-    cfg = _load(config_path)
+    cfg = _load(config_path, watch_dirs_must_exist=False)   # a vanished watch folder is what it must show
     state = _open_state(cfg, readonly=True)
     d = status_dict(cfg, state)
     if as_json:
@@ -204,7 +205,7 @@ def status(config_path, as_json):
 def list_files(config_path, state_filter, as_json):
     """Files with their state, key, size, URL and error."""
     from ossyncd.status import file_json, render_list
-    cfg = _load(config_path)
+    cfg = _load(config_path, watch_dirs_must_exist=False)
     state = _open_state(cfg, readonly=True)
     files = state.files(state_filter) if state else []
     if as_json:

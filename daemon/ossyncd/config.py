@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ossyncd.errors import ConfigError
+from ossyncd.paths import TEMP_RULES
 
 DEFAULT_CONFIG_PATH = "/etc/ossyncd/ossyncd.toml"
 MAX_PARTS = 10_000
@@ -39,7 +40,11 @@ def parse_size(value: Any) -> int:
     m = _SIZE_RE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{value!r} is not a size; write e.g. 512KiB, 8MiB or 1GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n == 0 and float(m.group(1)) != 0:  # "0.5" would silently mean 0 (for bandwidth_limit: unlimited)
+        raise ValueError(f"{value!r} is less than 1 byte; write a whole number of bytes or a larger unit "
+                         f"(e.g. 512KiB), or exactly 0")
+    return n
 
 
 class _Section(BaseModel):
@@ -176,18 +181,36 @@ class WatchConfig(_Section):
     after_upload: Literal["keep", "delete", "move"] = "keep"
     move_to: Path | None = None
     follow_symlinks: bool = False
+    temp_names: tuple[str, ...] | None = None   # None: every built-in rule (paths.TEMP_RULES)
+
+    @field_validator("temp_names")
+    @classmethod
+    def _temp_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for rule in v or ():
+            if not rule or "/" in rule:
+                raise ValueError(f"{rule!r}: each entry is a built-in rule ({', '.join(TEMP_RULES)}) or a glob "
+                                 f"for a file name (no '/'), e.g. \"*.partial\"")
+        return v
 
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
         if v.startswith(("/", "\\")):
             raise ValueError("must not start with '/' or '\\' (OSS keys cannot)")
+        # a URL with "." / ".." / "//" segments resolves to another key than the one uploaded
+        bad = [seg for seg in v.removesuffix("/").split("/") if seg in ("", ".", "..")] if v else []
+        if bad:
+            raise ValueError(f"{v!r} has an empty, '.' or '..' segment; write plain folder names "
+                             f"such as \"photos/2024/\"")
         return v
 
     @model_validator(mode="after")
     def _move(self) -> "WatchConfig":
         if self.after_upload == "move" and self.move_to is None:
             raise ValueError("move_to: required with after_upload = \"move\"")
+        if self.after_upload != "move" and self.move_to is not None:
+            raise ValueError(f"move_to: only used with after_upload = \"move\" (after_upload is "
+                             f"\"{self.after_upload}\"); set after_upload = \"move\" or remove move_to")
         return self
 
 
@@ -275,7 +298,7 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def parse_config(data: dict, source_path: Path | None = None) -> Config:
+def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must_exist: bool = True) -> Config:
     data = dict(data)
     creds = dict(data.get("credentials") or {})
     for key, env in (("access_key_id", "OSSYNCD_ACCESS_KEY_ID"), ("access_key_secret", "OSSYNCD_ACCESS_KEY_SECRET")):
@@ -292,26 +315,21 @@ def parse_config(data: dict, source_path: Path | None = None) -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
-    _check_paths(cfg)
+    _check_paths(cfg, watch_dirs_must_exist)
     return cfg
 
 
-def _check_paths(cfg: Config) -> None:
-    seen: dict[Path, int] = {}
+def _check_paths(cfg: Config, watch_dirs_must_exist: bool = True) -> None:
     for w in cfg.watch:
         where = f"watch[{w.index}]"
         if not w.path.is_absolute():
             raise ConfigError(f"{where}.path: {w.path} is not absolute; write the full path")
-        if not w.path.is_dir():
+        if watch_dirs_must_exist and not w.path.is_dir():
             raise ConfigError(f"{where}.path: {w.path} does not exist or is not a directory; create it or fix the path")
-        if w.path in seen:
-            raise ConfigError(f"{where}.path: {w.path} is already watched by watch[{seen[w.path]}]; remove one")
-        seen[w.path] = w.index
-        if w.after_upload == "move" and w.move_to is not None:
-            if not w.move_to.is_absolute():
-                raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
-            if w.move_to == w.path:
-                raise ConfigError(f"{where}.move_to: must differ from the watch path; choose another folder")
+        if w.move_to is not None and not w.move_to.is_absolute():
+            raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
+    _check_roots(cfg.watch)
+    _check_prefixes(cfg.watch)
     parent = cfg.state.path.parent
     if not cfg.state.path.is_absolute():
         raise ConfigError(f"state.path: {cfg.state.path} is not absolute; write the full path")
@@ -319,7 +337,65 @@ def _check_paths(cfg: Config) -> None:
         raise ConfigError(f"state.path: directory {parent} does not exist; create it (systemd's StateDirectory= does)")
 
 
-def load_config(path: str | os.PathLike | None = None) -> Config:
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_roots(watches: tuple[WatchConfig, ...]) -> None:
+    """Roots must not nest and move_to must not feed a watch: resolved paths, since a
+    symlink alias is the same folder (a nested root flips a file between two keys)."""
+    real = {w.index: os.path.realpath(w.path) for w in watches}
+    for w in watches:
+        where = f"watch[{w.index}]"
+        for other in watches:
+            if other.index < w.index and real[w.index] == real[other.index]:
+                raise ConfigError(f"{where}.path: {w.path} is already watched by watch[{other.index}] "
+                                  f"({other.path}); remove one")
+            if real[w.index] != real[other.index] and _inside(real[w.index], real[other.index]):
+                raise ConfigError(f"{where}.path: {w.path} lies inside watch[{other.index}].path {other.path}; "
+                                  f"its files would be uploaded twice under two keys - remove one watch, or "
+                                  f"exclude the subfolder from watch[{other.index}]")
+        if w.after_upload != "move" or w.move_to is None:
+            continue
+        dest = os.path.realpath(w.move_to)
+        if dest == real[w.index]:
+            raise ConfigError(f"{where}.move_to: must differ from the watch path; choose another folder")
+        for other in watches:
+            if other.index != w.index and (_inside(dest, real[other.index]) or _inside(real[other.index], dest)):
+                raise ConfigError(f"{where}.move_to: {w.move_to} overlaps watch[{other.index}].path {other.path}; "
+                                  f"moved files would be uploaded again - choose a folder outside every watch")
+
+
+def _folder(prefix: str) -> str:
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _check_prefixes(watches: tuple[WatchConfig, ...]) -> None:
+    """Key spaces must not overlap, or one watch's file silently replaces another's object."""
+    for n, w in enumerate(watches):
+        mine = _folder(w.prefix)
+        for other in watches[:n]:
+            theirs = _folder(other.prefix)
+            if mine == theirs:
+                raise ConfigError(f"watch[{w.index}].prefix \"{w.prefix}\" is already used by watch[{other.index}]; "
+                                  "give each watch its own prefix (e.g. \"cam1/\" and \"cam2/\")")
+            if mine.startswith(theirs) or theirs.startswith(mine):
+                raise ConfigError(f"watch[{w.index}].prefix \"{w.prefix}\" overlaps watch[{other.index}].prefix "
+                                  f"\"{other.prefix}\" (one contains the other, so keys can collide); "
+                                  f"use prefixes where neither starts with the other")
+
+
+def require_watches(cfg: Config) -> None:
+    """`run` with no [[watch]] would sit idle for ever; `upload` needs none."""
+    if not cfg.watch:
+        where = cfg.source_path or "the config"
+        raise ConfigError(f"{where}: no [[watch]] section, so `ossyncd run` would upload nothing; add a [[watch]] "
+                          f"with path and prefix (see config/ossyncd.example.toml), or use `ossyncd upload FILE...`")
+
+
+def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist: bool = True) -> Config:
+    """``watch_dirs_must_exist=False`` for read-only views (`status`, `list`): they must work
+    exactly when a watch folder has vanished."""
     p = find_config_path(path)
     try:
         raw = p.read_bytes()
@@ -332,7 +408,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_config(data, source_path=p.resolve())
+    return parse_config(data, source_path=p.resolve(), watch_dirs_must_exist=watch_dirs_must_exist)
 
 
 def secret_file_warning(cfg: Config) -> str | None:

@@ -15,26 +15,49 @@ from typing import Iterable
 
 MAX_KEY_BYTES = 1023
 
-# Writers' temp names; their final rename is what counts (design section 3).
-_TEMP_RE = re.compile(
-    r"""
-      \..+\.[A-Za-z0-9]{6}        # rsync: .name.XXXXXX
-    | .*\.(?i:part|tmp|crdownload) # browsers, curl, many exporters
-    | ~\$.*                       # MS Office owner files
-    | \..*\.sw[a-px]              # vim swap files (.swp .swo ... .swx probe)
-    | .*~                         # emacs/vim backups
-    | 4913                        # vim's write-permission probe
-    | \.\#.*                      # emacs lock files
-    | \.~lock\..*\#               # LibreOffice lock files
-    """,
-    re.VERBOSE | re.DOTALL,
-)
+# Writers' temp names; their final rename is what counts (design section 3). The name
+# of the rule is what `list` shows for a file it skipped; [[watch]] temp_names picks rules.
+TEMP_RULES = {
+    "rsync": r"\..+\.[A-Za-z0-9]{6}",             # rsync: .name.XXXXXX
+    "partial": r".*\.(?i:part|tmp|crdownload)",    # browsers, curl, many exporters
+    "office-owner": r"~\$.*",                     # MS Office owner files
+    "vim-swap": r"\..*\.sw[a-px]",                 # vim swap files (.swp .swo ... .swx probe)
+    "backup": r".*~",                             # emacs/vim backups
+    "vim-probe": r"4913",                         # vim's write-permission probe
+    "emacs-lock": r"\.\#.*",                       # emacs lock files
+    "libreoffice-lock": r"\.~lock\..*\#",           # LibreOffice lock files
+}
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def is_temp_name(name: str) -> bool:
+def temp_rule_label(rule: str) -> str:
+    """How a rule is named in a skip reason: built-in rules bare, globs quoted."""
+    return rule if rule in TEMP_RULES else f'"{rule}"'
+
+
+@functools.lru_cache(maxsize=64)
+def _temp_matcher(rules: tuple[str, ...] | None):
+    """One regex for all rules; the matching group's index says which rule it was."""
+    names = tuple(TEMP_RULES) if rules is None else rules
+    if not names:
+        return None, ()
+    alts = [TEMP_RULES[n] if n in TEMP_RULES else fnmatch.translate(n).removesuffix(r"\Z") for n in names]
+    return re.compile("|".join(f"(?P<r{i}>{a})" for i, a in enumerate(alts)), re.DOTALL).fullmatch, names
+
+
+def temp_rule(name: str, rules: Iterable[str] | None = None) -> str | None:
+    """The temp-name rule a basename matches (built-in name or glob), else None.
+    ``rules`` None: every built-in rule; otherwise exactly those (watch.temp_names)."""
+    match, names = _temp_matcher(None if rules is None else tuple(rules))
+    if match is None:
+        return None
+    m = match(name)
+    return names[int(m.lastgroup[1:])] if m is not None else None
+
+
+def is_temp_name(name: str, rules: Iterable[str] | None = None) -> bool:
     """True for a basename that a common writer uses before its final rename."""
-    return _TEMP_RE.fullmatch(name) is not None
+    return temp_rule(name, rules) is not None
 
 
 @functools.lru_cache(maxsize=64)

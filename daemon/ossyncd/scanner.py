@@ -1,8 +1,10 @@
 """Walk a watch root and classify what is there, without opening any file.
 
 ``scan_root`` yields one ``Entry`` per candidate; ``stat_entry`` classifies a
-single path (from a watcher event, or a restat) by the same rules. Temp names,
-excluded globs and the move_to subtree are ignored silently (never yielded).
+single path (from a watcher event, or a restat) by the same rules. Excluded
+globs and the move_to subtree are ignored silently (never yielded); so are temp
+names, unless ``with_temp``: then they come as kind "temp", so the scheduler can
+show a real file that a temp rule matches once it has settled.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import stat as st_
 from dataclasses import dataclass
 from typing import Iterator
 
+from .model import Identity
 from .paths import (
     check_key,
     glob_matcher,
@@ -21,6 +24,8 @@ from .paths import (
     is_temp_name,
     object_key,
     relpath_of,
+    temp_rule,
+    temp_rule_label,
 )
 
 _SPECIAL = (
@@ -35,18 +40,19 @@ _SPECIAL = (
 class Entry:
     path: str
     relpath: str
-    kind: str  # "file" | "skipped"
+    kind: str  # "file" | "skipped" | "temp"
     key: str = ""
     size: int = 0
     mtime_ns: int = 0
     inode: int = 0
     dev: int = 0
     reason: str = ""
+    ctime_ns: int | None = None
 
     @property
-    def identity(self) -> tuple[str, int, int, int]:
-        """(path, size, mtime_ns, inode): a version of a file (design section 3)."""
-        return (self.path, self.size, self.mtime_ns, self.inode)
+    def identity(self) -> Identity:
+        """Which version of the file this is (see model.Identity)."""
+        return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
 
 def _special_reason(mode: int) -> str:
@@ -67,6 +73,7 @@ class _Rules:
         self.recursive = bool(watch.recursive)
         self.follow = bool(getattr(watch, "follow_symlinks", False))
         self.skip_dir = ignored_subtree(watch)
+        self.temp_rules = getattr(watch, "temp_names", None)
         self._root_real: str | None = None
 
     @property
@@ -84,7 +91,15 @@ class _Rules:
         bad = check_key(key)
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)
-        return Entry(path, relpath, "file", key, s.st_size, s.st_mtime_ns, s.st_ino, s.st_dev)
+        i = Identity.of(s)
+        return Entry(path, relpath, "file", key, i.size, i.mtime_ns, i.inode, s.st_dev, ctime_ns=i.ctime_ns)
+
+    def temp(self, path: str, relpath: str, s: os.stat_result, rule: str) -> Entry:
+        i = Identity.of(s)
+        reason = (f"temp name: {temp_rule_label(rule)} - not uploaded; rename the file, or change "
+                  f"temp_names in its [[watch]]")
+        return Entry(path, relpath, "temp", self.key_prefix + relpath, i.size, i.mtime_ns, i.inode, s.st_dev,
+                     reason=reason, ctime_ns=i.ctime_ns)
 
     def skipped(self, path: str, relpath: str, reason: str) -> Entry:
         return Entry(path, relpath, "skipped", self.key_prefix + relpath, reason=reason)
@@ -115,7 +130,7 @@ class _Rules:
         ):
             return self.skipped(path, relpath, f"symlink points into an excluded folder ({target}) - not followed"), None
         if st_.S_ISREG(target_st.st_mode):
-            if is_temp_name(os.path.basename(target)):
+            if is_temp_name(os.path.basename(target), self.temp_rules):
                 return self.skipped(path, relpath, "symlink to a temp file - not followed"), None
             return self.file(path, relpath, target_st), None
         if st_.S_ISDIR(target_st.st_mode):
@@ -123,12 +138,12 @@ class _Rules:
         return self.skipped(path, relpath, "symlink to " + _special_reason(target_st.st_mode)), None
 
 
-def scan_root(watch) -> Iterator[Entry]:
+def scan_root(watch, *, with_temp: bool = False) -> Iterator[Entry]:
     """Every candidate under ``watch.path`` (see the module docstring)."""
-    return scan_tree(watch, watch.path)
+    return scan_tree(watch, watch.path, with_temp=with_temp)
 
 
-def scan_tree(watch, top: str | os.PathLike) -> Iterator[Entry]:
+def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iterator[Entry]:
     """Like scan_root, but starting at ``top`` (a directory inside the root)."""
     r = _Rules(watch)
     top = os.path.normpath(os.fspath(top))
@@ -190,7 +205,12 @@ def scan_tree(watch, top: str | os.PathLike) -> Iterator[Entry]:
                             visited.add(ident)
                             stack.append((path, relpath + "/"))
                         continue
-                    if is_temp_name(name) or (r.match is not None and r.excluded(name, relpath)):
+                    if r.match is not None and r.excluded(name, relpath):
+                        continue
+                    rule = temp_rule(name, r.temp_rules)
+                    if rule is not None:
+                        if with_temp and de.is_file(follow_symlinks=False):
+                            yield r.temp(path, relpath, de.stat(follow_symlinks=False), rule)
                         continue
                     if de.is_file(follow_symlinks=False):
                         yield r.file(path, relpath, de.stat(follow_symlinks=False))
@@ -209,7 +229,7 @@ def scan_tree(watch, top: str | os.PathLike) -> Iterator[Entry]:
                     continue  # removed while we looked
 
 
-def stat_entry(watch, path: str | os.PathLike) -> Entry | None:
+def stat_entry(watch, path: str | os.PathLike, *, with_temp: bool = False) -> Entry | None:
     """Classify one path by the scan rules, e.g. for a watcher event or the
     restat before upload. None when it is gone, a directory or ignored."""
     r = _Rules(watch)
@@ -221,7 +241,8 @@ def stat_entry(watch, path: str | os.PathLike) -> Entry | None:
     if not relpath or (not r.recursive and "/" in relpath):
         return None
     name = relpath.rpartition("/")[2]
-    if is_temp_name(name) or is_excluded(relpath, watch.exclude or ()):
+    rule = temp_rule(name, r.temp_rules)
+    if (rule is not None and not with_temp) or is_excluded(relpath, watch.exclude or ()):
         return None
     if r.in_skip_dir(path):
         return None
@@ -231,6 +252,8 @@ def stat_entry(watch, path: str | os.PathLike) -> Entry | None:
         return None
     except OSError as e:
         return r.skipped(path, relpath, f"cannot stat: {e.strerror}")
+    if rule is not None:
+        return r.temp(path, relpath, s, rule) if st_.S_ISREG(s.st_mode) else None
     if st_.S_ISREG(s.st_mode):
         return r.file(path, relpath, s)
     if st_.S_ISDIR(s.st_mode):

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import structlog
 from ossyncd.config import Config, WatchConfig
 from ossyncd.engine import Engine
 from ossyncd.errors import StoreError
+from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
 from ossyncd.settle import SettleTracker
@@ -32,6 +34,22 @@ from ossyncd.uploader import CancelScope, Outcome
 log = structlog.get_logger(__name__)
 MAX_EVENTS_PER_TICK = 20_000
 STATUS_EVERY = 1.0
+ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exists
+
+
+def _dir_ident(path: str) -> tuple[int, int] | None:
+    """(dev, inode) of the folder a watch root names, None when it is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _stamp(entry) -> tuple[int, int | None]:
+    """What the settle tracker compares besides the size: the ctime too, so a chmod or a
+    `cp -p` that restores the mtime is a change it does not swallow."""
+    return (entry.mtime_ns, entry.ctime_ns)
 
 
 @dataclass
@@ -64,6 +82,11 @@ class Scheduler:
         self.uploaded_bytes = 0
         self.on_done = None                      # hook: (row, outcome) for metrics
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
+        self.health: dict[str, dict] = {}        # root -> {"state", "since", "ident"}, shown by `status`
+        self.on_rearm = None                     # hook: (watch) restarts its event source (the watcher)
+        self._roots_at = float("-inf")
+        self._health_dirty = True
+        self.temp_skipped: dict[str, str] = {}   # path -> root: settled files a temp-name rule skipped
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -74,12 +97,16 @@ class Scheduler:
         self.watches[root] = w
         self.trackers[root] = SettleTracker(w.settle_seconds)
         self.rescan_due[root] = 0.0   # scan at once
+        self.health[root] = {"state": "ok", "since": time.time(), "ident": _dir_ident(root)}
+        self._health_dirty = True
 
     def remove_watch(self, w: WatchConfig) -> None:
         root = str(w.path)
         self.watches.pop(root, None)
         self.trackers.pop(root, None)
         self.rescan_due.pop(root, None)
+        self.health.pop(root, None)
+        self._health_dirty = True
 
     # -- inputs from other threads ---------------------------------------------------------
 
@@ -121,6 +148,7 @@ class Scheduler:
         self._reap()
         self._drain_intake(now)
         self._settle(now)
+        self._housekeeping(now)
         self._rescan(now)
         self._check_pause()
         self._dispatch(now)
@@ -148,32 +176,89 @@ class Scheduler:
             self.state.mark_skipped(entry.path, root, entry.reason)
             log.warning("skipped", path=entry.path, reason=entry.reason)
             return
-        self.trackers[root].observe(entry.path, entry.size, entry.mtime_ns, now, closed)
+        self.trackers[root].observe(entry.path, entry.size, _stamp(entry), now, closed)
 
     def _settle(self, now: float) -> None:
         for root, tracker in self.trackers.items():
             w = self.watches[root]
             for path in tracker.ready(now):
-                entry = stat_entry(w, path)
-                if entry is None or entry.kind != "file":
+                entry = stat_entry(w, path, with_temp=True)
+                if entry is None or entry.kind == "skipped":
                     tracker.confirm(path, None, None, now)
                     if entry is not None:
                         self.state.mark_skipped(entry.path, root, entry.reason)
                     continue
-                if not tracker.confirm(path, entry.size, entry.mtime_ns, now):
+                if not tracker.confirm(path, entry.size, _stamp(entry), now):
+                    continue
+                if entry.kind == "temp":
+                    self._skip_temp(root, entry)
                     continue
                 if any(j.row.path == path for j in self.jobs.values()):
                     self.deferred.add(path)
                     continue
-                row, new = self.state.observe(path, root, entry.key, entry.size, entry.mtime_ns, entry.inode)
+                row, new = self.state.observe(path, root, entry.key, entry.identity)
                 if not new and row.state == "settling":
                     self.state.transition(row.id, "queued", identity=row.identity)
                 if new:
                     log.debug("queued", path=path, key=entry.key, size=entry.size)
 
+    def _skip_temp(self, root: str, entry) -> None:
+        """A temp name still there after settling may be a real file: show it in `list`."""
+        self.state.mark_skipped(entry.path, root, entry.reason)
+        if entry.path not in self.temp_skipped:
+            log.warning("skipped", path=entry.path, reason=entry.reason)
+        self.temp_skipped[entry.path] = root
+
+    def _check_temps(self) -> None:
+        """A temp file renamed to its final name leaves no `skipped` row behind for `status`."""
+        for path, root in list(self.temp_skipped.items()):
+            if root in self.watches and os.path.lexists(path):
+                continue
+            del self.temp_skipped[path]
+            row = self.state.get(printable_path(path))
+            if row is not None and row.state == "skipped":
+                self._gone(row.path, "temp file renamed or removed")
+
+    def _housekeeping(self, now: float) -> None:
+        if now - self._roots_at < ROOT_CHECK_EVERY:
+            return
+        self._roots_at = now
+        self._check_roots(now)
+        self._check_temps()
+
+    def _check_roots(self, now: float) -> None:
+        """A deleted watch root loses its inotify watch: show it in `status`, and re-arm the
+        watch once the folder is back (also when it was replaced between two checks)."""
+        for root, h in self.health.items():
+            ident = _dir_ident(root)
+            if ident == h["ident"]:
+                continue
+            self._health_dirty = True
+            if ident is None:
+                h.update(state="missing", since=now, ident=None)
+                log.error("watch_root_missing", path=root,
+                          hint="recreate the folder; the watch is re-armed when it reappears, no restart needed")
+                continue
+            h.update(state="ok", since=now, ident=ident)
+            try:
+                if self.on_rearm is not None:
+                    self.on_rearm(self.watches[root])
+            except Exception as e:   # e.g. an inotify limit: try again at the next check
+                h.update(state="failed", ident=None, error=str(e))
+                log.error("watch_rearm_failed", path=root, error=str(e), hint="see the error; retried every second")
+                continue
+            h.pop("error", None)
+            log.warning("watch_root_rearmed", path=root)
+            self.rescan_due[root] = 0.0   # files that arrived with the folder
+        if self._health_dirty:
+            self._health_dirty = False
+            self.state.set_meta("watches", json.dumps(
+                [{"index": self.watches[r].index, "path": r, "state": h["state"], "since": h["since"],
+                  **({"error": h["error"]} if "error" in h else {})} for r, h in self.health.items()]))
+
     def _rescan(self, now: float) -> None:
         for root, due in list(self.rescan_due.items()):
-            if due > now:
+            if due > now or self.health.get(root, {}).get("state") != "ok":
                 continue
             self.rescan_due[root] = now + self.cfg.daemon.rescan_interval
             self.scan_root(root, now)
@@ -186,7 +271,16 @@ class Scheduler:
         seen: set[str] = set()
         tracker = self.trackers[root]
         unreadable_root = False
-        for entry in scan_root(w):
+        for entry in scan_root(w, with_temp=True):
+            if entry.kind == "temp":
+                stored = printable_path(entry.path)
+                seen.add(stored)
+                k = known.get(stored)
+                if k and k[0] == "skipped":
+                    self.temp_skipped[entry.path] = root
+                else:
+                    tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
+                continue
             if entry.kind == "skipped":
                 stored = printable_path(entry.path)   # how state keys a non-UTF-8 name
                 seen.add(stored)
@@ -199,11 +293,11 @@ class Scheduler:
                 continue
             seen.add(entry.path)
             k = known.get(entry.path)
-            if k is not None and k[1] == (entry.size, entry.mtime_ns, entry.inode) and k[0] not in ("gone", "skipped"):
+            if k is not None and k[1] == entry.identity and k[0] not in ("gone", "skipped"):
                 if k[0] == "settling":
-                    tracker.observe(entry.path, entry.size, entry.mtime_ns, now, False)
+                    tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
                 continue
-            tracker.observe(entry.path, entry.size, entry.mtime_ns, now, False)
+            tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
         if unreadable_root:
             return
         in_flight = {j.row.path for j in self.jobs.values()}
@@ -281,7 +375,8 @@ class Scheduler:
                 return
             self.jobs.pop(row.id, None)
             if outcome.state == "done":
-                self.uploaded_bytes += row.size
+                if not outcome.unchanged:
+                    self.uploaded_bytes += row.size
                 self._after_upload(row)
             elif outcome.state == "queued" and outcome.error not in ("cancelled",):
                 # the file changed: let it settle again before the next attempt
@@ -301,7 +396,7 @@ class Scheduler:
             st = os.stat(row.path, follow_symlinks=False)
         except FileNotFoundError:
             return
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != row.identity:
+        if not row.identity.matches(Identity.of(st)):
             log.info("source changed after upload; kept", path=row.path)
             return
         try:

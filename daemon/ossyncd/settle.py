@@ -17,6 +17,9 @@ Use::
             enqueue(path)
     tracker.forget(path)                                             # gone / handled
 
+``mtime_ns`` is only compared for equality: the scheduler passes (mtime_ns, ctime_ns),
+so a change that restores the mtime (``cp -p``, ``chmod``) still counts as a change.
+
 ``ready`` hands each settled version out once; ``confirm`` is the restat check
 (a differing stat counts as a new change and the path settles again).
 Handed-out paths are kept ``retention`` seconds so a reopen is still noticed,
@@ -32,7 +35,7 @@ from collections import deque
 class _Rec:
     __slots__ = ("size", "mtime_ns", "last_event", "closed", "reopened", "handed_out", "scheduled")
 
-    def __init__(self, size: int, mtime_ns: int, now: float, closed: bool):
+    def __init__(self, size: int, mtime_ns, now: float, closed: bool):
         self.size = size
         self.mtime_ns = mtime_ns
         self.last_event = now

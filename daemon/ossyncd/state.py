@@ -19,6 +19,7 @@ from typing import Iterable
 import sqlite_utils
 
 from ossyncd.errors import StateError
+from ossyncd.model import Identity
 
 STATES = ("seen", "settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
 
@@ -44,10 +45,12 @@ class FileRow:
     updated_at: float
     mode: str | None
     verification: str | None = None   # how the object was verified: crc64 | md5
+    ctime_ns: int | None = None
+    check_crc: int = 0        # 1: only the ctime moved since `done`; compare CRC64 before sending
 
     @property
-    def identity(self) -> tuple[int, int, int]:
-        return (self.size, self.mtime_ns, self.inode)
+    def identity(self) -> Identity:
+        return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,11 @@ class UploadRow:
     mtime_ns: int
     inode: int
     created_at: float
+    ctime_ns: int | None = None
 
     @property
-    def identity(self) -> tuple[int, int, int]:
-        return (self.size, self.mtime_ns, self.inode)
+    def identity(self) -> Identity:
+        return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -141,9 +145,21 @@ def _migration_verification(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN verification TEXT")
 
 
-MIGRATIONS = [_migration_1, _migration_2, _migration_verification]
+def _migration_ctime(db: sqlite_utils.Database) -> None:
+    # NULL ctime_ns on existing rows means "unknown": compared by CRC64, not re-uploaded
+    db.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
+    db.execute("ALTER TABLE files ADD COLUMN check_crc INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE uploads ADD COLUMN ctime_ns INTEGER")
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_verification, _migration_ctime]
+_IDENTITY_SQL = " AND size=? AND mtime_ns=? AND inode=? AND ctime_ns IS ?"
 _FILE_COLS = ", ".join(f.name for f in fields(FileRow))
 _UPLOAD_COLS = ", ".join(f.name for f in fields(UploadRow))
+
+
+def _identity_params(i: Identity) -> list:
+    return [i.size, i.mtime_ns, i.inode, i.ctime_ns]
 
 
 def _file(row: tuple) -> FileRow:
@@ -258,27 +274,37 @@ class State:
         row = self._one(f"SELECT {_FILE_COLS} FROM files WHERE id = ?", [file_id])
         return _file(row) if row else None
 
-    def observe(self, path: str, watch: str, key: str, size: int, mtime_ns: int, inode: int,
+    def observe(self, path: str, watch: str, key: str, identity: Identity,
                 *, state: str = "queued", now: float | None = None) -> tuple[FileRow, bool]:
         """Record a version of a file. Returns (row, is_new_version).
 
-        A new identity (size, mtime_ns, inode) resets the file to `state` with a fresh
-        attempt budget; the same identity leaves the row alone.
+        A new identity resets the file to `state` with a fresh attempt budget; the same
+        identity leaves the row alone. Only the ctime moved on a `done` file: queued with
+        check_crc, so the uploader compares CRC64 before sending anything.
         """
         now = time.time() if now is None else now
         with self._lock, self.db.atomic():
             old = self.get(path)
-            if old and old.identity == (size, mtime_ns, inode) and old.key == key and old.state not in ("gone", "skipped"):
+            same_key = old is not None and old.key == key and old.state not in ("gone", "skipped")
+            if same_key and old.identity == identity:
                 return old, False
+            check_crc = 0
+            if same_key and old.identity.same_but_ctime(identity):
+                if old.state == "done" and old.crc64 is not None:
+                    check_crc = 1
+                elif old.ctime_ns is None:   # unknown since the upgrade: the same version
+                    self.db.execute("UPDATE files SET ctime_ns=? WHERE id=?", [identity.ctime_ns, old.id])
+                    return self.get(path), False
             if old:
                 self.db.execute(
-                    "UPDATE files SET watch=?, key=?, size=?, mtime_ns=?, inode=?, state=?, attempts=0,"
-                    " next_attempt_at=NULL, error=NULL, bytes_done=0, updated_at=? WHERE id=?",
-                    [watch, key, size, mtime_ns, inode, state, now, old.id])
+                    "UPDATE files SET watch=?, key=?, size=?, mtime_ns=?, inode=?, ctime_ns=?, check_crc=?, state=?,"
+                    " attempts=0, next_attempt_at=NULL, error=NULL, bytes_done=0, updated_at=? WHERE id=?",
+                    [watch, key, *_identity_params(identity), check_crc, state, now, old.id])
             else:
                 self.db.execute(
-                    "INSERT INTO files (path, watch, key, size, mtime_ns, inode, state, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [path, watch, key, size, mtime_ns, inode, state, now])
+                    "INSERT INTO files (path, watch, key, size, mtime_ns, inode, ctime_ns, state, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [path, watch, key, *_identity_params(identity), state, now])
             return self.get(path), True
 
     def mark_skipped(self, path: str, watch: str, reason: str, *, now: float | None = None) -> None:
@@ -292,7 +318,7 @@ class State:
 
     def transition(self, file_id: int, state: str, *, error: str | None = None,
                    next_attempt_at: float | None = None, count_attempt: bool = False,
-                   identity: tuple[int, int, int] | None = None, now: float | None = None) -> bool:
+                   identity: Identity | None = None, now: float | None = None) -> bool:
         """Move a file to `state`. With `identity`, only if the row still describes that
         version (a newer version observed meanwhile must not be overwritten)."""
         assert state in STATES, state
@@ -300,11 +326,19 @@ class State:
         sql = "UPDATE files SET state=?, error=?, next_attempt_at=?, attempts=attempts+?, updated_at=? WHERE id=?"
         params = [state, error, next_attempt_at, int(count_attempt), now, file_id]
         if identity is not None:
-            sql += " AND size=? AND mtime_ns=? AND inode=?"
-            params += list(identity)
+            sql += _IDENTITY_SQL
+            params += _identity_params(identity)
         return self._write(sql, params).rowcount == 1
 
-    def mark_done(self, file_id: int, identity: tuple[int, int, int], *, url: str, etag: str, crc64: int,
+    def mark_unchanged(self, file_id: int, identity: Identity, *, now: float | None = None) -> bool:
+        """Only the ctime moved and the CRC64 still matches the object: done again, with
+        the new identity already recorded, and nothing sent."""
+        now = time.time() if now is None else now
+        return self._write(
+            "UPDATE files SET state='done', check_crc=0, error=NULL, next_attempt_at=NULL, bytes_done=size,"
+            " updated_at=? WHERE id=?" + _IDENTITY_SQL, [now, file_id, *_identity_params(identity)]).rowcount == 1
+
+    def mark_done(self, file_id: int, identity: Identity, *, url: str, etag: str, crc64: int,
                   mode: str, verification: str = "crc64", now: float | None = None) -> bool:
         """The object of this version is verified: record it and forget the upload, in one
         transaction. False (and nothing written) if the row moved on to a newer version."""
@@ -312,9 +346,8 @@ class State:
         with self._lock, self.db.atomic():
             n = self.db.execute(
                 "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
-                " error=NULL, next_attempt_at=NULL, bytes_done=size, updated_at=?"
-                " WHERE id=? AND size=? AND mtime_ns=? AND inode=?",
-                [url, etag, str(crc64), mode, verification, now, now, file_id, *identity]).rowcount
+                " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=?" + _IDENTITY_SQL,
+                [url, etag, str(crc64), mode, verification, now, now, file_id, *_identity_params(identity)]).rowcount
             if n:
                 self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
             return n == 1
@@ -366,10 +399,10 @@ class State:
             f"SELECT {_FILE_COLS} FROM files WHERE state IN ('failed', 'retry_wait', 'skipped')"
             " ORDER BY updated_at DESC LIMIT ?", [limit])]
 
-    def known_identities(self, watch: str) -> dict[str, tuple[str, tuple[int, int, int]]]:
+    def known_identities(self, watch: str) -> dict[str, tuple[str, Identity]]:
         """path -> (state, identity) for one watch root, for a fast rescan."""
-        return {p: (s, (z, m, i)) for p, s, z, m, i in self._all(
-            "SELECT path, state, size, mtime_ns, inode FROM files WHERE watch=?", [watch])}
+        return {p: (s, Identity(z, m, i, c)) for p, s, z, m, i, c in self._all(
+            "SELECT path, state, size, mtime_ns, inode, ctime_ns FROM files WHERE watch=?", [watch])}
 
     # -- multipart uploads -----------------------------------------------------------------
 
@@ -381,14 +414,15 @@ class State:
         return [UploadRow(*r) for r in self._all(f"SELECT {_UPLOAD_COLS} FROM uploads")]
 
     def begin_upload(self, file_id: int, upload_id: str, key: str, part_size: int,
-                     identity: tuple[int, int, int], *, now: float | None = None) -> UploadRow:
+                     identity: Identity, *, now: float | None = None) -> UploadRow:
         now = time.time() if now is None else now
-        size, mtime_ns, inode = identity
+        i = identity
         with self._lock, self.db.atomic():
             self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
             self.db.execute(
-                "INSERT INTO uploads (file, upload_id, key, part_size, size, mtime_ns, inode, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [file_id, upload_id, key, part_size, size, mtime_ns, inode, now])
+                "INSERT INTO uploads (file, upload_id, key, part_size, size, mtime_ns, inode, ctime_ns, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [file_id, upload_id, key, part_size, i.size, i.mtime_ns, i.inode, i.ctime_ns, now])
             return self.upload_for(file_id)
 
     def record_part(self, upload: int, number: int, etag: str, crc64: int, size: int) -> None:

@@ -39,6 +39,7 @@ def status_dict(cfg: Config, state: State | None) -> dict:
         paused = state.get_meta("paused") == "1"
         verification = json.loads(state.get_meta("verification") or "null")
     return {
+        "watches": _watches(state) if state is not None and pid is not None else [],
         "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
                    "paused": paused and pid is not None},
         "counts": counts,
@@ -51,6 +52,24 @@ def status_dict(cfg: Config, state: State | None) -> dict:
         "state_db": str(cfg.state.path),
         "generated_at": iso(time.time()),
     }
+
+
+def _watches(state: State) -> list[dict]:
+    """Each watch root as the running daemon last saw it: ok, missing or failed (re-arm)."""
+    out = []
+    for w in json.loads(state.get_meta("watches") or "[]"):
+        out.append({**w, "since": iso(w.get("since"))})
+    return out
+
+
+def _render_watches(watches: list[dict], console: Console) -> None:
+    for w in watches:
+        if w["state"] == "ok":
+            console.print(f"watch[{w['index']}] {escape(w['path'])}: ok")
+            continue
+        why = f": {escape(w['error'])}" if w.get("error") else ""
+        console.print(f"[red]watch[{w['index']}] {escape(w['path'])}: {w['state'].upper()} since {w['since']}"
+                      f"{why}[/red] - no events from it; recreate the folder and it is watched again")
 
 
 def _mib(n: int) -> str:
@@ -75,6 +94,7 @@ def render_status(d: dict, console: Console) -> None:
         how = ("CRC64 (x-oss-hash-crc64ecma)" if v["mode"] == "crc64"
                else "MD5 (the server returns no x-oss-hash-crc64ecma; Content-MD5 and ETag are checked)")
         console.print(f"verification: {how}, detected {v['detected_at']}")
+    _render_watches(d.get("watches", []), console)
     counts = ", ".join(f"{s} {n}" for s, n in d["counts"].items() if n)
     console.print(f"files: {counts or 'none'}")
     if d["in_flight"]:

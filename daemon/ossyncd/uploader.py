@@ -24,6 +24,7 @@ from ossyncd.body import Body, RateLimiter
 from ossyncd.config import UploadConfig
 from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
                             TransientError)
+from ossyncd.model import Identity
 from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff, CredentialsUnavailable
 from ossyncd.state import FileRow, PartRow, State, UploadRow
@@ -64,11 +65,11 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     parts_sent: int = 0
+    unchanged: bool = False  # done without sending: only the ctime had moved
 
 
-def stat_identity(path: str) -> tuple[int, int, int]:
-    st = os.stat(path, follow_symlinks=False)
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+def stat_identity(path: str) -> Identity:
+    return Identity.of(os.stat(path, follow_symlinks=False))
 
 
 class Uploader:
@@ -126,6 +127,10 @@ class Uploader:
                     return self._file_problem(row, changed)
             return self._retry_later(row, f"{e} (will retry)")
         seconds = time.monotonic() - started
+        if mode == "unchanged":
+            log.info("unchanged; only its ctime moved, the object already holds these bytes", path=row.path,
+                     key=row.key, crc64=str(row.crc64))
+            return Outcome("done", seconds=seconds, unchanged=True)
         log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
                  seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(row.key))
         return Outcome("done", seconds=seconds, parts_sent=parts)
@@ -170,7 +175,7 @@ class Uploader:
             now = stat_identity(row.path)
         except FileNotFoundError:
             raise FileProblem(row.path, "gone", "vanished before or during upload") from None
-        if now != row.identity:
+        if not row.identity.matches(now):
             raise FileProblem(row.path, "changed", "file changed since it was queued")
 
     def _upload(self, row: FileRow, scope: CancelScope) -> tuple[str, int]:
@@ -194,12 +199,25 @@ class Uploader:
             os.close(fd)
             raise FileProblem(row.path, "changed", "replaced by another file since it was queued")
         try:
+            if row.check_crc and row.crc64 is not None and self._unchanged(row, fd, scope):
+                return "unchanged", 0
             if is_multipart(row.size, self.cfg):
                 return "multipart", self._multipart(row, fd, scope)
             self._simple(row, fd, scope)
             return "simple", 1
         finally:
             os.close(fd)
+
+    def _unchanged(self, row: FileRow, fd: int, scope: CancelScope) -> bool:
+        """Only the ctime moved since `done` (a chmod, a rename, `touch -r`): if our bytes still
+        have the object's CRC64, record the new identity instead of sending them again."""
+        _, crc = Body(row.path, fd, 0, row.size, cancel=scope).checksum()
+        if crc != row.crc64:
+            return False          # a same-size rewrite with the mtime restored (`cp -p`): upload
+        self._check_identity(row)
+        if not self.state.mark_unchanged(row.id, row.identity):
+            raise FileProblem(row.path, "changed", "a newer version was seen during the CRC64 check")
+        return True
 
     def _progress(self, row: FileRow):
         last = [time.monotonic()]   # first write after PROGRESS_EVERY: small files need none
@@ -320,7 +338,7 @@ class Uploader:
         up = self.state.upload_for(row.id)
         if up is None:
             return None
-        if up.identity != row.identity or up.key != row.key:
+        if not up.identity.matches(row.identity) or up.key != row.key:
             log.info("file changed since its upload began; aborting the old upload", path=row.path)
             self._abort(up)
             return None

@@ -98,11 +98,24 @@ class _Root:
     def __init__(self, watch):
         self.watch = watch
         self.root = os.path.normpath(os.fspath(watch.path))
+        # inotify on a symlink watches the link, not the folder: watch the target, and
+        # report paths under the configured root, as the scanner and state name them.
+        self.real = os.path.realpath(self.root)
         self.observer: BaseObserver | None = None
         self.backend: str | None = None  # "inotify" | "polling"
         self.active = False  # False: drop events (removed / stopping)
         self.limit_error: OSError | None = None
         self.switching = False
+
+    def configured(self, path) -> str:
+        """An event path below the watched target, renamed to below the configured root."""
+        path = os.fsdecode(path)
+        if self.real == self.root:
+            return path
+        if path == self.real:
+            return self.root
+        head = self.real.rstrip("/") + "/"
+        return self.root + "/" + path[len(head):] if path.startswith(head) else path
 
 
 class _Handler(FileSystemEventHandler):
@@ -120,20 +133,21 @@ class _Handler(FileSystemEventHandler):
 
     def _dispatch(self, event) -> None:
         t = type(event)
+        r = self.r
         if t is FileClosedEvent:
-            self.w._report(self.r, event.src_path, True)
+            self.w._report(r, r.configured(event.src_path), True)
         elif t is FileCreatedEvent or t is FileModifiedEvent:
-            self.w._report(self.r, event.src_path, False)
+            self.w._report(r, r.configured(event.src_path), False)
         elif t is FileMovedEvent:
             # A rename is atomic: the file is complete under its final name.
             if event.dest_path:
-                self.w._report(self.r, event.dest_path, True)
+                self.w._report(r, r.configured(event.dest_path), True)
         elif t is DirMovedEvent:
-            if event.dest_path and self.r.watch.recursive:
-                self.w._walk(self.r, os.fsdecode(event.dest_path), closed=True)
-        elif t is DirDeletedEvent and os.fsdecode(event.src_path) == self.r.root:
+            if event.dest_path and r.watch.recursive:
+                self.w._walk(r, r.configured(event.dest_path), closed=True)
+        elif t is DirDeletedEvent and r.configured(event.src_path) == r.root:
             log.error("watch_root_deleted", watch=self.r.watch.index, path=self.r.root,
-                      hint="recreate the folder and restart ossyncd; no events until then")
+                      hint="recreate the folder; the watch is re-armed when it reappears")
 
 
 class Watcher:
@@ -236,7 +250,8 @@ class Watcher:
         log.info("watch_polling", watch=r.watch.index, path=r.root, interval=self._poll_interval)
 
     def _schedule(self, obs: BaseObserver, r: _Root) -> None:
-        obs.schedule(_Handler(self, r), r.root, recursive=bool(r.watch.recursive), event_filter=_EVENT_FILTER)
+        r.real = os.path.realpath(r.root)   # again: a re-armed root may point elsewhere now
+        obs.schedule(_Handler(self, r), r.real, recursive=bool(r.watch.recursive), event_filter=_EVENT_FILTER)
 
     def _stop_root(self, r: _Root) -> None:
         r.active = False
@@ -301,9 +316,9 @@ class Watcher:
             rel = relpath_of(r.root, path)
         except ValueError:
             return
-        if not rel or is_temp_name(rel.rpartition("/")[2]):
-            return
         w = r.watch
+        if not rel or is_temp_name(rel.rpartition("/")[2], getattr(w, "temp_names", None)):
+            return
         if is_excluded(rel, w.exclude or ()) or watch_ignores(w, path):
             return
         self._on_event(w, path, closed)

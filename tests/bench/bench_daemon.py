@@ -121,6 +121,7 @@ def bench_latency(tmp: Path, info: dict, count: int = 30) -> list[float]:
 
 def bench_rescan(tmp: Path, info: dict, n: int) -> tuple[float, float, int]:
     sys.path.insert(0, str(ROOT / "daemon"))
+    from ossyncd.model import Identity
     from ossyncd.state import State
     (tmp / "rescan").mkdir()
     drop = tmp / "drop-rescan"
@@ -133,7 +134,7 @@ def bench_rescan(tmp: Path, info: dict, n: int) -> tuple[float, float, int]:
             p = d / f"f{i}.txt"
             p.write_bytes(b"x")
             st = os.stat(p)
-            row, _ = state.observe(str(p), str(drop), f"d/d{i % 100}/f{i}.txt", st.st_size, st.st_mtime_ns, st.st_ino)
+            row, _ = state.observe(str(p), str(drop), f"d/d{i % 100}/f{i}.txt", Identity.of(st))
             state.mark_done(row.id, row.identity, url="u", etag="E", crc64=0, mode="simple")
     state.close()
     uploads = ("PutObject", "InitiateMultipartUpload", "UploadPart", "CompleteMultipartUpload")

@@ -1,0 +1,39 @@
+"""A version of a file, as the daemon compares it everywhere (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _clamp(ns: int) -> int:
+    # A clock set to 2300 gives st_mtime_ns beyond SQLite's INTEGER. Clamping in the one
+    # place identities are built keeps both sides of every comparison equal.
+    return min(max(ns, _INT64_MIN), _INT64_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """size, mtime and inode say which version a file is; ctime catches the rewrite that
+    restores the mtime (`cp -p`, `touch -r`), since nothing can set the ctime back.
+    ctime_ns None: unknown (a row recorded before ctimes were kept)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int | None = None
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Identity":
+        return cls(st.st_size, _clamp(st.st_mtime_ns), st.st_ino, _clamp(st.st_ctime_ns))
+
+    def same_but_ctime(self, other: "Identity") -> bool:
+        """Equal size, mtime and inode: a different ctime alone may be a chmod."""
+        return (self.size, self.mtime_ns, self.inode) == (other.size, other.mtime_ns, other.inode)
+
+    def matches(self, other: "Identity") -> bool:
+        """The same version, where an unknown ctime matches any."""
+        return self.same_but_ctime(other) and (
+            self.ctime_ns is None or other.ctime_ns is None or self.ctime_ns == other.ctime_ns)
