@@ -63,7 +63,7 @@ def test_verification_migration_keeps_rows_and_records_the_mode(tmp_path):
     s = State(path)
     try:
         assert s.get("/d/old").verification is None
-        row, _ = s.observe("/d/a", "/d", "a", 10, 1, 7)
+        row, _ = s.observe("/d/a", "/d", "a", Identity(10, 1, 7))
         assert s.mark_done(row.id, row.identity, url="u", etag="E", crc64=1, mode="simple", verification="md5")
         assert s.get("/d/a").verification == "md5"
     finally:
