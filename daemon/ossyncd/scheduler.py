@@ -22,7 +22,7 @@ import structlog
 
 from ossyncd.config import Config, WatchConfig
 from ossyncd.engine import Engine
-from ossyncd.errors import StoreError
+from ossyncd.errors import StateError, StoreError
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
 from ossyncd.settle import SettleTracker
@@ -32,6 +32,8 @@ from ossyncd.uploader import CancelScope, Outcome
 log = structlog.get_logger(__name__)
 MAX_EVENTS_PER_TICK = 20_000
 STATUS_EVERY = 1.0
+STATE_BACKOFF_MIN, STATE_BACKOFF_MAX = 1.0, 30.0   # seconds between retries of an unusable state DB
+FILE_CHECK_EVERY = 2.0                              # seconds between checks that state.db is still ours
 
 
 @dataclass
@@ -64,6 +66,13 @@ class Scheduler:
         self.uploaded_bytes = 0
         self.on_done = None                      # hook: (row, outcome) for metrics
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
+        self.state_error: str | None = None     # the state DB problem the loop is backing off from
+        self.fatal: StateError | None = None    # the state DB problem that stopped the loop
+        self._state_failures = 0
+        self._tick_failed = False
+        self._health_at = float("-inf")
+        self._file_checked = float("-inf")
+        self._crashed: list[FileRow] = []       # rows whose crash is not recorded yet
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -95,11 +104,73 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """The loop. A state DB error that can clear (disk full) backs the loop off and is
+        retried; one that cannot (corrupt, deleted) is kept in `self.fatal` and stops the
+        daemon. Any other exception is logged and the loop carries on."""
         while not stop.is_set():
             now = time.time()
-            self.tick(now)
+            try:
+                self.tick(now)
+            except StateError as e:
+                if not e.clearable:
+                    self.fatal = e
+                    stop.set()
+                    return
+                self._wait_backoff(stop, self._state_trouble(e))
+                continue
+            except Exception as e:  # a bug: seen in the log, and the daemon keeps working
+                log.exception("scheduler tick crashed; retrying", error=repr(e))
+                self._tick_failed = True
+                self._wait_backoff(stop, STATE_BACKOFF_MIN)
+                continue
+            if self._tick_failed:
+                self._rebuild()
+            self._state_recovered()
             self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
             self.wake.clear()
+
+    def _rebuild(self) -> None:
+        """After a failed tick: settle decisions held in memory may never have reached state,
+        so start them over from the disk, as a restart would."""
+        self._tick_failed = False
+        for root, w in self.watches.items():
+            self.trackers[root] = SettleTracker(w.settle_seconds)
+        self.request_rescan()
+
+    def _state_trouble(self, e: StateError) -> float:
+        """Log a state DB problem once while it persists; return the next backoff delay."""
+        self._tick_failed = True
+        delay = min(STATE_BACKOFF_MAX, STATE_BACKOFF_MIN * 2 ** self._state_failures)
+        self._state_failures += 1
+        if self.state_error is None:
+            log.error("state DB unusable; uploads wait", error=str(e),
+                      retry=f"the daemon retries every {STATE_BACKOFF_MIN:g}..{STATE_BACKOFF_MAX:g} s")
+        self.state_error = str(e)
+        self._write_health()
+        return delay
+
+    def _state_recovered(self) -> None:
+        if self.state_error is not None:
+            log.info("state DB usable again; uploads continue", was=self.state_error)
+            self.state_error = None
+            self._state_failures = 0
+            self._write_health()
+        elif time.monotonic() - self._health_at >= STATUS_EVERY:
+            self._write_health()
+
+    def _write_health(self) -> None:
+        self._health_at = time.monotonic()
+        self.state.write_health({"heartbeat_at": time.time(), "state_error": self.state_error,
+                                 "state_retries": self._state_failures})
+
+    def _wait_backoff(self, stop: threading.Event, delay: float) -> None:
+        """Sleep `delay`, still ticking for the watchdog: a loop in backoff is not stuck, and a
+        restart cannot free a disk (it would only run into the start limit)."""
+        end = time.monotonic() + delay
+        while not stop.is_set() and time.monotonic() < end:
+            self.last_tick = time.monotonic()
+            self._write_health()
+            stop.wait(min(0.5, max(0.0, end - time.monotonic())))
 
     def next_wakeup(self, now: float) -> float:
         times = [now + 0.5]
@@ -116,8 +187,12 @@ class Scheduler:
 
     def tick(self, now: float) -> None:
         self.last_tick = time.monotonic()
+        if self.last_tick - self._file_checked >= FILE_CHECK_EVERY:
+            self._file_checked = self.last_tick
+            self.state.check_file()
         while not self.calls.empty():
             self.calls.get_nowait()()
+        self._record_crashes()
         self._reap()
         self._drain_intake(now)
         self._settle(now)
@@ -263,23 +338,33 @@ class Scheduler:
     def _finished(self, row: FileRow, fut) -> None:
         exc = fut.exception()
         outcome = Outcome("retry_wait", f"internal error: {exc!r}") if exc else fut.result()
-        if exc is not None:
+        if exc is not None and not isinstance(exc, StateError):
             log.error("upload crashed", path=row.path, error=repr(exc))
-            try:  # never leave the row `uploading`, where nothing would pick it up again
-                self.state.transition(row.id, "retry_wait", error=outcome.error, identity=row.identity,
-                                      next_attempt_at=time.time() + self.cfg.upload.file_retry_delay)
-            except Exception as e:  # the state DB itself failed; the restart path requeues it
-                log.error("cannot record the crash", path=row.path, error=repr(e))
-        self.finished.put((row, outcome))
+        self.finished.put((row, outcome, exc is not None))
         self.wake.set()
+
+    def _record_crashes(self) -> None:
+        """Rows whose job raised go to retry_wait, never left `uploading` where nothing would
+        pick them up again. On the loop thread, so a state error here backs the loop off and
+        the row stays listed until it is recorded."""
+        while self._crashed:
+            row = self._crashed[0]
+            if self.stopping:   # the restart requeues it
+                return
+            self.state.transition(row.id, "retry_wait", error="interrupted by an internal or state DB error",
+                                  identity=row.identity,
+                                  next_attempt_at=time.time() + self.cfg.upload.file_retry_delay)
+            self._crashed.pop(0)
 
     def _reap(self) -> None:
         while True:
             try:
-                row, outcome = self.finished.get_nowait()
+                row, outcome, crashed = self.finished.get_nowait()
             except queue.Empty:
                 return
             self.jobs.pop(row.id, None)
+            if crashed:
+                self._crashed.append(row)
             if outcome.state == "done":
                 self.uploaded_bytes += row.size
                 self._after_upload(row)
