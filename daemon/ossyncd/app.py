@@ -39,12 +39,11 @@ def _bounded(fn, seconds: float) -> None:
 
 
 def _exit_if_stuck(rc: int) -> None:
-    """Interpreter exit joins pool threads, which may sit in a request for a whole read timeout:
-    when any is left, flush and leave at once."""
-    stuck = [t.name for t in threading.enumerate()
-             if t.is_alive() and not t.daemon and t is not threading.main_thread()]
-    if stuck:
-        log.info("abandoning threads still in a request", threads=stuck)
+    """Interpreter exit joins every pool thread (daemon or not), and one may sit in a request
+    for a whole read timeout: when any thread is left, flush and leave at once."""
+    left = [t.name for t in threading.enumerate() if t.is_alive() and t is not threading.main_thread()]
+    if left:
+        log.info("abandoning threads still running", threads=left)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
