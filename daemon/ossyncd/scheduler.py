@@ -68,11 +68,11 @@ class Scheduler:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
         self.state_error: str | None = None     # the state DB problem the loop is backing off from
         self.fatal: StateError | None = None    # the state DB problem that stopped the loop
-        self._state_failures = 0
-        self._tick_failed = False
+        self._trouble_text: str | None = None    # the last failed tick's problem, while it persists
+        self._failures = 0
         self._health_at = float("-inf")
         self._file_checked = float("-inf")
-        self._crashed: list[FileRow] = []       # rows whose crash is not recorded yet
+        self._crashed: list[tuple[FileRow, str]] = []   # rows whose job raised, not recorded yet
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -106,7 +106,8 @@ class Scheduler:
     def run(self, stop: threading.Event) -> None:
         """The loop. A state DB error that can clear (disk full) backs the loop off and is
         retried; one that cannot (corrupt, deleted) is kept in `self.fatal` and stops the
-        daemon. Any other exception is logged and the loop carries on."""
+        daemon. Any other exception is logged and retried the same way: nothing ends the loop
+        unseen, and a problem that persists is logged once, not at every retry."""
         while not stop.is_set():
             now = time.time()
             try:
@@ -116,44 +117,42 @@ class Scheduler:
                     self.fatal = e
                     stop.set()
                     return
-                self._wait_backoff(stop, self._state_trouble(e))
+                self._wait_backoff(stop, self._trouble(e, state=True))
                 continue
             except Exception as e:  # a bug: seen in the log, and the daemon keeps working
-                log.exception("scheduler tick crashed; retrying", error=repr(e))
-                self._tick_failed = True
-                self._wait_backoff(stop, STATE_BACKOFF_MIN)
+                self._wait_backoff(stop, self._trouble(e, state=False))
                 continue
-            if self._tick_failed:
-                self._rebuild()
-            self._state_recovered()
+            self._healthy()
             self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
             self.wake.clear()
 
-    def _rebuild(self) -> None:
-        """After a failed tick: settle decisions held in memory may never have reached state,
-        so start them over from the disk, as a restart would."""
-        self._tick_failed = False
-        for root, w in self.watches.items():
-            self.trackers[root] = SettleTracker(w.settle_seconds)
-        self.request_rescan()
-
-    def _state_trouble(self, e: StateError) -> float:
-        """Log a state DB problem once while it persists; return the next backoff delay."""
-        self._tick_failed = True
-        delay = min(STATE_BACKOFF_MAX, STATE_BACKOFF_MIN * 2 ** self._state_failures)
-        self._state_failures += 1
-        if self.state_error is None:
-            log.error("state DB unusable; uploads wait", error=str(e),
-                      retry=f"the daemon retries every {STATE_BACKOFF_MIN:g}..{STATE_BACKOFF_MAX:g} s")
-        self.state_error = str(e)
+    def _trouble(self, e: Exception, *, state: bool) -> float:
+        """Record a failed tick (logged once while the same problem persists); return the
+        backoff delay before the next try."""
+        text = f"{e}; the daemon retries every {STATE_BACKOFF_MIN:g}..{STATE_BACKOFF_MAX:g} s" if state else repr(e)
+        if text != self._trouble_text:
+            if state:
+                log.error("state DB unusable; uploads wait", error=text)
+            else:
+                log.exception("scheduler tick crashed; retrying", error=text)
+        self._trouble_text = text
+        self.state_error = text if state else None
+        delay = min(STATE_BACKOFF_MAX, STATE_BACKOFF_MIN * 2 ** self._failures)
+        self._failures += 1
         self._write_health()
         return delay
 
-    def _state_recovered(self) -> None:
-        if self.state_error is not None:
-            log.info("state DB usable again; uploads continue", was=self.state_error)
-            self.state_error = None
-            self._state_failures = 0
+    def _healthy(self) -> None:
+        """After a good tick: if earlier ones failed, settle decisions held in memory may never
+        have reached state, so start them over from the disk, as a restart would."""
+        if self._trouble_text is not None:
+            if self.state_error is not None:
+                log.info("state DB usable again; uploads continue", was=self.state_error)
+            self._trouble_text = self.state_error = None
+            self._failures = 0
+            for root, w in self.watches.items():
+                self.trackers[root] = SettleTracker(w.settle_seconds)
+            self.request_rescan()
             self._write_health()
         elif time.monotonic() - self._health_at >= STATUS_EVERY:
             self._write_health()
@@ -161,7 +160,7 @@ class Scheduler:
     def _write_health(self) -> None:
         self._health_at = time.monotonic()
         self.state.write_health({"heartbeat_at": time.time(), "state_error": self.state_error,
-                                 "state_retries": self._state_failures})
+                                 "state_retries": self._failures})
 
     def _wait_backoff(self, stop: threading.Event, delay: float) -> None:
         """Sleep `delay`, still ticking for the watchdog: a loop in backoff is not stuck, and a
@@ -336,35 +335,34 @@ class Scheduler:
             fut.add_done_callback(lambda f, row=row: self._finished(row, f))
 
     def _finished(self, row: FileRow, fut) -> None:
+        if fut.cancelled():   # never started (shutdown): the row is still queued
+            return
         exc = fut.exception()
         outcome = Outcome("retry_wait", f"internal error: {exc!r}") if exc else fut.result()
-        if exc is not None and not isinstance(exc, StateError):
-            log.error("upload crashed", path=row.path, error=repr(exc))
-        self.finished.put((row, outcome, exc is not None))
+        if exc is not None:
+            log.error("upload crashed", path=row.path, error=str(exc) if isinstance(exc, StateError) else repr(exc))
+        self.finished.put((row, outcome, exc))
         self.wake.set()
 
     def _record_crashes(self) -> None:
         """Rows whose job raised go to retry_wait, never left `uploading` where nothing would
         pick them up again. On the loop thread, so a state error here backs the loop off and
         the row stays listed until it is recorded."""
-        while self._crashed:
-            row = self._crashed[0]
-            if self.stopping:   # the restart requeues it
-                return
-            self.state.transition(row.id, "retry_wait", error="interrupted by an internal or state DB error",
-                                  identity=row.identity,
+        while self._crashed and not self.stopping:   # when stopping, the restart requeues them
+            row, error = self._crashed[0]
+            self.state.transition(row.id, "retry_wait", error=f"upload interrupted: {error}", identity=row.identity,
                                   next_attempt_at=time.time() + self.cfg.upload.file_retry_delay)
             self._crashed.pop(0)
 
     def _reap(self) -> None:
         while True:
             try:
-                row, outcome, crashed = self.finished.get_nowait()
+                row, outcome, exc = self.finished.get_nowait()
             except queue.Empty:
                 return
             self.jobs.pop(row.id, None)
-            if crashed:
-                self._crashed.append(row)
+            if exc is not None:
+                self._crashed.append((row, str(exc) if isinstance(exc, StateError) else repr(exc)))
             if outcome.state == "done":
                 self.uploaded_bytes += row.size
                 self._after_upload(row)
@@ -423,6 +421,10 @@ class Scheduler:
         self.scope.set()
         deadline = time.monotonic() + timeout
         while self.jobs and time.monotonic() < deadline:
-            self._reap()
+            try:
+                self._reap()
+            except StateError as e:   # e.g. the fatal error that stops the daemon; the restart requeues
+                log.warning("uploads not recorded at stop; the restart requeues them", error=str(e))
+                break
             time.sleep(0.05)
         self.file_pool.shutdown(wait=False, cancel_futures=True)
