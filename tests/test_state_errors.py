@@ -6,13 +6,16 @@ the fix), and the single-writer lock (symlinked DB path, `ossyncd upload`)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from ossyncd.errors import StateError
 from ossyncd.state import State
 from tests.helpers import Daemon, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
 from tests.test_systemd import json_lines
@@ -245,3 +248,41 @@ def test_upload_refuses_while_the_daemon_holds_the_db(tmp_path, emulator, daemon
     r = ossyncd("upload", "-c", d.config, outside, timeout=60)     # no daemon: it uploads
     assert r.returncode == 0, r.stderr
     assert object_bytes(emulator, "outside.bin") == outside.read_bytes()
+
+
+# ------------------------------------------------------------------------ closed DB, stale heartbeat
+
+def test_a_closed_state_refuses_every_call(tmp_path):
+    """Shutdown closes the DB while abandoned workers may still return: nothing may be written."""
+    s = State(tmp_path / "state.db")
+    row, _ = s.observe("/d/a", "/d", "a", 1, 1, 1)
+    s.close()
+    calls = [lambda: s.observe("/d/b", "/d", "b", 1, 1, 2), lambda: s.transition(row.id, "failed"),
+             lambda: s.mark_done(row.id, row.identity, url="u", etag="e", crc64=1, mode="simple"),
+             lambda: s.begin_upload(row.id, "U", "a", 100, row.identity), lambda: s.counts(),
+             lambda: s.set_meta("paused", "1")]
+    for call in calls:
+        with pytest.raises(StateError, match="is closed"):
+            call()
+    assert State(tmp_path / "state.db", readonly=True).get("/d/a").state == "queued"
+
+
+def test_status_shows_a_running_daemon_whose_loop_stopped_ticking(tmp_path, emulator):
+    """The lock is held (by this process, standing in for the daemon) but the heartbeat in the
+    health file is old: `status` says the loop is stuck, and shows its last state error."""
+    cfg = write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db",
+                       watches=[{"path": str(tmp_path), "prefix": ""}])
+    s = State(tmp_path / "state.db")
+    s.acquire_daemon_lock()
+    s.open_health()
+    s.write_health({"heartbeat_at": time.time() - 600, "state_error": "state DB x: disk full; free space on y"})
+    try:
+        r = ossyncd("status", "-c", cfg, "--json")
+        assert r.returncode == 0, r.stderr
+        dm = json.loads(r.stdout)["daemon"]
+        assert dm["running"] and dm["pid"] == os.getpid() and dm["stuck"] and dm["heartbeat_age_s"] >= 600
+        assert dm["state_error"] == "state DB x: disk full; free space on y"
+        r = ossyncd("status", "-c", cfg)
+        assert "has not ticked for" in r.stdout and "disk full" in r.stdout, r.stdout
+    finally:
+        s.close()
