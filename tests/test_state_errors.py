@@ -286,3 +286,17 @@ def test_status_shows_a_running_daemon_whose_loop_stopped_ticking(tmp_path, emul
         assert "has not ticked for" in r.stdout and "disk full" in r.stdout, r.stdout
     finally:
         s.close()
+
+
+def test_metrics_scrape_survives_an_unreadable_state_db(tmp_path):
+    """The scrape runs on the endpoint's thread: a state error drops the state gauges only."""
+    from prometheus_client import generate_latest
+
+    from ossyncd.metrics import Metrics
+    s = State(tmp_path / "state.db")
+    m = Metrics()
+    m.bind(s, None)
+    assert b"ossyncd_queue_depth" in generate_latest(m.registry)
+    s.close()                                  # every read now raises StateError
+    text = generate_latest(m.registry)
+    assert b"ossyncd_uploads_completed_total" in text and b"ossyncd_queue_depth" not in text
