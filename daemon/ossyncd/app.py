@@ -131,7 +131,9 @@ class Daemon:
         self.notifier.send("STOPPING=1")
         log.info("stopping: cancelling in-flight parts; checkpoints are kept")
         deadline = time.monotonic() + SHUTDOWN_BUDGET
-        left = lambda cap: max(0.0, min(cap, deadline - time.monotonic()))  # noqa: E731
+
+        def left(cap: float) -> float:   # each step gets at most `cap` of what remains
+            return max(0.0, min(cap, deadline - time.monotonic()))
         _bounded(self.watcher.stop, left(5))
         loop.join(left(5))
         self.scheduler.shutdown(timeout=left(8))

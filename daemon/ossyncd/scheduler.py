@@ -67,6 +67,7 @@ class Scheduler:
         self.on_done = None                      # hook: (row, outcome) for metrics
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
         self.state_error: str | None = None     # the state DB problem the loop is backing off from
+        self.loop_error: str | None = None      # or the unexpected exception it is backing off from
         self.fatal: StateError | None = None    # the state DB problem that stopped the loop
         self._trouble_text: str | None = None    # the last failed tick's problem, while it persists
         self._failures = 0
@@ -137,6 +138,7 @@ class Scheduler:
                 log.exception("scheduler tick crashed; retrying", error=text)
         self._trouble_text = text
         self.state_error = text if state else None
+        self.loop_error = None if state else text
         delay = min(STATE_BACKOFF_MAX, STATE_BACKOFF_MIN * 2 ** self._failures)
         self._failures += 1
         self._write_health()
@@ -148,7 +150,7 @@ class Scheduler:
         if self._trouble_text is not None:
             if self.state_error is not None:
                 log.info("state DB usable again; uploads continue", was=self.state_error)
-            self._trouble_text = self.state_error = None
+            self._trouble_text = self.state_error = self.loop_error = None
             self._failures = 0
             for root, w in self.watches.items():
                 self.trackers[root] = SettleTracker(w.settle_seconds)
@@ -160,7 +162,7 @@ class Scheduler:
     def _write_health(self) -> None:
         self._health_at = time.monotonic()
         self.state.write_health({"heartbeat_at": time.time(), "state_error": self.state_error,
-                                 "state_retries": self._failures})
+                                 "loop_error": self.loop_error, "state_retries": self._failures})
 
     def _wait_backoff(self, stop: threading.Event, delay: float) -> None:
         """Sleep `delay`, still ticking for the watchdog: a loop in backoff is not stuck, and a

@@ -33,10 +33,11 @@ def daemon_health(db_path, pid: int | None, now: float) -> dict:
     heartbeat. Read from '<db>.health', which the daemon rewrites even when the DB cannot be."""
     h = State.read_health(db_path) if pid else {}
     if not h or h.get("pid") != pid or not isinstance(h.get("heartbeat_at"), (int, float)):
-        return {"state_error": None, "state_retries": 0, "heartbeat_age_s": None, "stuck": False}
+        return {"state_error": None, "loop_error": None, "state_retries": 0, "heartbeat_age_s": None,
+                "stuck": False}
     age = round(max(0.0, now - h["heartbeat_at"]), 1)
-    return {"state_error": h.get("state_error"), "state_retries": h.get("state_retries", 0),
-            "heartbeat_age_s": age, "stuck": age > HEARTBEAT_STALE}
+    return {"state_error": h.get("state_error"), "loop_error": h.get("loop_error"),
+            "state_retries": h.get("state_retries", 0), "heartbeat_age_s": age, "stuck": age > HEARTBEAT_STALE}
 
 
 def status_dict(cfg: Config, state: State | None) -> dict:
@@ -74,7 +75,9 @@ def render_status(d: dict, console: Console) -> None:
     running = f"running (pid {dm['pid']})" if dm["running"] else "not running"
     console.print(f"[bold]ossyncd[/bold] {running}{' - PAUSED' if dm['paused'] else ''}   state: {escape(d['state_db'])}")
     if dm.get("state_error"):
-        console.print(f"[red]state error:[/red] {escape(dm['state_error'])} (uploads wait; the daemon retries)")
+        console.print(f"[red]state error:[/red] {escape(dm['state_error'])} (uploads wait)")
+    if dm.get("loop_error"):
+        console.print(f"[red]scheduler error:[/red] {escape(dm['loop_error'])} (uploads wait; see the log)")
     if dm.get("stuck"):
         console.print(f"[red]the daemon's loop has not ticked for {dm['heartbeat_age_s']:.0f} s[/red]; "
                       "see its log (journalctl -u ossyncd)")
