@@ -130,7 +130,9 @@ def fatal_lines(d: Daemon) -> list[dict]:
 def test_corrupt_page_under_the_running_daemon_exits_nonzero(tmp_path, emulator, daemon_factory):
     d = started_with_one_done(daemon_factory, tmp_path, emulator)
     db = sqlite3.connect(str(d.db), timeout=10, isolation_level=None)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")      # every page now lives in the DB file
+    # every page now lives in the DB file (busy = 0: the checkpoint was complete)
+    wait_until(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0, 20,
+               what="a complete checkpoint")
     page = db.execute("PRAGMA page_size").fetchone()[0]
     db.close()
     size = d.db.stat().st_size
