@@ -209,6 +209,7 @@ class State:
         self._lock = threading.RLock()
         self._lockfile: int | None = None
         self._health: int | None = None
+        self._health_failed = False
         self._closed = False
         if self.path.is_dir():
             raise StateError(f"state.path {self.path} is a directory; set state.path to a file in it, "
@@ -328,16 +329,25 @@ class State:
                         path=self.health_path(self.path), error=e.strerror)
 
     def write_health(self, health: dict) -> None:
+        """Rewrite '<db>.health' in place at its fixed size (no new blocks on a full disk)."""
         if self._health is None:
             return
-        data = json.dumps({**health, "pid": os.getpid()}).encode()
-        if len(data) > HEALTH_SIZE:
-            data = json.dumps({"pid": os.getpid(), "heartbeat_at": health.get("heartbeat_at"),
-                               "state_error": str(health.get("state_error"))[:HEALTH_SIZE // 2]}).encode()
+        health = {**health, "pid": os.getpid()}
+        data = json.dumps(health).encode()
+        for key in ("loop_error", "state_error"):   # a very long message is cut to fit
+            if len(data) > HEALTH_SIZE and health.get(key):
+                health[key] = health[key][:300] + "..."
+                data = json.dumps(health).encode()
         try:
-            os.pwrite(self._health, data.ljust(HEALTH_SIZE), 0)
+            with self._lock:   # close() may run meanwhile: never write to a closed (reused) fd
+                if self._health is not None:
+                    os.pwrite(self._health, data.ljust(HEALTH_SIZE), 0)
+            self._health_failed = False
         except OSError as e:
-            log.warning("health file not written", path=self.health_path(self.path), error=e.strerror)
+            if not self._health_failed:   # once, not at every heartbeat
+                log.warning("health file not written; `status` cannot show state DB errors",
+                            path=self.health_path(self.path), error=e.strerror)
+            self._health_failed = True
 
     @staticmethod
     def read_health(db_path: str | os.PathLike) -> dict:
