@@ -152,9 +152,8 @@ class Scheduler:
                 log.info("state DB usable again; uploads continue", was=self.state_error)
             self._trouble_text = self.state_error = self.loop_error = None
             self._failures = 0
-            for root, w in self.watches.items():
-                self.trackers[root] = SettleTracker(w.settle_seconds)
-            self.request_rescan()
+            for w in list(self.watches.values()):
+                self.add_watch(w)   # a fresh tracker, rescanned at once
             self._write_health()
         elif time.monotonic() - self._health_at >= STATUS_EVERY:
             self._write_health()
