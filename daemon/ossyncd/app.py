@@ -7,6 +7,7 @@ SIGTERM/SIGINT stop cleanly (checkpoints kept, exit 0), SIGHUP reloads the confi
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,27 @@ from ossyncd.sweeper import Sweeper
 from ossyncd.watcher import Watcher
 
 log = structlog.get_logger(__name__)
+SHUTDOWN_BUDGET = 20.0   # seconds from SIGTERM to exit; the unit's TimeoutStopSec is 30
+
+
+def _bounded(fn, seconds: float) -> None:
+    """Run fn() but wait at most `seconds` for it (a stop that hangs must not hang the exit)."""
+    t = threading.Thread(target=fn, name=f"stop-{getattr(fn, '__name__', 'step')}", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        log.warning("shutdown step did not finish in time; abandoned", step=t.name)
+
+
+def _exit_if_stuck(rc: int) -> None:
+    """Interpreter exit joins every pool thread (daemon or not), and one may sit in a request
+    for a whole read timeout: when any thread is left, flush and leave at once."""
+    left = [t.name for t in threading.enumerate() if t.is_alive() and t is not threading.main_thread()]
+    if left:
+        log.info("abandoning threads still running", threads=left)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
 
 
 class Daemon:
@@ -69,7 +91,14 @@ class Daemon:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         self.cfg = cfg
-        interrupted = engine.state.reset_interrupted()
+        engine.state.open_health()
+        try:
+            interrupted = engine.state.reset_interrupted()
+        except StateError as e:
+            log.error("cannot start", error=str(e))
+            print(f"state error: {e}", file=sys.stderr)
+            engine.close(wait=False)
+            return 1
         engine.credentials.start()
         self.scheduler = sched = Scheduler(engine, cfg)
         self.sweeper = Sweeper(engine.store, engine.state, cfg,
@@ -92,17 +121,33 @@ class Daemon:
                  state=str(cfg.state.path), resumed=interrupted)
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
         self._supervise()
+        return self._shutdown(loop, sweep)
+
+    def _shutdown(self, loop: threading.Thread, sweep: threading.Thread) -> int:
+        """Stop within SHUTDOWN_BUDGET (below the unit's TimeoutStopSec=30), then close the DB;
+        anything still running after that is abandoned (its checkpoints stay valid, and a closed
+        State refuses every later write)."""
+        fatal = self.scheduler.fatal
+        if fatal is not None:
+            log.error("state DB unusable; exiting so that systemd restarts ossyncd", error=str(fatal))
         self.notifier.send("STOPPING=1")
         log.info("stopping: cancelling in-flight parts; checkpoints are kept")
-        self.watcher.stop()
-        loop.join(5)
-        sched.shutdown(timeout=8)
-        sweep.join(2)
+        deadline = time.monotonic() + SHUTDOWN_BUDGET
+
+        def left(cap: float) -> float:   # each step gets at most `cap` of what remains
+            return max(0.0, min(cap, deadline - time.monotonic()))
+        _bounded(self.watcher.stop, left(5))
+        loop.join(left(5))
+        self.scheduler.shutdown(timeout=left(8))
+        sweep.join(left(2))
         if self.metrics is not None:
-            self.metrics.close()
-        engine.close()
-        log.info("stopped")
-        return 0
+            _bounded(self.metrics.close, left(2))
+        _bounded(self.engine.credentials.stop, left(3))
+        self.engine.close(wait=False)
+        rc = 1 if fatal is not None else 0
+        log.info("stopped", exit_code=rc)
+        _exit_if_stuck(rc)
+        return rc
 
     def _start_metrics(self, cfg: Config) -> None:
         m = self.metrics
@@ -142,7 +187,13 @@ class Daemon:
             self.notifier.send(f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
-        c = self.engine.state.counts()
+        problem = getattr(getattr(self, "scheduler", None), "state_error", None)
+        try:
+            c = self.engine.state.counts() if not problem else {}
+        except StateError as e:   # the loop meets it too and decides; the main thread must live on
+            problem = str(e)
+        if problem:
+            return f"state DB error: {problem}"
         rate = getattr(self.scheduler, "throughput", 0.0) if hasattr(self, "scheduler") else 0.0
         paused = " PAUSED" if getattr(self, "scheduler", None) and self.scheduler.paused else ""
         return (f"queued {c.get('queued', 0) + c.get('retry_wait', 0)} / uploading {c.get('uploading', 0)} / "

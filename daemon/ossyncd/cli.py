@@ -36,6 +36,11 @@ def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Con
         sys.exit(EXIT_CONFIG)
 
 
+def _state_failed(e: StateError):
+    err.print(f"[red]state error:[/red] {escape(str(e))}", highlight=False)
+    sys.exit(1)
+
+
 def _open_state(cfg: Config, *, readonly: bool):
     from ossyncd.state import State
     if readonly and not cfg.state.path.exists():
@@ -43,11 +48,18 @@ def _open_state(cfg: Config, *, readonly: bool):
     try:
         return State(cfg.state.path, readonly=readonly)
     except StateError as e:
-        err.print(f"[red]state error:[/red] {e}", highlight=False)
-        sys.exit(1)
+        _state_failed(e)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StateError as e:   # e.g. a DB damaged under the running daemon: no traceback
+            _state_failed(e)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ossyncd")
 def main() -> None:
     """ossyncd: upload finished files from drop folders to Alibaba Cloud OSS."""
@@ -88,9 +100,11 @@ def upload(config_path, prefix, files):
     from ossyncd.credentials import CredentialsError
     try:
         engine = Engine(cfg, on_progress=on_progress)
+        # one writer per DB: racing the daemon on a file could record a correct object as failed
+        engine.state.acquire_daemon_lock(hint="drop the files into one of its watch folders, or stop it "
+                                              "and run `ossyncd upload` again")
     except StateError as e:
-        err.print(f"[red]state error:[/red] {e}", highlight=False)
-        sys.exit(1)
+        _state_failed(e)
     except CredentialsError as e:  # the [credentials] section cannot build a source
         err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(EXIT_CONFIG)

@@ -73,7 +73,8 @@ class Engine:
             return str(w.path), object_key(w.prefix, os.path.relpath(path, w.path))
         return "", object_key(prefix or "", os.path.basename(path))
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """wait=False: parts still in a request are abandoned (the daemon's bounded shutdown)."""
         self.credentials.stop()
-        self.part_pool.shutdown(wait=True, cancel_futures=True)
+        self.part_pool.shutdown(wait=wait, cancel_futures=True)
         self.state.close()

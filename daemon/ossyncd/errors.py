@@ -30,7 +30,14 @@ class ConfigError(OssyncdError):
 
 
 class StateError(OssyncdError):
-    """The state DB cannot be used (locked by another daemon, corrupt, disk full)."""
+    """The state DB cannot be used (locked by another daemon, corrupt, disk full).
+
+    ``clearable``: the cause can go away without a restart (disk full, I/O error, busy),
+    so a daemon retries; otherwise (corrupt, deleted, closed) it stops."""
+
+    def __init__(self, message: str, *, clearable: bool = False):
+        super().__init__(message)
+        self.clearable = clearable
 
 
 class Cancelled(OssyncdError):

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 from ossyncd.config import parse_listen
+from ossyncd.errors import StateError
 from ossyncd.state import STATES
 
 log = structlog.get_logger(__name__)
@@ -44,8 +45,12 @@ class _StateCollector:
 
     def collect(self):
         state, credentials = self._m.state, self._m.credentials
-        if state is not None:
-            counts = state.counts()
+        try:
+            counts = state.counts() if state is not None else None
+            paused = state is not None and state.get_meta("paused") == "1"
+        except StateError:   # the scheduler reports it (log, status); the scrape still serves the rest
+            counts = None
+        if counts is not None:
             files = GaugeMetricFamily("ossyncd_files", "Files per state", labels=["state"])
             for s in STATES:
                 files.add_metric([s], counts.get(s, 0))
@@ -53,7 +58,7 @@ class _StateCollector:
             yield GaugeMetricFamily("ossyncd_queue_depth", "Files waiting for an upload (queued + retry_wait)",
                                     value=counts.get("queued", 0) + counts.get("retry_wait", 0))
             yield GaugeMetricFamily("ossyncd_paused", "1 while uploads are paused (ossyncd pause)",
-                                    value=1 if state.get_meta("paused") == "1" else 0)
+                                    value=1 if paused else 0)
         if credentials is not None:
             expires = credentials.status().get("expires_at")
             if expires:

@@ -23,7 +23,7 @@ import structlog
 
 from ossyncd.config import Config, WatchConfig
 from ossyncd.engine import Engine
-from ossyncd.errors import StoreError
+from ossyncd.errors import StateError, StoreError
 from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
@@ -34,6 +34,8 @@ from ossyncd.uploader import CancelScope, Outcome
 log = structlog.get_logger(__name__)
 MAX_EVENTS_PER_TICK = 20_000
 STATUS_EVERY = 1.0
+STATE_BACKOFF_MIN, STATE_BACKOFF_MAX = 1.0, 30.0   # seconds between retries of an unusable state DB
+FILE_CHECK_EVERY = 2.0                              # seconds between checks that state.db is still ours
 ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exists
 
 
@@ -87,6 +89,14 @@ class Scheduler:
         self._roots_at = float("-inf")
         self._health_dirty = True
         self.temp_skipped: dict[str, str] = {}   # path -> root: settled files a temp-name rule skipped
+        self.state_error: str | None = None     # the state DB problem the loop is backing off from
+        self.loop_error: str | None = None      # or the unexpected exception it is backing off from
+        self.fatal: StateError | None = None    # the state DB problem that stopped the loop
+        self._trouble_text: str | None = None    # the last failed tick's problem, while it persists
+        self._failures = 0
+        self._health_at = float("-inf")
+        self._file_checked = float("-inf")
+        self._crashed: list[tuple[FileRow, str]] = []   # rows whose job raised, not recorded yet
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -122,11 +132,72 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """The loop. A state DB error that can clear (disk full) backs the loop off and is
+        retried; one that cannot (corrupt, deleted) is kept in `self.fatal` and stops the
+        daemon. Any other exception is logged and retried the same way: nothing ends the loop
+        unseen, and a problem that persists is logged once, not at every retry."""
         while not stop.is_set():
             now = time.time()
-            self.tick(now)
+            try:
+                self.tick(now)
+            except StateError as e:
+                if not e.clearable:
+                    self.fatal = e
+                    stop.set()
+                    return
+                self._wait_backoff(stop, self._trouble(e, state=True))
+                continue
+            except Exception as e:  # a bug: seen in the log, and the daemon keeps working
+                self._wait_backoff(stop, self._trouble(e, state=False))
+                continue
+            self._healthy()
             self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
             self.wake.clear()
+
+    def _trouble(self, e: Exception, *, state: bool) -> float:
+        """Record a failed tick (logged once while the same problem persists); return the
+        backoff delay before the next try."""
+        text = f"{e}; the daemon retries every {STATE_BACKOFF_MIN:g}..{STATE_BACKOFF_MAX:g} s" if state else repr(e)
+        if text != self._trouble_text:
+            if state:
+                log.error("state DB unusable; uploads wait", error=text)
+            else:
+                log.exception("scheduler tick crashed; retrying", error=text)
+        self._trouble_text = text
+        self.state_error = text if state else None
+        self.loop_error = None if state else text
+        delay = min(STATE_BACKOFF_MAX, STATE_BACKOFF_MIN * 2 ** self._failures)
+        self._failures += 1
+        self._write_health()
+        return delay
+
+    def _healthy(self) -> None:
+        """After a good tick: if earlier ones failed, settle decisions held in memory may never
+        have reached state, so start them over from the disk, as a restart would."""
+        if self._trouble_text is not None:
+            if self.state_error is not None:
+                log.info("state DB usable again; uploads continue", was=self.state_error)
+            self._trouble_text = self.state_error = self.loop_error = None
+            self._failures = 0
+            for w in list(self.watches.values()):
+                self.add_watch(w)   # a fresh tracker, rescanned at once
+            self._write_health()
+        elif time.monotonic() - self._health_at >= STATUS_EVERY:
+            self._write_health()
+
+    def _write_health(self) -> None:
+        self._health_at = time.monotonic()
+        self.state.write_health({"heartbeat_at": time.time(), "state_error": self.state_error,
+                                 "loop_error": self.loop_error, "state_retries": self._failures})
+
+    def _wait_backoff(self, stop: threading.Event, delay: float) -> None:
+        """Sleep `delay`, still ticking for the watchdog: a loop in backoff is not stuck, and a
+        restart cannot free a disk (it would only run into the start limit)."""
+        end = time.monotonic() + delay
+        while not stop.is_set() and time.monotonic() < end:
+            self.last_tick = time.monotonic()
+            self._write_health()
+            stop.wait(min(0.5, max(0.0, end - time.monotonic())))
 
     def next_wakeup(self, now: float) -> float:
         times = [now + 0.5]
@@ -143,8 +214,12 @@ class Scheduler:
 
     def tick(self, now: float) -> None:
         self.last_tick = time.monotonic()
+        if self.last_tick - self._file_checked >= FILE_CHECK_EVERY:
+            self._file_checked = self.last_tick
+            self.state.check_file()
         while not self.calls.empty():
             self.calls.get_nowait()()
+        self._record_crashes()
         self._reap()
         self._drain_intake(now)
         self._settle(now)
@@ -355,25 +430,34 @@ class Scheduler:
             fut.add_done_callback(lambda f, row=row: self._finished(row, f))
 
     def _finished(self, row: FileRow, fut) -> None:
+        if fut.cancelled():   # never started (shutdown): the row is still queued
+            return
         exc = fut.exception()
         outcome = Outcome("retry_wait", f"internal error: {exc!r}") if exc else fut.result()
         if exc is not None:
-            log.error("upload crashed", path=row.path, error=repr(exc))
-            try:  # never leave the row `uploading`, where nothing would pick it up again
-                self.state.transition(row.id, "retry_wait", error=outcome.error, identity=row.identity,
-                                      next_attempt_at=time.time() + self.cfg.upload.file_retry_delay)
-            except Exception as e:  # the state DB itself failed; the restart path requeues it
-                log.error("cannot record the crash", path=row.path, error=repr(e))
-        self.finished.put((row, outcome))
+            log.error("upload crashed", path=row.path, error=str(exc) if isinstance(exc, StateError) else repr(exc))
+        self.finished.put((row, outcome, exc))
         self.wake.set()
+
+    def _record_crashes(self) -> None:
+        """Rows whose job raised go to retry_wait, never left `uploading` where nothing would
+        pick them up again. On the loop thread, so a state error here backs the loop off and
+        the row stays listed until it is recorded."""
+        while self._crashed and not self.stopping:   # when stopping, the restart requeues them
+            row, error = self._crashed[0]
+            self.state.transition(row.id, "retry_wait", error=f"upload interrupted: {error}", identity=row.identity,
+                                  next_attempt_at=time.time() + self.cfg.upload.file_retry_delay)
+            self._crashed.pop(0)
 
     def _reap(self) -> None:
         while True:
             try:
-                row, outcome = self.finished.get_nowait()
+                row, outcome, exc = self.finished.get_nowait()
             except queue.Empty:
                 return
             self.jobs.pop(row.id, None)
+            if exc is not None:
+                self._crashed.append((row, str(exc) if isinstance(exc, StateError) else repr(exc)))
             if outcome.state == "done":
                 if not outcome.unchanged:
                     self.uploaded_bytes += row.size
@@ -433,6 +517,10 @@ class Scheduler:
         self.scope.set()
         deadline = time.monotonic() + timeout
         while self.jobs and time.monotonic() < deadline:
-            self._reap()
+            try:
+                self._reap()
+            except StateError as e:   # e.g. the fatal error that stops the daemon; the restart requeues
+                log.warning("uploads not recorded at stop; the restart requeues them", error=str(e))
+                break
             time.sleep(0.05)
         self.file_pool.shutdown(wait=False, cancel_futures=True)

@@ -8,18 +8,23 @@ stored as decimal text because they do not fit SQLite's signed INTEGER.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
 import sqlite_utils
+import structlog
 
 from ossyncd.errors import StateError
 from ossyncd.model import Identity
+
+log = structlog.get_logger(__name__)
 
 STATES = ("seen", "settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
 
@@ -167,22 +172,75 @@ def _file(row: tuple) -> FileRow:
     return r if r.crc64 is None else FileRow(**{**r.__dict__, "crc64": int(r.crc64)})
 
 
+# SQLite primary result codes (the low byte of sqlite_errorcode)
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
+_READONLY_DBMOVED = 1032
+HEALTH_SIZE = 4096      # the health file is rewritten in place, so a full disk cannot stop it
+
+
+def _write_problem(directory: Path) -> str | None:
+    """Why the process cannot write in `directory` (read-only mount, permissions), or None."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"read-only file system on {directory}"
+    except OSError as e:
+        return f"{e.strerror} on {directory}"
+    if not os.access(directory, os.W_OK):
+        return f"permission denied on {directory} for uid {os.geteuid()}"
+    return None
+
+
+def _unwritable_fix(directory: Path) -> str:
+    return (f"give the daemon's user write access to {directory} (ownership, mount options, "
+            f"or ReadWritePaths= in the unit)")
+
+
+def state_error(path: Path, e: sqlite3.Error) -> StateError:
+    """A StateError for a SQLite error on the DB at `path`: the cause, the fix, and
+    whether the daemon may retry (see StateError.clearable)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    base = code & 0xFF if code is not None else None
+    d = path.parent
+    if code == _READONLY_DBMOVED:
+        return StateError(f"state DB {path} was deleted or replaced while in use; restore it from a backup, "
+                          f"or restart ossyncd to start a new one (files are re-checked and re-uploaded)")
+    if base in (_CORRUPT, _NOTADB):
+        return StateError(f"state DB {path}: {e} (corrupt); stop ossyncd and move it aside (files will be "
+                          f"re-checked and re-uploaded as needed)")
+    if base == _FULL:
+        return StateError(f"state DB {path}: disk full; free space on {d}", clearable=True)
+    if base == _IOERR:
+        return StateError(f"state DB {path}: I/O error ({e}); check the disk under {d} (dmesg)", clearable=True)
+    if base in (_BUSY, _LOCKED):
+        return StateError(f"state DB {path}: locked ({e}); another process holds a long transaction on it",
+                          clearable=True)
+    if base in (_READONLY, _CANTOPEN):
+        why = _write_problem(d) or str(e)
+        return StateError(f"state DB {path}: cannot open or write it or its -wal/-shm files: {why}; "
+                          f"{_unwritable_fix(d)}", clearable=True)
+    return StateError(f"state DB {path}: {e}")
+
+
 class State:
-    """The daemon's durable record of files, multipart uploads and parts."""
+    """The daemon's durable record of files, multipart uploads and parts.
+
+    Every method raises StateError (never a bare sqlite3 error); after close() they all do."""
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
         self.path = Path(path)
         self._lock = threading.RLock()
         self._lockfile: int | None = None
+        self._health: int | None = None
+        self._health_failed = False
+        self._closed = False
+        if self.path.is_dir():
+            raise StateError(f"state.path {self.path} is a directory; set state.path to a file in it, "
+                             f"e.g. {self.path / 'state.db'}")
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
             else:
-                new = not self.path.exists()
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                os.close(fd)
-                if new:
-                    os.chmod(self.path, 0o600)
+                self._create_file()
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
             self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -192,9 +250,25 @@ class State:
                 # the last commits, which only causes a re-upload, never a false `done`.
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise StateError(f"state DB {self.path}: {e}; if it is corrupt, move it aside "
-                             f"(files will be re-checked and re-uploaded as needed)") from None
+            st = os.stat(self.path)
+            self._file_id = (st.st_dev, st.st_ino)
+        except sqlite3.Error as e:
+            raise state_error(self.path, e) from None
+
+    def _create_file(self) -> None:
+        new = not self.path.exists()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            raise StateError(f"state DB {self.path}: directory {self.path.parent} does not exist; create it "
+                             f"(the unit's StateDirectory= does) or change state.path") from None
+        except OSError as e:
+            why = _write_problem(self.path.parent) or e.strerror
+            raise StateError(f"state DB {self.path}: cannot open it for writing: {why}; "
+                             f"{_unwritable_fix(self.path.parent)}") from None
+        os.close(fd)
+        if new:
+            os.chmod(self.path, 0o600)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -209,17 +283,21 @@ class State:
                     migration(self.db)
                     self.db.execute(f"PRAGMA user_version={n}")
 
-    def acquire_daemon_lock(self) -> None:
+    @staticmethod
+    def _lock_path(db_path: str | os.PathLike) -> str:
+        # the resolved path: a symlink to the DB must meet the same lock
+        return f"{os.path.realpath(db_path)}.lock"
+
+    def acquire_daemon_lock(self, hint: str = "stop it first, or give this instance its own state.path") -> None:
         """Single instance: hold an exclusive flock on '<db>.lock' for the process lifetime."""
-        lock_path = f"{self.path}.lock"
+        lock_path = self._lock_path(self.path)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             holder = Path(lock_path).read_text().strip() or "another process"
-            raise StateError(f"state DB {self.path} is in use by another ossyncd (pid {holder}); "
-                             f"stop it first, or give this instance its own state.path") from None
+            raise StateError(f"state DB {self.path} is in use by another ossyncd (pid {holder}); {hint}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lockfile = fd
@@ -227,7 +305,7 @@ class State:
     @staticmethod
     def lock_holder(db_path: str | os.PathLike) -> int | None:
         """The pid of the daemon holding the DB, or None when no daemon runs."""
-        lock_path = f"{db_path}.lock"
+        lock_path = State._lock_path(db_path)
         try:
             fd = os.open(lock_path, os.O_RDONLY)
         except OSError:
@@ -242,26 +320,104 @@ class State:
         finally:
             os.close(fd)
 
+    def check_file(self) -> None:
+        """Raise StateError if the DB path no longer names the open file (deleted or replaced):
+        writes would go to an unlinked inode that `status`, `pause` and a restart never see."""
+        try:
+            st = os.stat(self.path)
+            now = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        if now != self._file_id:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StateError(f"state DB {self.path} was {what} while the daemon ran; nothing more can be "
+                             f"recorded, so the daemon stops; restore the file, or restart ossyncd to start "
+                             f"a new DB (files are then re-checked and re-uploaded)")
+
+    # -- health file: what `status` shows when the DB itself cannot be written -------------------
+
+    @staticmethod
+    def health_path(db_path: str | os.PathLike) -> str:
+        return f"{os.path.realpath(db_path)}.health"
+
+    def open_health(self) -> None:
+        """Create '<db>.health' at its full size now, so later in-place rewrites need no new space."""
+        try:
+            fd = os.open(self.health_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(fd, b" " * HEALTH_SIZE, 0)
+            self._health = fd
+        except OSError as e:
+            log.warning("health file not written; `status` cannot show state DB errors",
+                        path=self.health_path(self.path), error=e.strerror)
+
+    def write_health(self, health: dict) -> None:
+        """Rewrite '<db>.health' in place at its fixed size (no new blocks on a full disk)."""
+        if self._health is None:
+            return
+        health = {**health, "pid": os.getpid()}
+        data = json.dumps(health).encode()
+        for key in ("loop_error", "state_error"):   # a very long message is cut to fit
+            if len(data) > HEALTH_SIZE and health.get(key):
+                health[key] = health[key][:300] + "..."
+                data = json.dumps(health).encode()
+        try:
+            with self._lock:   # close() may run meanwhile: never write to a closed (reused) fd
+                if self._health is not None:
+                    os.pwrite(self._health, data.ljust(HEALTH_SIZE), 0)
+            self._health_failed = False
+        except OSError as e:
+            if not self._health_failed:   # once, not at every heartbeat
+                log.warning("health file not written; `status` cannot show state DB errors",
+                            path=self.health_path(self.path), error=e.strerror)
+            self._health_failed = True
+
+    @staticmethod
+    def read_health(db_path: str | os.PathLike) -> dict:
+        """The running daemon's health record ({} if none or unreadable)."""
+        for _ in range(3):   # a read may meet a rewrite in progress
+            try:
+                with open(State.health_path(db_path), "rb") as f:
+                    return json.loads(f.read(HEALTH_SIZE) or b"{}")
+            except OSError:
+                return {}
+            except ValueError:
+                time.sleep(0.01)
+        return {}
+
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.db.close()
-            if self._lockfile is not None:
-                os.close(self._lockfile)
-                self._lockfile = None
+            for fd in (self._lockfile, self._health):
+                if fd is not None:
+                    os.close(fd)
+            self._lockfile = self._health = None
+
+    @contextmanager
+    def _guard(self, write: bool):
+        """Hold the lock, run a transaction if `write`, and turn SQLite errors into StateError."""
+        with self._lock:
+            if self._closed:
+                raise StateError(f"state DB {self.path} is closed (the daemon is stopping); nothing recorded")
+            try:
+                if write:
+                    with self.db.atomic():
+                        yield
+                else:
+                    yield
+            except sqlite3.Error as e:
+                raise state_error(self.path, e) from None
 
     def _write(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
-        try:
-            with self._lock, self.db.atomic():
-                return self.db.execute(sql, list(params))
-        except sqlite3.OperationalError as e:
-            raise StateError(f"state DB {self.path}: {e}") from None
+        with self._guard(write=True):
+            return self.db.execute(sql, list(params))
 
     def _one(self, sql: str, params: Iterable = ()) -> tuple | None:
-        with self._lock:
+        with self._guard(write=False):
             return self.db.execute(sql, list(params)).fetchone()
 
     def _all(self, sql: str, params: Iterable = ()) -> list[tuple]:
-        with self._lock:
+        with self._guard(write=False):
             return self.db.execute(sql, list(params)).fetchall()
 
     # -- files -----------------------------------------------------------------------------
@@ -283,7 +439,7 @@ class State:
         check_crc, so the uploader compares CRC64 before sending anything.
         """
         now = time.time() if now is None else now
-        with self._lock, self.db.atomic():
+        with self._guard(write=True):
             old = self.get(path)
             same_key = old is not None and old.key == key and old.state not in ("gone", "skipped")
             if same_key and old.identity == identity:
@@ -343,7 +499,7 @@ class State:
         """The object of this version is verified: record it and forget the upload, in one
         transaction. False (and nothing written) if the row moved on to a newer version."""
         now = time.time() if now is None else now
-        with self._lock, self.db.atomic():
+        with self._guard(write=True):
             n = self.db.execute(
                 "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
                 " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=?" + _IDENTITY_SQL,
@@ -417,7 +573,7 @@ class State:
                      identity: Identity, *, now: float | None = None) -> UploadRow:
         now = time.time() if now is None else now
         i = identity
-        with self._lock, self.db.atomic():
+        with self._guard(write=True):
             self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
             self.db.execute(
                 "INSERT INTO uploads (file, upload_id, key, part_size, size, mtime_ns, inode, ctime_ns, created_at)"
@@ -435,7 +591,7 @@ class State:
 
     def set_parts(self, upload: int, parts: Iterable[PartRow]) -> None:
         """Replace the recorded parts (reconciliation: the server wins)."""
-        with self._lock, self.db.atomic():
+        with self._guard(write=True):
             self.db.execute("DELETE FROM parts WHERE upload=?", [upload])
             for p in parts:
                 self.db.execute("INSERT INTO parts (upload, number, etag, crc64, size) VALUES (?, ?, ?, ?, ?)",

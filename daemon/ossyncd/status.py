@@ -25,6 +25,21 @@ def file_json(f: FileRow) -> dict:
             "next_attempt_at": iso(f.next_attempt_at), "verification": f.verification}
 
 
+HEARTBEAT_STALE = 60.0   # seconds; the loop writes its heartbeat every second, even in backoff
+
+
+def daemon_health(db_path, pid: int | None, now: float) -> dict:
+    """The running daemon's state DB error, its retries so far, and the seconds since its last
+    heartbeat. Read from '<db>.health', which the daemon rewrites even when the DB cannot be."""
+    h = State.read_health(db_path) if pid else {}
+    if not h or h.get("pid") != pid or not isinstance(h.get("heartbeat_at"), (int, float)):
+        return {"state_error": None, "loop_error": None, "state_retries": 0, "heartbeat_age_s": None,
+                "stuck": False}
+    age = round(max(0.0, now - h["heartbeat_at"]), 1)
+    return {"state_error": h.get("state_error"), "loop_error": h.get("loop_error"),
+            "state_retries": h.get("state_retries", 0), "heartbeat_age_s": age, "stuck": age > HEARTBEAT_STALE}
+
+
 def status_dict(cfg: Config, state: State | None) -> dict:
     pid = State.lock_holder(cfg.state.path)
     counts = {s: 0 for s in STATES}
@@ -41,7 +56,7 @@ def status_dict(cfg: Config, state: State | None) -> dict:
     return {
         "watches": _watches(state) if state is not None and pid is not None else [],
         "daemon": {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
-                   "paused": paused and pid is not None},
+                   "paused": paused and pid is not None, **daemon_health(cfg.state.path, pid, time.time())},
         "counts": counts,
         "in_flight": in_flight,
         "failures": failures,
@@ -80,6 +95,13 @@ def render_status(d: dict, console: Console) -> None:
     dm = d["daemon"]
     running = f"running (pid {dm['pid']})" if dm["running"] else "not running"
     console.print(f"[bold]ossyncd[/bold] {running}{' - PAUSED' if dm['paused'] else ''}   state: {escape(d['state_db'])}")
+    if dm.get("state_error"):
+        console.print(f"[red]state error:[/red] {escape(dm['state_error'])} (uploads wait)")
+    if dm.get("loop_error"):
+        console.print(f"[red]scheduler error:[/red] {escape(dm['loop_error'])} (uploads wait; see the log)")
+    if dm.get("stuck"):
+        console.print(f"[red]the daemon's loop has not ticked for {dm['heartbeat_age_s']:.0f} s[/red]; "
+                      "see its log (journalctl -u ossyncd)")
     c = d["credentials"]
     line = f"credentials: {c['source']}"
     if c.get("expires_at"):
