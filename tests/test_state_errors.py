@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ossyncd.errors import StateError
+from ossyncd.model import Identity
 from ossyncd.state import State
 from tests.helpers import Daemon, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
 from tests.test_systemd import json_lines
@@ -258,9 +259,9 @@ def test_upload_refuses_while_the_daemon_holds_the_db(tmp_path, emulator, daemon
 def test_a_closed_state_refuses_every_call(tmp_path):
     """Shutdown closes the DB while abandoned workers may still return: nothing may be written."""
     s = State(tmp_path / "state.db")
-    row, _ = s.observe("/d/a", "/d", "a", 1, 1, 1)
+    row, _ = s.observe("/d/a", "/d", "a", Identity(1, 1, 1))
     s.close()
-    calls = [lambda: s.observe("/d/b", "/d", "b", 1, 1, 2), lambda: s.transition(row.id, "failed"),
+    calls = [lambda: s.observe("/d/b", "/d", "b", Identity(1, 1, 2)), lambda: s.transition(row.id, "failed"),
              lambda: s.mark_done(row.id, row.identity, url="u", etag="e", crc64=1, mode="simple"),
              lambda: s.begin_upload(row.id, "U", "a", 100, row.identity), lambda: s.counts(),
              lambda: s.set_meta("paused", "1")]
