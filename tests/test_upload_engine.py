@@ -142,7 +142,7 @@ def test_file_rewritten_during_upload_aborts_and_uploads_new_content(tmp_path, e
 
 @pytest.mark.timeout(180)
 def test_unreadable_file_fails_clearly_and_others_continue(tmp_path, emulator):
-    # root can read mode-000 files, so run ossyncd as nobody (design.md section 9)
+    # root can read mode-000 files, so run ossyncd as nobody (docs/architecture.md §11)
     work = tmp_path / "shared"
     work.mkdir()
     for d in (tmp_path, work):

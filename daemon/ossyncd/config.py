@@ -1,6 +1,6 @@
 """Load and validate the TOML configuration into frozen objects.
 
-Key names are an interface (design.md section 6). Every error names the key
+Key names are an interface (config/ossyncd.example.toml lists them all). Every error names the key
 and what to do, e.g. ``watch[0].path: /srv/drop does not exist; create it``.
 """
 

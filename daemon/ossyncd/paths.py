@@ -15,7 +15,7 @@ from typing import Iterable
 
 MAX_KEY_BYTES = 1023
 
-# Writers' temp names; their final rename is what counts (design section 3). The name
+# Writers' temp names; their final rename is what counts (docs/architecture.md §3). The name
 # of the rule is what `list` shows for a file it skipped; [[watch]] temp_names picks rules.
 TEMP_RULES = {
     "rsync": r"\..+\.[A-Za-z0-9]{6}",             # rsync: .name.XXXXXX

@@ -1,7 +1,7 @@
 """Least-privilege RAM policy documents for ossyncd.
 
 The daemon's upload path needs exactly the eight actions in ``UPLOAD_ACTIONS``
-(design section 4): no HeadObject, GetObject or ListObjects.  ``upload_policy``
+(docs/architecture.md §4): no HeadObject, GetObject or ListObjects.  ``upload_policy``
 renders them as a RAM policy document for ``ossyncd policy``;
 ``inline_policy_json`` renders the same document compactly for the STS
 AssumeRole ``Policy`` parameter (``credentials.scope_policy_to_prefixes``),
@@ -33,7 +33,7 @@ __all__ = [
     "inline_policy_json",
 ]
 
-#: The eight actions the upload path uses (design section 4), in a stable order.
+#: The eight actions the upload path uses (docs/architecture.md §4), in a stable order.
 UPLOAD_ACTIONS: tuple[str, ...] = (
     "oss:PutObject",
     "oss:InitiateMultipartUpload",
@@ -51,7 +51,7 @@ BUCKET_ACTIONS: tuple[str, ...] = ("oss:ListMultipartUploads",)
 #: Actions whose resource is an object (``bucket/key``).
 OBJECT_ACTIONS: tuple[str, ...] = tuple(a for a in UPLOAD_ACTIONS if a not in BUCKET_ACTIONS)
 
-#: STS AssumeRole accepts a Policy of 1..2048 characters (oss-protocol.md section 5).
+#: STS AssumeRole accepts a Policy of 1..2048 characters (docs/wire-protocol.md §5).
 MAX_INLINE_POLICY_CHARS = 2048
 
 
