@@ -201,7 +201,7 @@ def _as_nobody(script: str, cwd: str) -> dict:
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
 def test_unreadable_dir_as_unprivileged_user():
-    # Root reads mode-000 folders, so this runs the scan as nobody (design 9).
+    # Root reads mode-000 folders, so this runs the scan as nobody (docs/architecture.md §11).
     top = tempfile.mkdtemp(prefix="ossyncd-scan-")
     try:
         os.chmod(top, 0o755)
