@@ -10,19 +10,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
 
 from ossyncd import log as logsetup
+from ossyncd import output
 from ossyncd.config import Config, load_config
 from ossyncd.errors import ConfigError, StateError
+from ossyncd.output import note, out, report
 
 EXIT_CONFIG = 2
-# emoji=False: rich would render ":ram:" in a role ARN (acs:ram::123:role/x) as an emoji
-err = Console(stderr=True, soft_wrap=True, emoji=False)
-out = Console(soft_wrap=True, emoji=False)
 
 config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
@@ -32,7 +27,7 @@ def _load(config_path: str | None) -> Config:
     try:
         return load_config(config_path)
     except ConfigError as e:
-        err.print(f"[red]config error:[/red] {e}", highlight=False)
+        report("config error:", str(e))
         sys.exit(EXIT_CONFIG)
 
 
@@ -43,7 +38,7 @@ def _open_state(cfg: Config, *, readonly: bool):
     try:
         return State(cfg.state.path, readonly=readonly)
     except StateError as e:
-        err.print(f"[red]state error:[/red] {e}", highlight=False)
+        report("state error:", str(e))
         sys.exit(1)
 
 
@@ -71,8 +66,7 @@ def upload(config_path, prefix, files):
     logsetup.configure(cfg.daemon.log_level, "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
     logsetup.register_secrets([cfg.credentials.access_key_secret, cfg.credentials.security_token,
                                cfg.credentials.broker_token])
-    progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    progress = output.progress()
     tasks: dict[int, int] = {}
     done_bytes: dict[int, int] = {}
     lock = threading.Lock()
@@ -88,10 +82,10 @@ def upload(config_path, prefix, files):
     try:
         engine = Engine(cfg, on_progress=on_progress)
     except StateError as e:
-        err.print(f"[red]state error:[/red] {e}", highlight=False)
+        report("state error:", str(e))
         sys.exit(1)
     except CredentialsError as e:  # the [credentials] section cannot build a source
-        err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
+        report("config error:", str(e))
         sys.exit(EXIT_CONFIG)
     engine.credentials.start()  # rotate at ~80% of the lifetime, as the daemon does
     failed = 0
@@ -103,23 +97,23 @@ def upload(config_path, prefix, files):
             try:
                 st = os.stat(path, follow_symlinks=False)
             except OSError as e:
-                err.print(f"[red]{name}:[/red] {e.strerror}; nothing uploaded", highlight=False)
+                report(f"{name}:", f"{e.strerror}; nothing uploaded")
                 failed += 1
                 continue
             if not stat.S_ISREG(st.st_mode):
-                err.print(f"[red]{name}:[/red] not a regular file; nothing uploaded", highlight=False)
+                report(f"{name}:", "not a regular file; nothing uploaded")
                 failed += 1
                 continue
             watch, key = engine.key_for(path, prefix)
-            problem = check_key(key)
-            if problem:
-                engine.state.mark_skipped(path, watch, problem)
-                err.print(f"[red]{name}:[/red] {problem}", highlight=False)
+            reason = check_key(key)
+            if reason:
+                engine.state.mark_skipped(path, watch, reason)
+                report(f"{name}:", reason)
                 failed += 1
                 continue
             row, new = engine.state.observe(path, watch, key, st.st_size, st.st_mtime_ns, st.st_ino)
             if row.state == "done" and not new:
-                err.print(f"{name}: already uploaded and unchanged, nothing to do: {row.url}", highlight=False)
+                note(f"{name}: already uploaded and unchanged, nothing to do: {row.url}")
                 continue
             if row.state != "queued":
                 engine.state.transition(row.id, "queued")
@@ -146,10 +140,10 @@ def upload(config_path, prefix, files):
     for row, outcome in results:
         if outcome.state == "done":
             url = engine.state.get_by_id(row.id).url
-            err.print(f"[green]done[/green] {row.path} -> {url}", highlight=False)
+            report("done", f"{row.path} -> {url}", style="green")
         else:
             failed += 1
-            err.print(f"[red]{outcome.state}[/red] {row.path}: {outcome.error}", highlight=False)
+            report(outcome.state, f"{row.path}: {outcome.error}")
     engine.close()
     sys.exit(1 if failed else 0)
 
@@ -165,8 +159,7 @@ def url(config_path, sign, expires, path):
     state = _open_state(cfg, readonly=True)
     row = state.get(os.path.abspath(path)) if state else None
     if row is None or row.state != "done":
-        err.print(f"{path}: not uploaded yet (state: {row.state if row else 'unknown'}); "
-                  f"see `ossyncd list`", highlight=False)
+        note(f"{path}: not uploaded yet (state: {row.state if row else 'unknown'}); see `ossyncd list`")
         sys.exit(1)
     if not sign:
         click.echo(row.url)
@@ -178,7 +171,7 @@ def url(config_path, sign, expires, path):
         creds = make_credentials(cfg)
         click.echo(OssStore(cfg.oss, creds).signed_url(row.key, expires))
     except CredentialsError as e:
-        err.print(f"[red]credentials:[/red] {e}", highlight=False)
+        report("credentials:", str(e))
         sys.exit(1)
 
 
@@ -246,7 +239,7 @@ def check_config(config_path):
     click.echo(f"config {cfg.source_path}: valid ({len(cfg.watch)} watch folder(s), bucket {cfg.oss.bucket})")
     warning = secret_file_warning(cfg)
     if warning:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        report("warning:", warning, style="yellow")
     try:
         creds = make_credentials(cfg)
         snap = creds.current()
@@ -264,18 +257,17 @@ def check_config(config_path):
             except StoreError as e:
                 if e.code != "AccessDenied":
                     raise
-                err.print(f"[red]permissions:[/red] {e.op} on probe key {escape(repr(probe))} was refused "
-                          f"(AccessDenied): these credentials may not upload under watch prefix "
-                          f"{escape(repr(prefix))}; compare the role's policy and any credentials.policy "
-                          "with `ossyncd policy`", highlight=False)
+                report("permissions:", f"{e.op} on probe key {probe!r} was refused (AccessDenied): these "
+                        f"credentials may not upload under watch prefix {prefix!r}; compare the role's "
+                        "policy and any credentials.policy with `ossyncd policy`")
                 sys.exit(1)
         click.echo("uploads allowed under prefix(es) " + ", ".join(repr(p) for p in cfg.prefixes)
                    + " (probe: InitiateMultipartUpload + AbortMultipartUpload)")
     except CredentialsError as e:
-        err.print(f"[red]credentials ({cfg.credentials.source}):[/red] {escape(str(e))}", highlight=False)
+        report(f"credentials ({cfg.credentials.source}):", str(e))
         sys.exit(1)
     except StoreError as e:
-        err.print(f"[red]endpoint {cfg.oss.endpoint}:[/red] {escape(str(e))}", highlight=False)
+        report(f"endpoint {cfg.oss.endpoint}:", str(e))
         sys.exit(1)
 
 
