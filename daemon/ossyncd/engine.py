@@ -47,6 +47,7 @@ class Engine:
         self.credentials = credentials
         self.oss.provider.credentials = credentials
         self.store.credentials = credentials
+        credentials.on_change = old.on_change
         credentials.start()
         old.stop()
 

@@ -66,6 +66,10 @@ class Scheduler:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
         for w in cfg.watch:
             self.add_watch(w)
+        engine.credentials.on_change = self._publish_credentials
+
+    def _publish_credentials(self, creds: dict) -> None:
+        self.state.set_meta("credentials", json.dumps(creds))
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -321,8 +325,7 @@ class Scheduler:
         if now - self._status_at < STATUS_EVERY:
             return
         self._status_at = now
-        creds = self.engine.credentials.status()
-        self.state.set_meta("credentials", json.dumps(creds))
+        self._publish_credentials(self.engine.credentials.status())
         rows = [self.state.get_by_id(j.row.id) for j in self.jobs.values()]
         done = self.uploaded_bytes + sum(r.bytes_done for r in rows if r is not None)
         self._bytes_done_window = [(t, b) for t, b in self._bytes_done_window if now - t <= 10] + [(now, done)]
