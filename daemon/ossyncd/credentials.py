@@ -792,9 +792,9 @@ class RotatingCredentials:
         self._refreshing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # called with status() after every fetch, so a published status is never older than the
-        # credentials in use (the daemon writes it to the state DB for `ossyncd status`)
-        self.on_change: Callable[[dict], None] | None = None
+        # called after every fetch, so a published status() is never older than the credentials
+        # in use (the daemon writes it to the state DB for `ossyncd status`)
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def source_name(self) -> str:
@@ -886,7 +886,7 @@ class RotatingCredentials:
         if callback is None:
             return
         try:
-            callback(self.status())
+            callback()
         except Exception as e:  # e.g. the state DB is busy: the next publish catches up
             log.error("credentials.status_not_published", source=self._source.name, error=repr(e))
 
