@@ -258,6 +258,11 @@ def expiry_run(tmp_path_factory):
             before = emu.stats()
             out["expired"] = emu.expire_tokens()
             t_expired = time.monotonic()
+            # hold the remaining parts until `list --json` (~1 s a run, several on busy cores) has
+            # looked a few times, so its view of the upload is not just its first and last poll
+            emu.set_faults([{"op": "UploadPart", "delay_ms": 2000}])
+            wait_until(lambda: rec.list_polls >= 3, 60, what="3 `list --json` polls during the upload")
+            emu.set_faults([{"op": "UploadPart", "delay_ms": 300}])
             wait_until(lambda: rec.history.get(str(path), [""])[-1] == "done", 60, interval=0.02, what="done")
             out["done_after_expiry"] = time.monotonic() - t_expired
             wait_until(lambda: rec.rows.get(str(path), {}).get("state") == "done", 10, what="list --json: done")
