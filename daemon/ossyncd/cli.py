@@ -195,7 +195,8 @@ def status(config_path, as_json):
 @click.option("--state", "state_filter", default=None, help="only files in this state (done, failed, ...)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def list_files(config_path, state_filter, as_json):
-    """Files with their state, key, size, URL and error."""
+    """Files with their state, size, key, URL or error. Piped, one tab-separated line per file
+    under a header, with whole values (tabs and line breaks in names written as \\t, \\n)."""
     from ossyncd.status import file_json, render_list
     cfg = _load(config_path)
     state = _open_state(cfg, readonly=True)
