@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -56,6 +57,32 @@ def sts_credentials(emulator):
         return json.loads(client.do_action_with_exception(req))["Credentials"]
 
     return assume
+
+
+# ---------------------------------------------------------------- ossyncd as nobody
+@pytest.fixture(scope="session")
+def _unprivileged_env():
+    from tests import unprivileged
+
+    try:
+        u = unprivileged.build()
+    except unprivileged.Unavailable as e:
+        u = e
+    yield u
+    if isinstance(u, unprivileged.Unprivileged):
+        shutil.rmtree(u.base, ignore_errors=True)
+
+
+@pytest.fixture
+def unprivileged(_unprivileged_env):
+    """tests.unprivileged.Unprivileged: `cmd(*args)` runs a python with ossyncd as nobody, `env()`,
+    `workdir()` a fresh folder nobody can write. Built once per session under /tmp; skips, with
+    the reason, only where that is impossible (not root, no setpriv, no interpreter nobody can run)."""
+    from tests import unprivileged as up
+
+    if isinstance(_unprivileged_env, up.Unavailable):
+        pytest.skip(f"cannot run as nobody: {_unprivileged_env}")
+    return _unprivileged_env
 
 
 # ---------------------------------------------------------------- ossyncd run as a subprocess

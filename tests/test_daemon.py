@@ -6,7 +6,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -183,14 +182,8 @@ def test_bad_inputs_reported_daemon_carries_on(tmp_path, emulator, drop, daemon_
 
 
 @pytest.mark.timeout(180)
-def test_unreadable_file_as_unprivileged_daemon(tmp_path, emulator, daemon_factory):
-    base = tmp_path / "shared"
-    base.mkdir()
-    p = tmp_path
-    while p != p.parent:
-        os.chmod(p, os.stat(p).st_mode | 0o011)
-        p = p.parent
-    os.chmod(base, 0o777)
+def test_unreadable_file_as_unprivileged_daemon(emulator, unprivileged):
+    base = unprivileged.workdir()          # root reads mode-000 files: the daemon runs as nobody
     drop = base / "drop"
     drop.mkdir()
     os.chmod(drop, 0o777)
@@ -202,9 +195,8 @@ def test_unreadable_file_as_unprivileged_daemon(tmp_path, emulator, daemon_facto
     d = Daemon(base, emulator, [{"path": str(drop), "prefix": "", "settle_seconds": 0.3}], upload=fast_upload())
     os.chown(d.config, 65534, 65534)
     d.log = open(d.log_path, "ab")
-    d.proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                               "-m", "ossyncd", "run", "-c", str(d.config)], stdout=d.log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "NO_PROXY": "127.0.0.1"})
+    d.proc = subprocess.Popen(unprivileged.cmd("-m", "ossyncd", "run", "-c", d.config), stdout=d.log,
+                              stderr=subprocess.STDOUT, cwd="/", env=unprivileged.env(NO_PROXY="127.0.0.1"))
     try:
         d.wait_states({"done": 1, "failed": 1}, 60)
         failed = d.files("failed")[0]

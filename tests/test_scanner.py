@@ -4,7 +4,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import ossyncd
 from ossyncd.model import Identity
 from ossyncd.scanner import scan_root, scan_tree, stat_entry
 
@@ -191,43 +189,32 @@ def test_symlink_into_excluded_or_move_to_not_followed(tmp_path):
     assert "excluded folder" in got["h.txt"].reason and "excluded folder" in got["d"].reason
 
 
-def _as_nobody(script: str, cwd: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(Path(ossyncd.__file__).parent.parent))
-    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script]
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
+def test_unreadable_dir_as_unprivileged_user(unprivileged):
+    # Root reads mode-000 folders, so this runs the scan as nobody.
+    top = str(unprivileged.workdir())
+    write(Path(top) / "ok/a.txt")
+    write(Path(top) / "locked/b.txt")
+    write(Path(top) / "zz.txt")
+    for d in ("ok", "locked"):
+        os.chmod(os.path.join(top, d), 0o755)
+    for f in ("ok/a.txt", "locked/b.txt", "zz.txt"):
+        os.chmod(os.path.join(top, f), 0o644)
+    os.chmod(os.path.join(top, "locked"), 0o000)
+    script = (
+        "import json; from pathlib import Path; from types import SimpleNamespace as NS\n"
+        "from ossyncd.scanner import scan_root\n"
+        f"w = NS(index=0, path=Path({top!r}), prefix='', recursive=True, exclude=(), settle_seconds=2,"
+        " after_upload='keep', move_to=None, follow_symlinks=False)\n"
+        "print(json.dumps({e.relpath: [e.kind, e.reason] for e in scan_root(w)}))\n"
+    )
+    out = subprocess.run(unprivileged.cmd("-c", script), cwd=top, env=unprivileged.env(), capture_output=True,
+                         text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
-def test_unreadable_dir_as_unprivileged_user():
-    # Root reads mode-000 folders, so this runs the scan as nobody (docs/architecture.md §11).
-    top = tempfile.mkdtemp(prefix="ossyncd-scan-")
-    try:
-        os.chmod(top, 0o755)
-        write(Path(top) / "ok/a.txt")
-        write(Path(top) / "locked/b.txt")
-        write(Path(top) / "zz.txt")
-        for d in ("", "ok", "locked"):
-            os.chmod(os.path.join(top, d), 0o755)
-        for f in ("ok/a.txt", "locked/b.txt", "zz.txt"):
-            os.chmod(os.path.join(top, f), 0o644)
-        os.chmod(os.path.join(top, "locked"), 0o000)
-        script = (
-            "import json; from pathlib import Path; from types import SimpleNamespace as NS\n"
-            "from ossyncd.scanner import scan_root\n"
-            f"w = NS(index=0, path=Path({top!r}), prefix='', recursive=True, exclude=(), settle_seconds=2,"
-            " after_upload='keep', move_to=None, follow_symlinks=False)\n"
-            "print(json.dumps({e.relpath: [e.kind, e.reason] for e in scan_root(w)}))\n"
-        )
-        got = _as_nobody(script, top)
-        assert got["ok/a.txt"] == ["file", ""]
-        assert got["zz.txt"] == ["file", ""]  # the scan carried on
-        kind, reason = got["locked"]
-        assert kind == "skipped" and reason.startswith("directory not readable: Permission denied")
-    finally:
-        os.chmod(os.path.join(top, "locked"), 0o755)
-        shutil.rmtree(top)
+    got = json.loads(out.stdout)
+    assert got["ok/a.txt"] == ["file", ""]
+    assert got["zz.txt"] == ["file", ""]  # the scan carried on
+    kind, reason = got["locked"]
+    assert kind == "skipped" and reason.startswith("directory not readable: Permission denied")
 
 
 def test_unreadable_file_is_still_a_candidate(tmp_path):

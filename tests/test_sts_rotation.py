@@ -258,6 +258,11 @@ def expiry_run(tmp_path_factory):
             before = emu.stats()
             out["expired"] = emu.expire_tokens()
             t_expired = time.monotonic()
+            # hold the remaining parts until `list --json` (~1 s a run, several on busy cores) has
+            # looked a few times, so its view of the upload is not just its first and last poll
+            emu.set_faults([{"op": "UploadPart", "delay_ms": 2000}])
+            wait_until(lambda: rec.list_polls >= 3, 60, what="3 `list --json` polls during the upload")
+            emu.set_faults([{"op": "UploadPart", "delay_ms": 300}])
             wait_until(lambda: rec.history.get(str(path), [""])[-1] == "done", 60, interval=0.02, what="done")
             out["done_after_expiry"] = time.monotonic() - t_expired
             wait_until(lambda: rec.rows.get(str(path), {}).get("state") == "done", 10, what="list --json: done")
@@ -402,6 +407,44 @@ def test_sts_outage_queues_uploads_shows_why_and_recovers_quickly(tmp_path, emul
     final = d.status()
     assert final["credentials"]["error"] is None and final["counts"]["failed"] == 0, final
     assert all(f["attempts"] == 0 and f["state"] == "done" for f in d.files())
+    d.alive()
+
+
+@pytest.mark.timeout(120)
+def test_status_clears_the_credential_error_before_any_file_is_done(tmp_path, emulator, daemons):
+    """The credential error is published when a refresh succeeds, not on the next status tick: no
+    read of the state DB sees a file uploaded after an outage next to the outage's error."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    d = Daemon(tmp_path, emulator, watches=[{"path": str(drop), "prefix": "", "settle_seconds": 0.2}],
+               credentials=sts_config(emulator, duration_seconds=2, retry_backoff=0.3, retry_backoff_max=0.6),
+               upload=fast_upload(file_retry_delay=30.0, file_retry_delay_max=3600.0))
+    daemons.append(d)
+    d.start()
+    wait_until(lambda: d.credentials().get("healthy"), 15, what="first token")
+    emulator.set_faults([{"op": "AssumeRole", "status": 503, "code": "ServiceUnavailable"}])
+    wait_until(lambda: d.credentials().get("last_error") and not d.credentials().get("healthy"), 15,
+               what="the outage in status")
+    data = random_file(drop / "a.bin", 1000, seed=1)
+    wait_until(lambda: d.db_files().get(str(drop / "a.bin"), ("",))[0] == "retry_wait", 15,
+               what="the file waiting for credentials")
+    emulator.clear_faults()
+    con = sqlite3.connect(f"file:{d.db}?mode=ro", uri=True, timeout=5, isolation_level=None)
+    try:
+        def snapshot():   # one read transaction: the file's state and the published status together
+            con.execute("BEGIN")
+            try:
+                (state,), = con.execute("SELECT state FROM files WHERE path=?", [str(drop / "a.bin")])
+                (creds,), = con.execute("SELECT value FROM meta WHERE name='credentials'")
+            finally:
+                con.execute("COMMIT")
+            return state, json.loads(creds)
+        state, creds = wait_until(lambda: (lambda s: s if s[0] == "done" else None)(snapshot()), 30,
+                                  interval=0.005, what="the file done after the outage")
+    finally:
+        con.close()
+    assert creds["last_error"] is None and creds["healthy"], creds
+    assert object_bytes(emulator, "a.bin") == data
     d.alive()
 
 

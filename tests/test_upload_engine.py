@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -141,27 +140,18 @@ def test_file_rewritten_during_upload_aborts_and_uploads_new_content(tmp_path, e
 
 
 @pytest.mark.timeout(180)
-def test_unreadable_file_fails_clearly_and_others_continue(tmp_path, emulator):
-    # root can read mode-000 files, so run ossyncd as nobody (docs/architecture.md §11)
-    work = tmp_path / "shared"
-    work.mkdir()
-    for d in (tmp_path, work):
-        os.chmod(d, 0o777)
-    parent = tmp_path.parent
-    while parent != parent.parent:
-        os.chmod(parent, os.stat(parent).st_mode | 0o011)
-        parent = parent.parent
+def test_unreadable_file_fails_clearly_and_others_continue(emulator, unprivileged):
+    work = unprivileged.workdir()          # root reads mode-000 files: ossyncd runs as nobody
     cfg = write_config(work / "ossyncd.toml", emulator, state=work / "state.db")
     os.chown(cfg, 65534, 65534)
     good = random_file(work / "good.bin", 1000, seed=1)
     (work / "secret.bin").write_bytes(b"x" * 100)
     os.chmod(work / "secret.bin", 0)
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-m", "ossyncd", "upload", "-c", cfg,
-                        "--prefix", "t/", work / "secret.bin", work / "good.bin"],
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "NO_PROXY": "127.0.0.1"})
-    assert r.returncode == 1
+    r = subprocess.run(unprivileged.cmd("-m", "ossyncd", "upload", "-c", cfg, "--prefix", "t/",
+                                        work / "secret.bin", work / "good.bin"),
+                       capture_output=True, text=True, timeout=120, cwd="/",
+                       env=unprivileged.env(NO_PROXY="127.0.0.1"))
+    assert r.returncode == 1, r.stderr
     assert object_bytes(emulator, "t/good.bin") == good
     rows = {os.path.basename(x["path"]): x for x in list_json(cfg)}
     assert rows["secret.bin"]["state"] == "failed"

@@ -18,7 +18,7 @@ import structlog
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
 from ossyncd.credentials import CredentialsError
-from ossyncd.engine import Engine, make_credentials
+from ossyncd.engine import Engine, make_credentials, restart_only
 from ossyncd.errors import ConfigError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
@@ -207,6 +207,7 @@ class Daemon:
             require_watches(new)
             if new.state.path != self.cfg.state.path:
                 raise ConfigError("state.path: cannot change on reload; restart the daemon")
+            new, restart_keys = restart_only(self.cfg, new)
             if (new.credentials, new.oss.bucket, new.prefixes) != (self.cfg.credentials, self.cfg.oss.bucket,
                                                                    self.cfg.prefixes):
                 creds = make_credentials(new)   # e.g. a fixed secret: no restart needed
@@ -214,6 +215,11 @@ class Daemon:
             log.error("reload rejected; the running config stays in force", error=str(e))
             self.notifier.send("READY=1")
             return
+        for key in restart_keys:
+            log.warning("setting changed; restart to apply", key=key)
+        if new.daemon.model_dump(include={"log_level", "log_format"}) != \
+                self.cfg.daemon.model_dump(include={"log_level", "log_format"}):
+            self._setup_logging(new)
         if creds is not None:
             logsetup.register_secrets([new.credentials.access_key_secret, new.credentials.security_token,
                                        new.credentials.broker_token])
@@ -235,11 +241,9 @@ class Daemon:
                     self.watcher.add(w)
             self.scheduler.cfg = new
             self.sweeper.cfg = new
-            self.engine.uploader.cfg = new.upload
+            self.engine.apply_upload_settings(new.upload)
             self.engine.cfg = new
         self.scheduler.call_soon(apply)
-        if new.metrics != self.cfg.metrics:
-            log.warning("metrics.listen changed; restart the daemon to apply it", listen=new.metrics.listen)
         self.cfg = new
         log.info("config reloaded", watches=list(fresh))
         self.notifier.send("READY=1")

@@ -26,22 +26,33 @@ READ_BLOCK = 1 << 20
 
 
 class RateLimiter:
-    """A token bucket shared by every reader: `rate` bytes/s, bursts of one second."""
+    """A token bucket shared by every reader: `rate` bytes/s, bursts of one second; a rate of 0
+    or less lets everything through. `set_rate` changes it live (config reload)."""
 
     def __init__(self, rate: int):
         self.rate = rate
-        self._tokens = float(rate)
+        self._tokens = float(max(rate, 0))
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
 
+    def _refill(self, now: float) -> None:
+        if self.rate > 0:
+            self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def set_rate(self, rate: int) -> None:
+        """From the next read on; a reader waiting for tokens sees it within 0.25 s."""
+        with self._lock:
+            self._refill(time.monotonic())
+            self.rate = rate
+            self._tokens = min(self._tokens, float(max(rate, 0)))
+
     def consume(self, n: int, cancel: threading.Event | None = None) -> None:
-        if self.rate <= 0:
-            return
         while True:
             with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
+                if self.rate <= 0:
+                    return
+                self._refill(time.monotonic())
                 if self._tokens >= min(n, self.rate):
                     self._tokens -= n
                     return

@@ -10,19 +10,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
 
 from ossyncd import log as logsetup
+from ossyncd import output
 from ossyncd.config import Config, load_config
 from ossyncd.errors import ConfigError, StateError
+from ossyncd.output import note, out, report
 
 EXIT_CONFIG = 2
-# emoji=False: rich would render ":ram:" in a role ARN (acs:ram::123:role/x) as an emoji
-err = Console(stderr=True, soft_wrap=True, emoji=False)
-out = Console(soft_wrap=True, emoji=False)
 
 config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
@@ -32,12 +27,12 @@ def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Con
     try:
         return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist)
     except ConfigError as e:
-        err.print(f"[red]config error:[/red] {e}", highlight=False)
+        report("config error:", str(e))
         sys.exit(EXIT_CONFIG)
 
 
 def _state_failed(e: StateError):
-    err.print(f"[red]state error:[/red] {escape(str(e))}", highlight=False)
+    report("state error:", str(e))
     sys.exit(1)
 
 
@@ -84,8 +79,7 @@ def upload(config_path, prefix, files):
     logsetup.configure(cfg.daemon.log_level, "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
     logsetup.register_secrets([cfg.credentials.access_key_secret, cfg.credentials.security_token,
                                cfg.credentials.broker_token])
-    progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False)
+    progress = output.progress()
     tasks: dict[int, int] = {}
     done_bytes: dict[int, int] = {}
     lock = threading.Lock()
@@ -106,7 +100,7 @@ def upload(config_path, prefix, files):
     except StateError as e:
         _state_failed(e)
     except CredentialsError as e:  # the [credentials] section cannot build a source
-        err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
+        report("config error:", str(e))
         sys.exit(EXIT_CONFIG)
     engine.credentials.start()  # rotate at ~80% of the lifetime, as the daemon does
     failed = 0
@@ -118,23 +112,23 @@ def upload(config_path, prefix, files):
             try:
                 st = os.stat(path, follow_symlinks=False)
             except OSError as e:
-                err.print(f"[red]{name}:[/red] {e.strerror}; nothing uploaded", highlight=False)
+                report(f"{name}:", f"{e.strerror}; nothing uploaded")
                 failed += 1
                 continue
             if not stat.S_ISREG(st.st_mode):
-                err.print(f"[red]{name}:[/red] not a regular file; nothing uploaded", highlight=False)
+                report(f"{name}:", "not a regular file; nothing uploaded")
                 failed += 1
                 continue
             watch, key = engine.key_for(path, prefix)
-            problem = check_key(key)
-            if problem:
-                engine.state.mark_skipped(path, watch, problem)
-                err.print(f"[red]{name}:[/red] {problem}", highlight=False)
+            reason = check_key(key)
+            if reason:
+                engine.state.mark_skipped(path, watch, reason)
+                report(f"{name}:", reason)
                 failed += 1
                 continue
             row, new = engine.state.observe(path, watch, key, Identity.of(st))
             if row.state == "done" and not new:
-                err.print(f"{name}: already uploaded and unchanged, nothing to do: {row.url}", highlight=False)
+                note(f"{name}: already uploaded and unchanged, nothing to do: {row.url}")
                 continue
             if row.state != "queued":
                 engine.state.transition(row.id, "queued")
@@ -161,10 +155,10 @@ def upload(config_path, prefix, files):
     for row, outcome in results:
         if outcome.state == "done":
             url = engine.state.get_by_id(row.id).url
-            err.print(f"[green]done[/green] {row.path} -> {url}", highlight=False)
+            report("done", f"{row.path} -> {url}", style="green")
         else:
             failed += 1
-            err.print(f"[red]{outcome.state}[/red] {row.path}: {outcome.error}", highlight=False)
+            report(outcome.state, f"{row.path}: {outcome.error}")
     engine.close()
     sys.exit(1 if failed else 0)
 
@@ -180,8 +174,7 @@ def url(config_path, sign, expires, path):
     state = _open_state(cfg, readonly=True)
     row = state.get(os.path.abspath(path)) if state else None
     if row is None or row.state != "done":
-        err.print(f"{path}: not uploaded yet (state: {row.state if row else 'unknown'}); "
-                  f"see `ossyncd list`", highlight=False)
+        note(f"{path}: not uploaded yet (state: {row.state if row else 'unknown'}); see `ossyncd list`")
         sys.exit(1)
     if not sign:
         click.echo(row.url)
@@ -193,7 +186,7 @@ def url(config_path, sign, expires, path):
         creds = make_credentials(cfg)
         click.echo(OssStore(cfg.oss, creds).signed_url(row.key, expires))
     except CredentialsError as e:
-        err.print(f"[red]credentials:[/red] {e}", highlight=False)
+        report("credentials:", str(e))
         sys.exit(1)
 
 
@@ -217,7 +210,8 @@ def status(config_path, as_json):
 @click.option("--state", "state_filter", default=None, help="only files in this state (done, failed, ...)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def list_files(config_path, state_filter, as_json):
-    """Files with their state, key, size, URL and error."""
+    """Files with their state, size, key, URL or error. Piped, one tab-separated line per file
+    under a header, with whole values (tabs and line breaks in names written as \\t, \\n)."""
     from ossyncd.status import file_json, render_list
     cfg = _load(config_path, watch_dirs_must_exist=False)
     state = _open_state(cfg, readonly=True)
@@ -261,7 +255,7 @@ def check_config(config_path):
     click.echo(f"config {cfg.source_path}: valid ({len(cfg.watch)} watch folder(s), bucket {cfg.oss.bucket})")
     warning = secret_file_warning(cfg)
     if warning:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        report("warning:", warning, style="yellow")
     try:
         creds = make_credentials(cfg)
         snap = creds.current()
@@ -279,18 +273,17 @@ def check_config(config_path):
             except StoreError as e:
                 if e.code != "AccessDenied":
                     raise
-                err.print(f"[red]permissions:[/red] {e.op} on probe key {escape(repr(probe))} was refused "
-                          f"(AccessDenied): these credentials may not upload under watch prefix "
-                          f"{escape(repr(prefix))}; compare the role's policy and any credentials.policy "
-                          "with `ossyncd policy`", highlight=False)
+                report("permissions:", f"{e.op} on probe key {probe!r} was refused (AccessDenied): these "
+                        f"credentials may not upload under watch prefix {prefix!r}; compare the role's "
+                        "policy and any credentials.policy with `ossyncd policy`")
                 sys.exit(1)
         click.echo("uploads allowed under prefix(es) " + ", ".join(repr(p) for p in cfg.prefixes)
                    + " (probe: InitiateMultipartUpload + AbortMultipartUpload)")
     except CredentialsError as e:
-        err.print(f"[red]credentials ({cfg.credentials.source}):[/red] {escape(str(e))}", highlight=False)
+        report(f"credentials ({cfg.credentials.source}):", str(e))
         sys.exit(1)
     except StoreError as e:
-        err.print(f"[red]endpoint {cfg.oss.endpoint}:[/red] {escape(str(e))}", highlight=False)
+        report(f"endpoint {cfg.oss.endpoint}:", str(e))
         sys.exit(1)
 
 

@@ -792,6 +792,9 @@ class RotatingCredentials:
         self._refreshing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # called after every fetch, so a published status() is never older than the credentials
+        # in use (the daemon writes it to the state DB for `ossyncd status`)
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def source_name(self) -> str:
@@ -875,7 +878,17 @@ class RotatingCredentials:
                 "credentials.refresh_failed", source=name, error=str(err), transient=err.transient,
                 consecutive_failures=failures, retry_at=iso8601(next_attempt),
                 current_valid_until=iso8601(current.expires_at) if still_valid else None)
+        self._announce()
         return snap, err
+
+    def _announce(self) -> None:
+        callback = self.on_change
+        if callback is None:
+            return
+        try:
+            callback()
+        except Exception as e:  # e.g. the state DB is busy: the next publish catches up
+            log.error("credentials.status_not_published", source=self._source.name, error=repr(e))
 
     def _single_flight(self, satisfied: Callable[[Snapshot | None, float, int], bool]) -> Snapshot:
         with self._cond:

@@ -13,13 +13,32 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ossyncd.body import RateLimiter
-from ossyncd.config import Config, WatchConfig
+from ossyncd.config import Config, OssConfig, UploadConfig, WatchConfig
 from ossyncd.credentials import RotatingCredentials, build_source
 from ossyncd.paths import object_key
 from ossyncd.retry import Backoff, RetryingStore
 from ossyncd.state import State
 from ossyncd.store import OssStore, object_url
 from ossyncd.uploader import Uploader
+
+
+# Built once at start: the thread pools and the OSS client (sized and pointed by these keys), and
+# the metrics endpoint.
+RESTART_ONLY = {"upload": ("parallel_parts", "max_files_in_flight"), "oss": tuple(OssConfig.model_fields),
+                "metrics": ("listen",)}
+
+
+def restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with every RESTART_ONLY setting kept at its running value, and the keys that
+    differed ("upload.parallel_parts", ...), so a reload applies all the rest."""
+    changed, kept = [], {}
+    for section, keys in RESTART_ONLY.items():
+        old, fresh = getattr(running, section), getattr(new, section)
+        diff = {k: getattr(old, k) for k in keys if getattr(old, k) != getattr(fresh, k)}
+        if diff:
+            changed += [f"{section}.{k}" for k in diff]
+            kept[section] = fresh.model_copy(update=diff)
+    return (new.model_copy(update=kept) if kept else new), changed
 
 
 def make_credentials(cfg: Config) -> RotatingCredentials:
@@ -40,7 +59,7 @@ class Engine:
         self.oss.on_verification = self._record_verification
         self.store = RetryingStore(self.oss, self.credentials, attempts=up.request_retries,
                                    backoff=Backoff(up.retry_backoff, up.retry_backoff_max), on_retry=on_retry)
-        self.limiter = RateLimiter(up.bandwidth_limit) if up.bandwidth_limit > 0 else None
+        self.limiter = RateLimiter(up.bandwidth_limit)   # always there: a reload may set a limit
         self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
                                  url_for=lambda key: object_url(cfg.oss, key), on_progress=on_progress)
 
@@ -49,12 +68,23 @@ class Engine:
         from ossyncd.status import iso
         self.state.set_meta("verification", json.dumps({"mode": mode, "detected_at": iso(time.time())}))
 
+    def apply_upload_settings(self, up: UploadConfig) -> None:
+        """A reloaded [upload] section, from the next request on: bandwidth limit, request
+        retries and their backoff, the file retry delay, part sizes and thresholds. The pool
+        sizes stay as started (see restart_only)."""
+        self.limiter.set_rate(up.bandwidth_limit)
+        self.store.attempts = up.request_retries
+        self.store.backoff = Backoff(up.retry_backoff, up.retry_backoff_max)
+        self.uploader.cfg = up
+        self.uploader.backoff = Backoff(up.file_retry_delay, up.file_retry_delay_max)
+
     def swap_credentials(self, credentials: RotatingCredentials) -> None:
         """Use new credentials from the next request on (config reload); uploads carry on."""
         old = self.credentials
         self.credentials = credentials
         self.oss.provider.credentials = credentials
         self.store.credentials = credentials
+        credentials.on_change = old.on_change
         credentials.start()
         old.stop()
 

@@ -99,6 +99,14 @@ class Scheduler:
         self._crashed: list[tuple[FileRow, str]] = []   # rows whose job raised, not recorded yet
         for w in cfg.watch:
             self.add_watch(w)
+        self._creds_lock = threading.Lock()
+        engine.credentials.on_change = self._publish_credentials
+
+    def _publish_credentials(self) -> None:
+        """After every credentials fetch and every STATUS_EVERY. Read and written under one lock,
+        so an older status never overwrites a newer one."""
+        with self._creds_lock:
+            self.state.set_meta("credentials", json.dumps(self.engine.credentials.status()))
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -500,8 +508,7 @@ class Scheduler:
         if now - self._status_at < STATUS_EVERY:
             return
         self._status_at = now
-        creds = self.engine.credentials.status()
-        self.state.set_meta("credentials", json.dumps(creds))
+        self._publish_credentials()
         rows = [self.state.get_by_id(j.row.id) for j in self.jobs.values()]
         done = self.uploaded_bytes + sum(r.bytes_done for r in rows if r is not None)
         self._bytes_done_window = [(t, b) for t, b in self._bytes_done_window if now - t <= 10] + [(now, done)]

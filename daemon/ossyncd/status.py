@@ -1,4 +1,5 @@
-"""Read the state DB (as a concurrent reader) and render `status` and `list`."""
+"""Read the state DB (as a concurrent reader) and render `status` and `list` (on the consoles
+of ossyncd.output, which never read user data as markup)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import time
 from datetime import datetime, timezone
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ossyncd.config import Config
+from ossyncd.output import styled, tsv
 from ossyncd.state import STATES, FileRow, State
 
 
@@ -80,11 +81,11 @@ def _watches(state: State) -> list[dict]:
 def _render_watches(watches: list[dict], console: Console) -> None:
     for w in watches:
         if w["state"] == "ok":
-            console.print(f"watch[{w['index']}] {escape(w['path'])}: ok")
+            console.print(styled(f"watch[{w['index']}] {w['path']}: ok"))
             continue
-        why = f": {escape(w['error'])}" if w.get("error") else ""
-        console.print(f"[red]watch[{w['index']}] {escape(w['path'])}: {w['state'].upper()} since {w['since']}"
-                      f"{why}[/red] - no events from it; recreate the folder and it is watched again")
+        why = f": {w['error']}" if w.get("error") else ""
+        console.print(styled((f"watch[{w['index']}] {w['path']}: {w['state'].upper()} since {w['since']}{why}", "red"),
+                             " - no events from it; recreate the folder and it is watched again"))
 
 
 def _mib(n: int) -> str:
@@ -94,22 +95,23 @@ def _mib(n: int) -> str:
 def render_status(d: dict, console: Console) -> None:
     dm = d["daemon"]
     running = f"running (pid {dm['pid']})" if dm["running"] else "not running"
-    console.print(f"[bold]ossyncd[/bold] {running}{' - PAUSED' if dm['paused'] else ''}   state: {escape(d['state_db'])}")
+    console.print(styled(("ossyncd", "bold"), f" {running}{' - PAUSED' if dm['paused'] else ''}   "
+                         f"state: {d['state_db']}"))
     if dm.get("state_error"):
-        console.print(f"[red]state error:[/red] {escape(dm['state_error'])} (uploads wait)")
+        console.print(styled(("state error:", "red"), f" {dm['state_error']} (uploads wait)"))
     if dm.get("loop_error"):
-        console.print(f"[red]scheduler error:[/red] {escape(dm['loop_error'])} (uploads wait; see the log)")
+        console.print(styled(("scheduler error:", "red"), f" {dm['loop_error']} (uploads wait; see the log)"))
     if dm.get("stuck"):
-        console.print(f"[red]the daemon's loop has not ticked for {dm['heartbeat_age_s']:.0f} s[/red]; "
-                      "see its log (journalctl -u ossyncd)")
+        console.print(styled((f"the daemon's loop has not ticked for {dm['heartbeat_age_s']:.0f} s", "red"),
+                             "; see its log (journalctl -u ossyncd)"))
     c = d["credentials"]
-    line = f"credentials: {c['source']}"
+    line = styled(f"credentials: {c['source']}")
     if c.get("expires_at"):
-        line += f", expires {c['expires_at']}"
+        line.append(f", expires {c['expires_at']}")
     if c.get("error"):
-        line += f"  [red]error: {escape(c['error'])}[/red]"
+        line.append(f"  error: {c['error']}", style="red")
         if c.get("next_attempt_at"):
-            line += f" (next attempt {c['next_attempt_at']})"
+            line.append(f" (next attempt {c['next_attempt_at']})")
     console.print(line)
     v = d.get("verification")
     if v:
@@ -123,17 +125,25 @@ def render_status(d: dict, console: Console) -> None:
         t = Table("uploading", "key", "progress", box=None)
         for f in d["in_flight"]:
             pct = 100 * f["bytes_done"] / f["bytes_total"] if f["bytes_total"] else 100
-            t.add_row(escape(f["path"]), escape(f["key"]), f"{_mib(f['bytes_done'])} / {_mib(f['bytes_total'])} ({pct:.0f}%)")
+            t.add_row(f["path"], f["key"], f"{_mib(f['bytes_done'])} / {_mib(f['bytes_total'])} ({pct:.0f}%)")
         console.print(t)
     if d["failures"]:
         t = Table("recent problems", "state", "when", "reason", box=None)
         for f in d["failures"]:
-            t.add_row(escape(f["path"]), f["state"], f["when"] or "", escape(f["error"] or ""))
+            t.add_row(f["path"], f["state"], f["when"] or "", f["error"] or "")
         console.print(t)
 
 
+LIST_COLUMNS = ("path", "state", "size", "key", "url / error")
+
+
 def render_list(files: list[FileRow], console: Console) -> None:
-    t = Table("path", "state", "size", "key", "url / error", box=None)
-    for f in files:
-        t.add_row(escape(f.path), f.state, str(f.size), escape(f.key), escape(f.url or f.error or ""))
+    """A table on a terminal; piped, whole values as tab-separated lines under a header."""
+    rows = [(f.path, f.state, str(f.size), f.key, f.url or f.error or "") for f in files]
+    if not console.is_terminal:
+        tsv([LIST_COLUMNS] + rows, console)
+        return
+    t = Table(*LIST_COLUMNS, box=None)
+    for row in rows:
+        t.add_row(*row)
     console.print(t)
