@@ -47,7 +47,7 @@ def fetch_recorded(emu, url: str) -> bytes:
 def fetch_signed(emu, config: Path, path: Path) -> bytes:
     r = ossyncd("url", "--sign", "-c", config, path, env=emu.proxy_env())
     assert r.returncode == 0, r.stderr
-    url = r.stdout.strip().splitlines()[-1]   # the last line: a credentials log line may precede it
+    url, = r.stdout.splitlines()   # stdout is the URL alone: log lines go to stderr
     assert url.startswith("http://drop.oss-cn-hangzhou.aliyuncs.com/"), url
     got = requests.get(url, proxies=proxies(emu), timeout=10)
     assert got.status_code == 200, got.text

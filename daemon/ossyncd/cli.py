@@ -58,6 +58,9 @@ class _Main(click.Group):
 @click.version_option(package_name="ossyncd")
 def main() -> None:
     """ossyncd: upload finished files from drop folders to Alibaba Cloud OSS."""
+    # stdout is each command's answer (`url --sign | xargs curl`); log lines go to stderr.
+    # `run` sends them to stdout again, for journald.
+    logsetup.configure("info", "auto", stream=sys.stderr)
 
 
 @main.command()
