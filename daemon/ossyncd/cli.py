@@ -58,9 +58,10 @@ class _Main(click.Group):
 @click.version_option(package_name="ossyncd")
 def main() -> None:
     """ossyncd: upload finished files from drop folders to Alibaba Cloud OSS."""
-    # stdout is each command's answer (`url --sign | xargs curl`); log lines go to stderr.
-    # `run` sends them to stdout again, for journald.
-    logsetup.configure("info", "auto", stream=sys.stderr)
+    # stdout is each command's answer (`url --sign | xargs curl`) and each command reports its
+    # own outcome in one line, so the library's log lines stay quiet; `run` (to stdout, for
+    # journald) and `upload` configure their own logging.
+    logsetup.configure("critical", "auto", stream=sys.stderr)
 
 
 @main.command()
