@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import oss2
@@ -98,6 +99,34 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def json_lines(text: str) -> list[dict]:
+    """The daemon's log, one JSON object per line; anything else is a failure."""
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AssertionError(f"not a JSON log line: {line!r}") from None
+    return out
+
+
+def events(d: "Daemon", name: str) -> list[dict]:
+    """The daemon's log lines whose event is `name`."""
+    return [e for e in json_lines(d.output()) if e.get("event") == name]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus text page as {"name{labels}": value}."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def list_json(config: Path, state: str | None = None) -> list[dict]:

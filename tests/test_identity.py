@@ -12,12 +12,7 @@ import sqlite_utils
 
 from ossyncd.model import Identity
 from ossyncd.state import MIGRATIONS, State
-from tests.helpers import object_bytes, random_file, wait_until
-from tests.test_systemd import json_lines
-
-
-def events(d, name: str) -> list[dict]:
-    return [e for e in json_lines(d.output()) if e.get("event") == name]
+from tests.helpers import events, object_bytes, random_file, scrape, wait_until
 
 
 def puts(emulator) -> int:
@@ -96,7 +91,8 @@ def test_same_size_rewrite_with_mtime_restored_is_uploaded(tmp_path, emulator, d
 def test_chmod_or_touch_r_of_a_done_file_sends_nothing(tmp_path, emulator, daemon_factory):
     drop = tmp_path / "drop"
     drop.mkdir()
-    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}]).start()
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
+                       metrics={"listen": "127.0.0.1:0"}).start()
     data = random_file(drop / "photo.jpg", 4000, seed=1)
     d.wait_states({"done": 1}, 30)
     os.chmod(drop / "photo.jpg", 0o600)
@@ -110,6 +106,8 @@ def test_chmod_or_touch_r_of_a_done_file_sends_nothing(tmp_path, emulator, daemo
     assert object_bytes(emulator, "photo.jpg") == data
     row = d.files()[0]
     assert row["state"] == "done" and row["error"] is None
+    metrics = scrape(wait_until(lambda: events(d, "metrics listening"), 10, what="metrics")[0]["url"])
+    assert metrics["ossyncd_uploads_completed_total"] == 1   # the CRC checks sent nothing
     assert d.stop() == 0
 
 

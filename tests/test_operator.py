@@ -9,22 +9,17 @@ import signal
 import sqlite3
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from ossyncd.model import Identity
-from tests.helpers import MiB, object_bytes, ossyncd, random_file, root_bucket, wait_until, write_config
-from tests.helpers import Daemon, bucket_keys, fast_upload
-from tests.test_systemd import NotifySocket, json_lines
+from tests.helpers import events, MiB, object_bytes, ossyncd, random_file, root_bucket, wait_until, write_config
+from tests.helpers import bucket_keys, fast_upload, scrape
+from tests.test_systemd import NotifySocket
 
 
-
-
-def events(d: Daemon, name: str) -> list[dict]:
-    return [e for e in json_lines(d.output()) if e["event"] == name]
 
 
 # ------------------------------------------------------------------------ SIGHUP
@@ -276,16 +271,6 @@ def test_sweep_rules_owned_uploading_age_and_prefix(tmp_path):
 
 
 # ------------------------------------------------------------------------ metrics
-
-def scrape(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
 
 @pytest.mark.timeout(60)
 def test_metrics_endpoint_counts_what_was_uploaded(tmp_path, emulator, daemon_factory):

@@ -8,14 +8,9 @@ import time
 
 import pytest
 
-from tests.helpers import MiB, fast_upload, object_bytes, random_file, wait_until, write_config
-from tests.test_systemd import json_lines
+from tests.helpers import events, MiB, fast_upload, object_bytes, random_file, wait_until, write_config
 
 SETTLE = {"settle_seconds": 0.3}
-
-
-def events(d, name: str) -> list[dict]:
-    return [e for e in json_lines(d.output()) if e["event"] == name]
 
 
 def reload(d, emulator, drop, **upload) -> None:

@@ -18,14 +18,9 @@ import pytest
 from ossyncd.errors import StateError
 from ossyncd.model import Identity
 from ossyncd.state import State
-from tests.helpers import Daemon, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
-from tests.test_systemd import json_lines
+from tests.helpers import events, Daemon, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def events(d: Daemon, name: str) -> list[dict]:
-    return [e for e in json_lines(d.output()) if e["event"] == name]
 
 
 @pytest.fixture

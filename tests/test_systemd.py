@@ -4,7 +4,6 @@ MemoryDenyWriteExecute against this Python, and JSON logs for journald."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import MiB, object_bytes, random_file, wait_until
+from tests.helpers import MiB, json_lines, object_bytes, random_file, wait_until
 from tests.helpers import fast_upload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,15 +176,6 @@ def notify_socket(monkeypatch):
 
 
 
-def json_lines(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise AssertionError(f"not a JSON log line: {line!r}") from None
-    return out
 
 
 @pytest.mark.timeout(90)

@@ -7,14 +7,9 @@ import time
 
 import pytest
 
-from tests.helpers import object_bytes, ossyncd, random_file, wait_until
-from tests.test_systemd import json_lines
+from tests.helpers import events, object_bytes, ossyncd, random_file, wait_until
 
 NO_RESCAN = {"rescan_interval": 300.0}   # only events can bring a file in during a test
-
-
-def events(d, name: str) -> list[dict]:
-    return [e for e in json_lines(d.output()) if e.get("event") == name]
 
 
 @pytest.mark.timeout(90)

@@ -94,7 +94,7 @@ class Metrics:
     # -- hooks -----------------------------------------------------------------------------
 
     def on_done(self, row, outcome) -> None:
-        if outcome.state == "done":
+        if outcome.state == "done" and not outcome.unchanged:   # a chmod sent nothing
             self.completed.inc()
             self.uploaded_bytes.inc(row.size)
             self.last_upload.set(time.time())
