@@ -87,16 +87,17 @@ def unprivileged(_unprivileged_env):
 
 # ---------------------------------------------------------------- ossyncd run as a subprocess
 @pytest.fixture
-def daemon_factory(tmp_path, emulator):
-    """make(watches, **sections) -> tests.helpers.Daemon; every daemon is killed at teardown."""
+def daemon_factory(tmp_path, request):
+    """make(watches, emu=None, **sections) -> tests.helpers.Daemon against `emu` (default: the
+    `emulator` fixture's); every daemon is killed at teardown."""
     from tests.helpers import Daemon, fast_upload
 
     made = []
 
-    def make(watches, **sections):
+    def make(watches, *, emu=None, **sections):
         sections.setdefault("upload", fast_upload())
         sections.setdefault("daemon", {"rescan_interval": 5.0})
-        d = Daemon(tmp_path, emulator, watches, **sections)
+        d = Daemon(tmp_path, emu or request.getfixturevalue("emulator"), watches, **sections)
         made.append(d)
         return d
     yield make

@@ -26,23 +26,6 @@ def nocrc(tmp_path):
         emu.stop()
 
 
-@pytest.fixture
-def nocrc_daemon(tmp_path, nocrc):
-    made = []
-
-    def make(watches, **sections):
-        sections.setdefault("upload", fast_upload())
-        sections.setdefault("daemon", {"rescan_interval": 5.0})
-        d = Daemon(tmp_path, nocrc, watches, **sections)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-
-
 def _all_md5_and_equal(emu, d: Daemon, files: dict[str, bytes]) -> None:
     rows = {r["key"]: r for r in d.files()}
     for key, data in files.items():
@@ -67,12 +50,12 @@ def test_emulator_switch_omits_crc64_everywhere(nocrc):
 
 
 @pytest.mark.timeout(120)
-def test_fresh_simple_and_multipart_uploads_done_verified_by_md5(tmp_path, nocrc, nocrc_daemon):
+def test_fresh_simple_and_multipart_uploads_done_verified_by_md5(tmp_path, nocrc, daemon_factory):
     drop = tmp_path / "drop"
     files = {f"in/{n}": random_file(drop / n, size, seed=i)
              for i, (n, size) in enumerate([("empty", 0), ("small.txt", 1000), ("mid.bin", MiB - 1),
                                             ("big.bin", 3 * MiB + 7), ("exact.bin", 2 * MiB)])}
-    d = nocrc_daemon([{"path": drop, "prefix": "in/"}]).start()
+    d = daemon_factory([{"path": drop, "prefix": "in/"}], emu=nocrc).start()
     d.wait_states({"done": len(files)}, timeout=60)
     _all_md5_and_equal(nocrc, d, files)
     modes = {r["key"]: r["mode"] for r in d.files()}
@@ -88,13 +71,13 @@ def test_fresh_simple_and_multipart_uploads_done_verified_by_md5(tmp_path, nocrc
 
 
 @pytest.mark.timeout(180)
-def test_kill_9_and_resume_without_crc64(tmp_path, nocrc, nocrc_daemon):
+def test_kill_9_and_resume_without_crc64(tmp_path, nocrc, daemon_factory):
     drop = tmp_path / "drop"
     size = 12 * MiB
     data = random_file(drop / "big.bin", size, seed=5)
     nparts = size // PART
     up = fast_upload(bandwidth_limit="3MiB", parallel_parts=2)
-    d = nocrc_daemon([{"path": drop, "prefix": "in/"}], upload=up).start()
+    d = daemon_factory([{"path": drop, "prefix": "in/"}], emu=nocrc, upload=up).start()
     wait_until(lambda: any(len(u["parts"]) >= 8 for u in nocrc.uploads()), 60, what="8 parts on the server")
     d.stop(signal.SIGKILL)
     d.start()
@@ -108,13 +91,13 @@ def test_kill_9_and_resume_without_crc64(tmp_path, nocrc, nocrc_daemon):
 
 
 @pytest.mark.timeout(120)
-def test_bit_flip_is_refused_and_retried_without_crc64(tmp_path, nocrc, nocrc_daemon):
+def test_bit_flip_is_refused_and_retried_without_crc64(tmp_path, nocrc, daemon_factory):
     drop = tmp_path / "drop"
     files = {"in/s.bin": random_file(drop / "s.bin", 300_000, seed=1),
              "in/m.bin": random_file(drop / "m.bin", 2 * MiB + 5, seed=2)}
     nocrc.set_faults([{"op": "PutObject", "count": 1, "flip_bit": True},
                       {"op": "UploadPart", "count": 2, "flip_bit": True}])
-    d = nocrc_daemon([{"path": drop, "prefix": "in/"}]).start()
+    d = daemon_factory([{"path": drop, "prefix": "in/"}], emu=nocrc).start()
     d.wait_states({"done": 2}, timeout=60)
     _all_md5_and_equal(nocrc, d, files)
     errors = nocrc.stats()["errors"]
