@@ -282,6 +282,45 @@ def test_callback_error_does_not_kill_the_watcher(dirs, run_watcher):
     assert any(e["event"] == "watch_event_failed" for e in logs)
 
 
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_dead_event_thread_is_noticed_and_re_arming_restores_events(dirs, run_watcher, polling):
+    """No event would ever come from a root whose emitter thread ended; the scheduler asks
+    alive() every second and re-arms it (Watcher.add)."""
+    root, _ = dirs
+    ev = Events()
+    watch = make_watch(root)
+    w = run_watcher([watch], ev, force_polling_for=[0] if polling else ())
+    assert w.alive(watch)
+    for emitter in list(w._roots[0].observer.emitters):   # the thread ends, as after a crash
+        emitter.stop()
+        emitter.join(5)
+    assert not w.alive(watch)
+    w.add(watch)
+    assert w.alive(watch)
+    (root / "after").write_text("x")
+    ev.wait_paths([root / "after"])
+
+
+def test_a_thread_that_crashes_in_the_daemon_is_one_log_line():
+    from ossyncd.app import _log_thread_crash
+
+    def boom():
+        raise RuntimeError("emitter bug")
+
+    old = threading.excepthook
+    threading.excepthook = _log_thread_crash
+    try:
+        with capture_logs() as logs:
+            t = threading.Thread(target=boom, name="emitter-x")
+            t.start()
+            t.join(5)
+    finally:
+        threading.excepthook = old
+    crashed = [e for e in logs if e["event"] == "thread_crashed"]
+    assert len(crashed) == 1 and crashed[0]["thread"] == "emitter-x", logs
+    assert "emitter bug" in crashed[0]["error"] and crashed[0]["log_level"] == "error"
+
+
 def test_missing_root_raises_clearly(tmp_path):
     wt = Watcher(Events())
     try:

@@ -49,6 +49,15 @@ def _exit_if_stuck(rc: int) -> None:
         os._exit(rc)
 
 
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """A thread that ends with an exception (a library's, say a watchdog emitter's) is one
+    JSON error line, never a bare traceback on stderr or nothing at all."""
+    if issubclass(args.exc_type, SystemExit):
+        return
+    log.error("thread_crashed", thread=args.thread.name if args.thread else None, error=repr(args.exc_value),
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 class Daemon:
     def __init__(self, config_path: str | None):
         self.config_path = config_path
@@ -62,6 +71,7 @@ class Daemon:
 
     def _setup_logging(self, cfg: Config) -> None:
         logsetup.configure(cfg.daemon.log_level, cfg.daemon.log_format)
+        threading.excepthook = _log_thread_crash
         c = cfg.credentials
         logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token])
 
@@ -107,6 +117,7 @@ class Daemon:
             self._start_metrics(cfg)
         self.watcher = Watcher(sched.on_event, on_rescan=sched.request_rescan)
         sched.on_rearm = self.watcher.add      # a watch root deleted and recreated is watched again
+        sched.source_alive = self.watcher.alive   # ... and so is one whose event thread died
         for w in cfg.watch:
             self.watcher.add(w)
         self.watcher.start()

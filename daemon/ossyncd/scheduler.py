@@ -86,6 +86,7 @@ class Scheduler:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
         self.health: dict[str, dict] = {}        # root -> {"state", "since", "ident"}, shown by `status`
         self.on_rearm = None                     # hook: (watch) restarts its event source (the watcher)
+        self.source_alive = None                 # hook: (watch) -> False when its event source died
         self._roots_at = float("-inf")
         self._health_dirty = True
         self.temp_skipped: dict[str, str] = {}   # path -> root: settled files a temp-name rule skipped
@@ -315,7 +316,9 @@ class Scheduler:
         for root, h in self.health.items():
             ident = _dir_ident(root)
             if ident == h["ident"]:
-                continue
+                if ident is None or self.source_alive is None or self.source_alive(self.watches[root]):
+                    continue
+                log.error("watch_source_died", path=root, hint="re-armed now; the thread_crashed line says why")
             self._health_dirty = True
             if ident is None:
                 h.update(state="missing", since=now, ident=None)

@@ -203,6 +203,16 @@ class Watcher:
         for r in roots:
             self._stop_root(r)
 
+    def alive(self, watch) -> bool:
+        """False when a started root's event source died (its observer or emitter thread
+        ended): the scheduler then re-arms it, since no event would come from it again."""
+        with self._lock:
+            r = self._roots.get(watch.index)
+            if r is None or not self._started or not r.active or r.switching:
+                return True
+            obs = r.observer
+        return obs is not None and obs.is_alive() and all(e.is_alive() for e in list(obs.emitters))
+
     def backend(self, watch) -> str | None:
         """"inotify" or "polling" for a started root (for status and tests)."""
         r = self._roots.get(watch.index)
