@@ -45,6 +45,7 @@ import requests
 import structlog
 
 from . import policy as _policy
+from .errors import CredentialsError
 
 log = structlog.get_logger(__name__)
 
@@ -64,38 +65,6 @@ __all__ = [
 
 DEFAULT_ECS_METADATA_URL = "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
 REDACTED = "<redacted>"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class CredentialsError(Exception):
-    """Credentials could not be obtained.
-
-    ``transient``: retrying later may succeed (network, 5xx, throttling).
-    Permanent errors need an operator (wrong key, missing role, bad config).
-    ``source``: the source name; ``code``: the server/SDK error code, if any.
-    The message names the source/field and what to do, and never holds a secret.
-    """
-
-    def __init__(self, message: str, *, transient: bool = False, source: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.transient = bool(transient)
-        self.source = source
-        self.code = code
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __repr__(self) -> str:
-        return (f"CredentialsError({self.message!r}, transient={self.transient!r}, "
-                f"source={self.source!r}, code={self.code!r})")
-
-    def copy(self) -> "CredentialsError":
-        return CredentialsError(self.message, transient=self.transient, source=self.source,
-                                code=self.code)
 
 
 # --------------------------------------------------------------------------- snapshot
