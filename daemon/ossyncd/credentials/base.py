@@ -100,6 +100,9 @@ class Source(Protocol):
 
 
 class SourceBase:
+    """Every error a source raises goes through ``_err``, which scrubs the values ``_secrets``
+    names (and folds the text to one bounded line)."""
+
     name = "?"
 
     def _secrets(self) -> Iterable[str]:
