@@ -1,5 +1,6 @@
 """Config loading: the interface keys, sizes, and errors that name the key and the fix."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -269,3 +270,77 @@ def test_temp_names_are_rules_or_file_name_globs(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, base(tmp_path, "", watch)))
     assert str(e.value).startswith("watch[0].temp_names") and "rsync" in str(e.value)
+
+
+# ---------------------------------------------------------------- [credentials]: config owns every check
+
+CRED_SECRET = "cfg-SECRET-7e6d5c4b3a29"
+
+
+def creds_config(tmp_path, monkeypatch, prefixes=("incoming/",), **kw):
+    """parse_config with an sts [credentials] section changed by ``kw`` (no watch folder needed)."""
+    from ossyncd.config import parse_config
+    for var in ("OSSYNCD_ACCESS_KEY_ID", "OSSYNCD_ACCESS_KEY_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+    creds = dict(source="sts", access_key_id="LTAIuserkeyid", access_key_secret=CRED_SECRET,
+                 role_arn="acs:ram::1234567890123456:role/uploader")
+    creds.update(kw)
+    watches = [{"path": str(tmp_path / f"w{i}"), "prefix": p} for i, p in enumerate(prefixes)]
+    return parse_config({"oss": {"endpoint": "http://127.0.0.1:9000", "bucket": "drop", "region": "cn-hangzhou"},
+                         "credentials": creds, "state": {"path": str(tmp_path / "state.db")}, "watch": watches},
+                        watch_dirs_must_exist=False)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(policy='{"Version":"1"}', scope_policy_to_prefixes=True),
+     "credentials.policy: set either policy or scope_policy_to_prefixes, not both"),
+    (dict(policy="{not json"), "credentials.policy: is not valid JSON"),
+    (dict(policy=json.dumps({"Version": "1", "Statement": [{"Resource": "x" * 2100}]})),
+     "-character AssumeRole limit; shorten it or use scope_policy_to_prefixes"),
+    (dict(access_key_id=""), "credentials.access_key_id/access_key_secret: required with source = \"sts\"; "
+                             "set them or OSSYNCD_ACCESS_KEY_ID"),
+    (dict(access_key_secret=""), "OSSYNCD_ACCESS_KEY_SECRET"),
+    (dict(role_arn=""), "credentials.role_arn: required with source = \"sts\""),
+    (dict(sts_endpoint="ftp://sts"), "credentials.sts_endpoint: 'ftp://sts' is not an http(s) URL; write e.g. https://"),
+    (dict(sts_endpoint="http://sts:port"), "credentials.sts_endpoint: 'http://sts:port' has an invalid port"),
+    (dict(duration_seconds=0), "credentials.duration_seconds"),
+    (dict(source="broker", broker_url=""), "credentials.broker_url: required with source = \"broker\""),
+    (dict(source="broker", broker_url="broker.local/cred"),
+     "credentials.broker_url: 'broker.local/cred' is not an http(s) URL; write the http(s) URL"),
+    (dict(source="ecs-ram-role", ecs_metadata_url="nope"),
+     "credentials.ecs_metadata_url: 'nope' is not an http(s) URL; write e.g. http://100.100.100.200/"),
+    (dict(source="static", access_key_id=""), "credentials.access_key_id/access_key_secret: required with "
+                                              "source = \"static\"; set them or OSSYNCD_ACCESS_KEY_ID"),
+    (dict(source="static", access_key_secret=""), "OSSYNCD_ACCESS_KEY_SECRET"),
+    (dict(source="kerberos"), "credentials.source: Input should be 'sts', 'broker', 'ecs-ram-role', 'env' or 'static'"),
+])
+def test_credentials_errors_name_the_key_and_the_fix(tmp_path, monkeypatch, kw, needle):
+    with pytest.raises(ConfigError) as ei:
+        creds_config(tmp_path, monkeypatch, **kw)
+    assert needle in str(ei.value)
+    assert CRED_SECRET not in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_scoped_policy_too_long_for_these_prefixes_names_them(tmp_path, monkeypatch):
+    prefixes = [f"very/long/prefix/number/{i:03d}/" for i in range(60)]
+    with pytest.raises(ConfigError, match="credentials.scope_policy_to_prefixes") as ei:
+        creds_config(tmp_path, monkeypatch, prefixes=prefixes, scope_policy_to_prefixes=True)
+    assert "very/long/prefix/number/000/" in str(ei.value) and "2048" in str(ei.value)
+    assert creds_config(tmp_path, monkeypatch, prefixes=prefixes[:3], scope_policy_to_prefixes=True)
+
+
+def test_credentials_defaults_and_normal_forms(tmp_path, monkeypatch):
+    c = creds_config(tmp_path, monkeypatch).credentials
+    assert c.sts_endpoint == "https://sts.aliyuncs.com" and c.session_name == "ossyncd"
+    assert c.ecs_metadata_url == "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
+    c = creds_config(tmp_path, monkeypatch, sts_endpoint="", sts_region="cn-beijing", session_name="").credentials
+    assert c.sts_endpoint == "https://sts.cn-beijing.aliyuncs.com" and c.session_name == "ossyncd"
+    assert creds_config(tmp_path, monkeypatch, sts_endpoint="sts.cn-shanghai.aliyuncs.com").credentials.sts_endpoint \
+        == "https://sts.cn-shanghai.aliyuncs.com"
+    assert creds_config(tmp_path, monkeypatch, source="ecs-ram-role", ecs_metadata_url="").credentials \
+        .ecs_metadata_url == "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
+    assert creds_config(tmp_path, monkeypatch, policy='{ "Version": "1" }').credentials.policy == '{"Version":"1"}'
+    # a key only one source reads is checked only for that source
+    assert creds_config(tmp_path, monkeypatch, source="env", sts_endpoint="ftp://x", policy="{not json",
+                        ecs_metadata_url="nope").credentials.source == "env"

@@ -7,14 +7,16 @@ import logging
 import math
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 from structlog.testing import capture_logs
 
 from ossyncd import credentials as C
 from ossyncd import policy as P
+from ossyncd.config import CredentialsConfig
 from ossyncd.credentials import CredentialsError, RotatingCredentials, Snapshot
+from ossyncd.credentials.http import _find_credentials_dict
+from ossyncd.credentials.sts import _install_sdk_log_filter
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -530,9 +532,9 @@ def cfg(**kw):
                 role_arn="acs:ram::1234567890123456:role/uploader", session_name="ossyncd",
                 duration_seconds=3600, sts_endpoint="http://127.0.0.1:9100", sts_region="cn-hangzhou",
                 policy="", scope_policy_to_prefixes=False, broker_url="", broker_token="", broker_headers={},
-                ecs_role_name="", ecs_metadata_url=C.DEFAULT_ECS_METADATA_URL, timeout_seconds=10.0)
+                ecs_role_name="", timeout_seconds=10.0)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return CredentialsConfig(**base)
 
 
 def test_build_sts_source_endpoint_handling():
@@ -563,37 +565,6 @@ def test_build_sts_custom_policy_is_compacted():
     pol = json.dumps(P.upload_policy("drop", ["x/"]), indent=4)
     s = C.build_source(cfg(policy=pol), bucket="drop", prefixes=[])
     assert s.policy == json.dumps(json.loads(pol), separators=(",", ":"))
-
-
-@pytest.mark.parametrize("kw,needle", [
-    (dict(policy='{"Version":"1"}', scope_policy_to_prefixes=True),
-     "credentials.policy and credentials.scope_policy_to_prefixes are both set"),
-    (dict(policy="{not json"), "credentials.policy is not valid JSON"),
-    (dict(access_key_id=""), "credentials.access_key_id is empty"),
-    (dict(access_key_secret=""), "OSSYNCD_ACCESS_KEY_SECRET"),
-    (dict(role_arn=""), "credentials.role_arn is empty"),
-    (dict(sts_endpoint="ftp://sts"), "credentials.sts_endpoint"),
-    (dict(duration_seconds=0), "credentials.duration_seconds"),
-    (dict(source="broker", broker_url=""), "credentials.broker_url"),
-    (dict(source="ecs-ram-role", ecs_metadata_url="nope"), "credentials.ecs_metadata_url"),
-    (dict(source="static", access_key_id=""), "credentials.access_key_id (or OSSYNCD_ACCESS_KEY_ID)"),
-    (dict(source="static", access_key_secret=""), "credentials.access_key_secret"),
-    (dict(source="kerberos"), "credentials.source 'kerberos' is not one of"),
-])
-def test_build_source_config_errors_name_the_key(kw, needle):
-    with pytest.raises(CredentialsError) as ei:
-        C.build_source(cfg(**kw), bucket="drop", prefixes=["incoming/"])
-    assert needle in str(ei.value)
-    assert not ei.value.transient
-    assert_no_secret(str(ei.value))
-    assert "\n" not in str(ei.value)
-
-
-def test_build_sts_scoped_policy_too_long_names_prefixes():
-    prefixes = [f"very/long/prefix/number/{i:03d}/" for i in range(60)]
-    with pytest.raises(CredentialsError, match="credentials.scope_policy_to_prefixes") as ei:
-        C.build_source(cfg(scope_policy_to_prefixes=True), bucket="drop", prefixes=prefixes)
-    assert "very/long/prefix/number/000/" in str(ei.value) and "2048" in str(ei.value)
 
 
 def test_build_other_sources():
@@ -629,7 +600,7 @@ def test_env_source_reads_at_fetch_time_and_names_missing_variables():
 
 def test_find_credentials_dict_wrappers():
     inner = {"AccessKeyId": "a", "AccessKeySecret": "b", "SecurityToken": "c", "Expiration": 1}
-    f = C._find_credentials_dict
+    f = _find_credentials_dict
     assert f(inner) is inner
     for key in ("result", "data", "credentials", "Credentials", "whatever"):
         assert f({key: inner, "code": 0}) is inner
@@ -641,7 +612,7 @@ def test_find_credentials_dict_wrappers():
 
 
 def test_sdk_response_body_log_records_are_dropped(caplog):
-    C._install_sdk_log_filter()
+    _install_sdk_log_filter()
     sdk_log = logging.getLogger("aliyunsdkcore.client")
     with caplog.at_level(logging.DEBUG, logger="aliyunsdkcore.client"):
         sdk_log.debug("Response received. Product:%s Response-body: %s", "Sts", SECRET)

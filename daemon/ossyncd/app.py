@@ -17,9 +17,8 @@ import structlog
 
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
-from ossyncd.credentials import CredentialsError
 from ossyncd.engine import Engine, make_credentials, restart_only
-from ossyncd.errors import ConfigError, StateError
+from ossyncd.errors import ConfigError, CredentialsError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
 from ossyncd.sweeper import Sweeper

@@ -14,7 +14,7 @@ import click
 from ossyncd import log as logsetup
 from ossyncd import output
 from ossyncd.config import Config, load_config
-from ossyncd.errors import ConfigError, StateError
+from ossyncd.errors import ConfigError, CredentialsError, StateError
 from ossyncd.output import note, out, report
 
 EXIT_CONFIG = 2
@@ -95,7 +95,6 @@ def upload(config_path, prefix, files):
                 progress.update(tasks[file_id], completed=done)
             progress.update(total_task, completed=sum(done_bytes.values()))
 
-    from ossyncd.credentials import CredentialsError
     try:
         engine = Engine(cfg, on_progress=on_progress)
         # one writer per DB: racing the daemon on a file could record a correct object as failed
@@ -183,7 +182,6 @@ def url(config_path, sign, expires, path):
     if not sign:
         click.echo(row.url)
         return
-    from ossyncd.credentials import CredentialsError
     from ossyncd.engine import make_credentials
     from ossyncd.store import OssStore
     try:
@@ -251,7 +249,6 @@ def policy(config_path):
 def check_config(config_path):
     """Validate the config, then obtain credentials once and reach the endpoint."""
     from ossyncd.config import secret_file_warning
-    from ossyncd.credentials import CredentialsError
     from ossyncd.engine import make_credentials
     from ossyncd.errors import StoreError
     from ossyncd.store import OssStore

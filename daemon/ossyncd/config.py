@@ -6,6 +6,7 @@ and what to do, e.g. ``watch[0].path: /srv/drop does not exist; create it``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
+from ossyncd import policy as _policy
 from ossyncd.errors import ConfigError
 from ossyncd.paths import TEMP_RULES
 
@@ -93,8 +96,8 @@ class CredentialsConfig(_Section):
     role_arn: str = ""
     session_name: str = "ossyncd"
     duration_seconds: int = Field(3600, ge=1, le=43200)
+    sts_region: str = "cn-hangzhou"               # before sts_endpoint: an empty endpoint derives from it
     sts_endpoint: str = "https://sts.aliyuncs.com"
-    sts_region: str = "cn-hangzhou"
     policy: str = ""
     scope_policy_to_prefixes: bool = False
     broker_url: str = ""
@@ -106,6 +109,35 @@ class CredentialsConfig(_Section):
     retry_backoff: float = Field(1.0, gt=0)        # first wait after a failed credentials fetch
     retry_backoff_max: float = Field(60.0, gt=0)   # longest wait between fetch attempts
 
+    @field_validator("session_name", "sts_region", "ecs_metadata_url")
+    @classmethod
+    def _empty_is_default(cls, v: str, info: ValidationInfo) -> str:
+        return v or cls.model_fields[str(info.field_name)].default
+
+    @field_validator("sts_endpoint")
+    @classmethod
+    def _sts_endpoint(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            return f"https://sts.{info.data.get('sts_region') or 'cn-hangzhou'}.aliyuncs.com"
+        return v if "://" in v else "https://" + v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str, info: ValidationInfo) -> str:
+        """Compacted, since AssumeRole limits the Policy parameter's length; only sts sends it."""
+        v = v.strip()
+        if not v or info.data.get("source") != "sts":
+            return v
+        try:
+            v = json.dumps(json.loads(v), separators=(",", ":"))
+        except ValueError as e:
+            raise ValueError(f"is not valid JSON ({e}); write a RAM policy document, or see "
+                             f"`ossyncd policy` for one") from None
+        if len(v) > _policy.MAX_INLINE_POLICY_CHARS:
+            raise ValueError(f"is {len(v)} characters compacted, over the {_policy.MAX_INLINE_POLICY_CHARS}"
+                             f"-character AssumeRole limit; shorten it or use scope_policy_to_prefixes")
+        return v
+
     @model_validator(mode="after")
     def _required(self) -> "CredentialsConfig":
         if self.source == "sts":
@@ -116,11 +148,29 @@ class CredentialsConfig(_Section):
                                  "set them or OSSYNCD_ACCESS_KEY_ID / OSSYNCD_ACCESS_KEY_SECRET")
             if self.policy and self.scope_policy_to_prefixes:
                 raise ValueError("policy: set either policy or scope_policy_to_prefixes, not both")
-        if self.source == "broker" and not self.broker_url:
-            raise ValueError("broker_url: required with source = \"broker\"")
+            _check_url("sts_endpoint", self.sts_endpoint, "write e.g. https://sts.cn-hangzhou.aliyuncs.com")
+        if self.source == "broker":
+            if not self.broker_url:
+                raise ValueError("broker_url: required with source = \"broker\"")
+            _check_url("broker_url", self.broker_url, "write the http(s) URL that returns AccessKeyId/"
+                       "AccessKeySecret/SecurityToken/Expiration")
+        if self.source == "ecs-ram-role":
+            default = CredentialsConfig.model_fields["ecs_metadata_url"].default
+            _check_url("ecs_metadata_url", self.ecs_metadata_url, f"write e.g. {default} or remove the key")
         if self.source == "static" and not (self.access_key_id and self.access_key_secret):
-            raise ValueError("access_key_id/access_key_secret: required with source = \"static\"")
+            raise ValueError("access_key_id/access_key_secret: required with source = \"static\"; "
+                             "set them or OSSYNCD_ACCESS_KEY_ID / OSSYNCD_ACCESS_KEY_SECRET")
         return self
+
+
+def _check_url(key: str, url: str, fix: str) -> None:
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key}: {url!r} is not an http(s) URL; {fix}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{key}: {url!r} has an invalid port; {fix}") from None
 
 
 class UploadConfig(_Section):
@@ -254,6 +304,15 @@ class Config(_Section):
     daemon: DaemonConfig = DaemonConfig()
     metrics: MetricsConfig = MetricsConfig()
     source_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _scoped_policy_fits(self) -> "Config":
+        if self.credentials.source == "sts" and self.credentials.scope_policy_to_prefixes:
+            try:
+                _policy.inline_policy_json(self.oss.bucket, self.prefixes)
+            except _policy.PolicyError as e:
+                raise ValueError(f"credentials.scope_policy_to_prefixes: {e}") from None
+        return self
 
     @property
     def watches(self) -> tuple[WatchConfig, ...]:

@@ -2,6 +2,8 @@
 
     OssyncdError
     ├── ConfigError            bad configuration; names the key and the fix (exit code 2)
+    ├── CredentialsError       no credentials from the configured source; .transient says
+    │                          whether retrying can help, .source, .code (never holds a secret)
     ├── StateError             the state DB is locked, corrupt or unwritable
     ├── Cancelled              cooperative cancellation (pause, shutdown); nothing is recorded
     ├── FileProblem            the local file: .reason is one of
@@ -27,6 +29,35 @@ class OssyncdError(Exception):
 
 class ConfigError(OssyncdError):
     """The configuration is invalid. The message names the key and the fix."""
+
+
+class CredentialsError(OssyncdError):
+    """Credentials could not be obtained.
+
+    ``transient``: retrying later may succeed (network, 5xx, throttling).
+    Permanent errors need an operator (wrong key, missing role, bad config).
+    ``source``: the source name; ``code``: the server/SDK error code, if any.
+    The message names the source/field and what to do, and never holds a secret.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False, source: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.transient = bool(transient)
+        self.source = source
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return (f"CredentialsError({self.message!r}, transient={self.transient!r}, "
+                f"source={self.source!r}, code={self.code!r})")
+
+    def copy(self) -> "CredentialsError":
+        return CredentialsError(self.message, transient=self.transient, source=self.source,
+                                code=self.code)
 
 
 class StateError(OssyncdError):
