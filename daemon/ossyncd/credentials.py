@@ -45,6 +45,7 @@ import requests
 import structlog
 
 from . import policy as _policy
+from .errors import OssyncdError
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +70,7 @@ REDACTED = "<redacted>"
 # --------------------------------------------------------------------------- errors
 
 
-class CredentialsError(Exception):
+class CredentialsError(OssyncdError):
     """Credentials could not be obtained.
 
     ``transient``: retrying later may succeed (network, 5xx, throttling).
@@ -77,6 +78,8 @@ class CredentialsError(Exception):
     ``source``: the source name; ``code``: the server/SDK error code, if any.
     The message names the source/field and what to do, and never holds a secret.
     """
+
+    label = "credentials error"
 
     def __init__(self, message: str, *, transient: bool = False, source: str | None = None,
                  code: str | None = None):
