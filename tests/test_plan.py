@@ -4,7 +4,7 @@ import pytest
 
 from ossyncd.config import UploadConfig
 from ossyncd.crc import combine_parts, crc64
-from ossyncd.plan import choose_part_size, is_multipart, part_ranges
+from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
 
 MiB = 1024**2
 
@@ -33,7 +33,7 @@ def test_auto_part_size_grows_only_when_needed():
 
 def test_configured_part_size_that_needs_too_many_parts_is_an_error():
     cfg = UploadConfig(part_size="100KiB")
-    with pytest.raises(ValueError, match="10000 parts"):
+    with pytest.raises(PlanError, match="10000 parts"):
         choose_part_size(2 * 1024**3, cfg)
 
 

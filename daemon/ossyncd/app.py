@@ -18,7 +18,7 @@ import structlog
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
 from ossyncd.engine import Engine, make_credentials, restart_only
-from ossyncd.errors import ConfigError, CredentialsError, StateError
+from ossyncd.errors import ConfigError, OssyncdError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
 from ossyncd.sweeper import Sweeper
@@ -46,6 +46,13 @@ def _exit_if_stuck(rc: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
+
+
+def _cannot_start(e: OssyncdError) -> int:
+    """One log line and one stderr line (systemd's journal shows both), and the error's exit code."""
+    log.error("cannot start", error=str(e))
+    print(f"{e.label}: {e}", file=sys.stderr)
+    return e.exit_code
 
 
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
@@ -79,8 +86,8 @@ class Daemon:
             cfg = load_config(self.config_path)
             require_watches(cfg)
         except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+            print(f"{e.label}: {e}", file=sys.stderr)
+            return e.exit_code
         self._setup_logging(cfg)
         warning = secret_file_warning(cfg)
         if warning:
@@ -91,23 +98,15 @@ class Daemon:
         try:
             self.engine = engine = Engine(cfg, on_retry=self.metrics.on_retry if self.metrics else None)
             engine.state.acquire_daemon_lock()
-        except StateError as e:
-            log.error("cannot start", error=str(e))
-            print(f"state error: {e}", file=sys.stderr)
-            return 1
-        except CredentialsError as e:  # the [credentials] section cannot build a source
-            log.error("cannot start", error=str(e))
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+        except OssyncdError as e:   # the state DB, or a [credentials] section that cannot build a source
+            return _cannot_start(e)
         self.cfg = cfg
         engine.state.open_health()
         try:
             interrupted = engine.state.reset_interrupted()
         except StateError as e:
-            log.error("cannot start", error=str(e))
-            print(f"state error: {e}", file=sys.stderr)
             engine.close(wait=False)
-            return 1
+            return _cannot_start(e)
         engine.credentials.start()
         self.scheduler = sched = Scheduler(engine, cfg)
         self.sweeper = Sweeper(engine.store, engine.state, cfg,
@@ -221,7 +220,7 @@ class Daemon:
             if (new.credentials, new.oss.bucket, new.prefixes) != (self.cfg.credentials, self.cfg.oss.bucket,
                                                                    self.cfg.prefixes):
                 creds = make_credentials(new)   # e.g. a fixed secret: no restart needed
-        except (ConfigError, CredentialsError) as e:
+        except ConfigError as e:
             log.error("reload rejected; the running config stays in force", error=str(e))
             self.notifier.send("READY=1")
             return

@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from ossyncd.crc import crc64
-from ossyncd.errors import Cancelled, FileProblem
+from ossyncd.errors import Cancelled, FileChanged
 
 READ_BLOCK = 1 << 20
 
@@ -90,7 +90,7 @@ class Body:
                 raise Cancelled("cancelled")
             data = os.pread(self.fd, min(READ_BLOCK, end - off), off)
             if not data:
-                raise FileProblem(self.path, "changed", "file shrank while it was being checksummed")
+                raise FileChanged(self.path, "file shrank while it was being checksummed")
             md5.update(data)
             crc = crc64(data, crc)
         self.md5, self.checksum_crc64 = md5.digest(), crc
@@ -130,7 +130,7 @@ class _Reader:
             b.limiter.consume(n, b.cancel)
         data = os.pread(b.fd, n, b.offset + b.sent)
         if not data:
-            raise FileProblem(b.path, "changed", "file shrank while it was being uploaded")
+            raise FileChanged(b.path, "file shrank while it was being uploaded")
         b.crc64 = crc64(data, b.crc64)
         b.sent += len(data)
         if b.progress is not None:

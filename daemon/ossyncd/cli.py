@@ -14,44 +14,31 @@ import click
 from ossyncd import log as logsetup
 from ossyncd import output
 from ossyncd.config import Config, load_config
-from ossyncd.errors import ConfigError, CredentialsError, StateError
+from ossyncd.errors import CommandFailed, CredentialsError, OssyncdError
 from ossyncd.output import note, out, report
-
-EXIT_CONFIG = 2
 
 config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
 
 
 def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Config:
-    try:
-        return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist)
-    except ConfigError as e:
-        report("config error:", str(e))
-        sys.exit(EXIT_CONFIG)
-
-
-def _state_failed(e: StateError):
-    report("state error:", str(e))
-    sys.exit(1)
+    return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist)
 
 
 def _open_state(cfg: Config, *, readonly: bool):
     from ossyncd.state import State
     if readonly and not cfg.state.path.exists():
         return None
-    try:
-        return State(cfg.state.path, readonly=readonly)
-    except StateError as e:
-        _state_failed(e)
+    return State(cfg.state.path, readonly=readonly)
 
 
 class _Main(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except StateError as e:   # e.g. a DB damaged under the running daemon: no traceback
-            _state_failed(e)
+        except OssyncdError as e:   # the one place an error becomes `label: message` and an exit code
+            report(f"{e.label}:", str(e))
+            sys.exit(e.exit_code)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,16 +82,10 @@ def upload(config_path, prefix, files):
                 progress.update(tasks[file_id], completed=done)
             progress.update(total_task, completed=sum(done_bytes.values()))
 
-    try:
-        engine = Engine(cfg, on_progress=on_progress)
-        # one writer per DB: racing the daemon on a file could record a correct object as failed
-        engine.state.acquire_daemon_lock(hint="drop the files into one of its watch folders, or stop it "
-                                              "and run `ossyncd upload` again")
-    except StateError as e:
-        _state_failed(e)
-    except CredentialsError as e:  # the [credentials] section cannot build a source
-        report("config error:", str(e))
-        sys.exit(EXIT_CONFIG)
+    engine = Engine(cfg, on_progress=on_progress)
+    # one writer per DB: racing the daemon on a file could record a correct object as failed
+    engine.state.acquire_daemon_lock(hint="drop the files into one of its watch folders, or stop it "
+                                          "and run `ossyncd upload` again")
     engine.credentials.start()  # rotate at ~80% of the lifetime, as the daemon does
     failed = 0
     rows = []
@@ -143,7 +124,7 @@ def upload(config_path, prefix, files):
         def one(row):
             for _ in range(3):  # a file that changes mid-upload is re-read, a few times at most
                 outcome = engine.uploader.run(row)
-                if outcome.state != "queued" or outcome.error == "cancelled":
+                if outcome.state != "queued" or outcome.cancelled:
                     return row, outcome
                 try:
                     identity = stat_identity(row.path)
@@ -177,19 +158,13 @@ def url(config_path, sign, expires, path):
     state = _open_state(cfg, readonly=True)
     row = state.get(os.path.abspath(path)) if state else None
     if row is None or row.state != "done":
-        note(f"{path}: not uploaded yet (state: {row.state if row else 'unknown'}); see `ossyncd list`")
-        sys.exit(1)
+        raise CommandFailed(path, f"not uploaded yet (state: {row.state if row else 'unknown'}); see `ossyncd list`")
     if not sign:
         click.echo(row.url)
         return
     from ossyncd.engine import make_credentials
     from ossyncd.store import OssStore
-    try:
-        creds = make_credentials(cfg)
-        click.echo(OssStore(cfg.oss, creds).signed_url(row.key, expires))
-    except CredentialsError as e:
-        report("credentials:", str(e))
-        sys.exit(1)
+    click.echo(OssStore(cfg.oss, make_credentials(cfg)).signed_url(row.key, expires))
 
 
 @main.command()
@@ -274,18 +249,15 @@ def check_config(config_path):
             except StoreError as e:
                 if e.code != "AccessDenied":
                     raise
-                report("permissions:", f"{e.op} on probe key {probe!r} was refused (AccessDenied): these "
-                        f"credentials may not upload under watch prefix {prefix!r}; compare the role's "
-                        "policy and any credentials.policy with `ossyncd policy`")
-                sys.exit(1)
+                raise CommandFailed("permissions", f"{e.op} on probe key {probe!r} was refused (AccessDenied): "
+                                    f"these credentials may not upload under watch prefix {prefix!r}; compare "
+                                    "the role's policy and any credentials.policy with `ossyncd policy`") from None
         click.echo("uploads allowed under prefix(es) " + ", ".join(repr(p) for p in cfg.prefixes)
                    + " (probe: InitiateMultipartUpload + AbortMultipartUpload)")
     except CredentialsError as e:
-        report(f"credentials ({cfg.credentials.source}):", str(e))
-        sys.exit(1)
+        raise CommandFailed(f"credentials ({cfg.credentials.source})", str(e), e.exit_code) from None
     except StoreError as e:
-        report(f"endpoint {cfg.oss.endpoint}:", str(e))
-        sys.exit(1)
+        raise CommandFailed(f"endpoint {cfg.oss.endpoint}", str(e), e.exit_code) from None
 
 
 @main.command()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ossyncd.body import RateLimiter
 from ossyncd.config import Config, OssConfig, UploadConfig, WatchConfig
-from ossyncd.credentials import RotatingCredentials, build_source
+from ossyncd.errors import ConfigError
+from ossyncd.credentials import CredentialsError, RotatingCredentials, build_source
 from ossyncd.paths import object_key
 from ossyncd.retry import Backoff, RetryingStore
 from ossyncd.state import State
@@ -42,10 +43,14 @@ def restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
 
 
 def make_credentials(cfg: Config) -> RotatingCredentials:
-    """The configured source behind the rotating provider (raises CredentialsError)."""
+    """The configured source behind the rotating provider. A source that cannot be built is a
+    ConfigError (its message names the credentials.* key); fetching comes later."""
     c = cfg.credentials
-    return RotatingCredentials(build_source(c, bucket=cfg.oss.bucket, prefixes=cfg.prefixes),
-                               min_backoff=c.retry_backoff, max_backoff=c.retry_backoff_max)
+    try:
+        source = build_source(c, bucket=cfg.oss.bucket, prefixes=cfg.prefixes)
+    except CredentialsError as e:
+        raise ConfigError(str(e)) from None
+    return RotatingCredentials(source, min_backoff=c.retry_backoff, max_backoff=c.retry_backoff_max)
 
 
 class Engine:

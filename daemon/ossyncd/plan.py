@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ossyncd.config import MAX_PART_SIZE, MIN_PART_SIZE, UploadConfig
+from ossyncd.errors import PlanError
 
-
-class PlanError(ValueError):
-    """The file cannot be uploaded with the configured part size; the message says what to change."""
+__all__ = ["PlanError", "PartRange", "choose_part_size", "is_multipart", "part_ranges"]
 
 
 @dataclass(frozen=True)

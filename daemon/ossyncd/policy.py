@@ -13,13 +13,15 @@ Resources:
   * ``oss:ListMultipartUploads`` is a bucket-level action, so it is granted on
     ``acs:oss:*:*:{bucket}``.
 
-This module has no dependencies so that the CLI can import it cheaply.
+This module depends only on errors.py, so that the CLI can import it cheaply.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Iterable
+
+from ossyncd.errors import PolicyError, PolicyTooLong
 
 __all__ = [
     "UPLOAD_ACTIONS",
@@ -53,14 +55,6 @@ OBJECT_ACTIONS: tuple[str, ...] = tuple(a for a in UPLOAD_ACTIONS if a not in BU
 
 #: STS AssumeRole accepts a Policy of 1..2048 characters (docs/wire-protocol.md §5).
 MAX_INLINE_POLICY_CHARS = 2048
-
-
-class PolicyError(ValueError):
-    """The policy cannot be built from the given bucket/prefixes."""
-
-
-class PolicyTooLong(PolicyError):
-    """The compact inline policy exceeds STS's Policy length limit."""
 
 
 def _check_bucket(bucket: str) -> None:

@@ -16,19 +16,10 @@ from typing import Callable
 
 import structlog
 
-from ossyncd.errors import AuthExpired, Cancelled, OssyncdError, TransientError
+from ossyncd.errors import AuthExpired, Cancelled, CredentialsUnavailable, TransientError
 
 log = structlog.get_logger(__name__)
 MAX_AUTH_REFRESHES = 5
-
-
-class CredentialsUnavailable(OssyncdError):
-    """No valid credentials could be obtained; uploads wait, nothing is marked failed.
-    ``retry_at``: when the credentials will next be fetched (epoch seconds), if known."""
-
-    def __init__(self, message: str, retry_at: float | None = None):
-        super().__init__(message)
-        self.retry_at = retry_at
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import structlog
 
 from ossyncd.config import Config, WatchConfig
 from ossyncd.engine import Engine
-from ossyncd.errors import StateError, StoreError
+from ossyncd.errors import StateError
 from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
@@ -398,13 +398,7 @@ class Scheduler:
         row = self.state.get(path)
         if row is None:
             return
-        up = self.state.upload_for(row.id)
-        if up is not None:
-            try:
-                self.engine.store.abort(up.key, up.upload_id)
-            except StoreError as e:
-                log.warning("abort failed", key=up.key, error=str(e))
-            self.state.drop_upload(up.id)
+        self.engine.uploader.give_up_upload(row)
         self.state.transition(row.id, "gone", error=reason)
         log.info("gone", path=path, reason=reason)
 
@@ -473,7 +467,7 @@ class Scheduler:
                 if not outcome.unchanged:
                     self.uploaded_bytes += row.size
                 self._after_upload(row)
-            elif outcome.state == "queued" and outcome.error not in ("cancelled",):
+            elif outcome.state == "queued" and not outcome.cancelled:
                 # the file changed: let it settle again before the next attempt
                 self.state.transition(row.id, "settling", identity=row.identity)
                 self._consider(row.watch, row.path, time.time(), False)

@@ -22,11 +22,12 @@ import structlog
 
 from ossyncd.body import Body, RateLimiter
 from ossyncd.config import UploadConfig
-from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
+from ossyncd.errors import (Cancelled, CredentialsUnavailable, FileChanged, FileGone, FileProblem, FileUnreadable,
+                            HostLimit, NoSuchUpload, NotSupported, PermanentError, PlanError, StoreError,
                             TransientError)
 from ossyncd.model import Identity
-from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
-from ossyncd.retry import Backoff, CredentialsUnavailable
+from ossyncd.plan import choose_part_size, is_multipart, part_ranges
+from ossyncd.retry import Backoff
 from ossyncd.state import FileRow, PartRow, State, UploadRow
 
 log = structlog.get_logger(__name__)
@@ -63,9 +64,8 @@ class CancelScope:
 class Outcome:
     state: str               # done | queued | retry_wait | failed | gone
     error: str | None = None
-    seconds: float = 0.0
-    parts_sent: int = 0
     unchanged: bool = False  # done without sending: only the ctime had moved
+    cancelled: bool = False  # queued again by pause or shutdown, not because the file changed
 
 
 def stat_identity(path: str) -> Identity:
@@ -98,7 +98,7 @@ class Uploader:
             mode, parts = self._upload(row, scope)
         except Cancelled:
             self.state.transition(row.id, "queued", identity=row.identity)
-            return Outcome("queued", "cancelled")
+            return Outcome("queued", "cancelled", cancelled=True)
         except FileProblem as e:
             return self._file_problem(row, e)
         except CredentialsUnavailable as e:
@@ -130,10 +130,10 @@ class Uploader:
         if mode == "unchanged":
             log.info("unchanged; only its ctime moved, the object already holds these bytes", path=row.path,
                      key=row.key, crc64=str(row.crc64))
-            return Outcome("done", seconds=seconds, unchanged=True)
+            return Outcome("done", unchanged=True)
         log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
                  seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(row.key))
-        return Outcome("done", seconds=seconds, parts_sent=parts)
+        return Outcome("done")
 
     def _retry_later(self, row: FileRow, msg: str) -> Outcome:
         """retry_wait with the file's backoff; the attempt counts."""
@@ -144,22 +144,28 @@ class Uploader:
         return Outcome("retry_wait", msg)
 
     def _file_problem(self, row: FileRow, e: FileProblem) -> Outcome:
-        if e.reason == "host":   # out of descriptors or memory: the host may recover, the file is fine
+        if isinstance(e, HostLimit):   # the host may recover; the file is fine
             return self._retry_later(row, e.detail)
-        up = self.state.upload_for(row.id)
-        if up is not None and e.reason in ("gone", "changed"):
-            self._abort(up)
-        if e.reason == "gone":
+        if isinstance(e, (FileGone, FileChanged)):
+            self.give_up_upload(row)
+        if isinstance(e, FileGone):
             self.state.transition(row.id, "gone", error=e.detail, identity=row.identity)
             log.info("file vanished", path=row.path)
             return Outcome("gone", e.detail)
-        if e.reason == "changed":
+        if isinstance(e, FileChanged):
             self.state.transition(row.id, "queued", error=e.detail, identity=row.identity)
             log.info("file changed during upload; requeued", path=row.path)
             return Outcome("queued", e.detail)
         self.state.transition(row.id, "failed", error=e.detail, count_attempt=True, identity=row.identity)
         log.error("upload failed", path=row.path, error=e.detail)
         return Outcome("failed", e.detail)
+
+    def give_up_upload(self, row: FileRow) -> None:
+        """The file's multipart upload is no longer wanted (the file changed or vanished):
+        abort it on the server and drop its record, so no parts keep costing storage."""
+        up = self.state.upload_for(row.id)
+        if up is not None:
+            self._abort(up)
 
     def _abort(self, up: UploadRow) -> None:
         try:
@@ -174,9 +180,9 @@ class Uploader:
         try:
             now = stat_identity(row.path)
         except FileNotFoundError:
-            raise FileProblem(row.path, "gone", "vanished before or during upload") from None
+            raise FileGone(row.path, "vanished before or during upload") from None
         if not row.identity.matches(now):
-            raise FileProblem(row.path, "changed", "file changed since it was queued")
+            raise FileChanged(row.path, "file changed since it was queued")
 
     def _upload(self, row: FileRow, scope: CancelScope) -> tuple[str, int]:
         self._check_identity(row)
@@ -184,20 +190,20 @@ class Uploader:
             # O_NONBLOCK: a FIFO swapped in after the scan must not block us; fstat below rejects it
             fd = os.open(row.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
-            raise FileProblem(row.path, "gone", "vanished before upload") from None
+            raise FileGone(row.path, "vanished before upload") from None
         except PermissionError as e:
-            raise FileProblem(row.path, "unreadable", f"cannot read: {e.strerror}; fix its permissions "
+            raise FileUnreadable(row.path, f"cannot read: {e.strerror}; fix its permissions "
                                                       f"or run ossyncd as a user that can read it") from None
         except OSError as e:
             if e.errno in HOST_LIMITS:
-                raise FileProblem(row.path, "host", f"cannot open: {e.strerror}; the daemon is out of file "
+                raise HostLimit(row.path, f"cannot open: {e.strerror}; the daemon is out of file "
                                   f"descriptors or memory: raise LimitNOFILE in the systemd unit (or `ulimit -n`) "
                                   f"or lower upload.max_files_in_flight (will retry)") from None
-            raise FileProblem(row.path, "unreadable", f"cannot open: {e.strerror}") from None
+            raise FileUnreadable(row.path, f"cannot open: {e.strerror}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_ino != row.inode:
             os.close(fd)
-            raise FileProblem(row.path, "changed", "replaced by another file since it was queued")
+            raise FileChanged(row.path, "replaced by another file since it was queued")
         try:
             if row.check_crc and row.crc64 is not None and self._unchanged(row, fd, scope):
                 return "unchanged", 0
@@ -216,7 +222,7 @@ class Uploader:
             return False          # a same-size rewrite with the mtime restored (`cp -p`): upload
         self._check_identity(row)
         if not self.state.mark_unchanged(row.id, row.identity):
-            raise FileProblem(row.path, "changed", "a newer version was seen during the CRC64 check")
+            raise FileChanged(row.path, "a newer version was seen during the CRC64 check")
         return True
 
     def _progress(self, row: FileRow):
@@ -236,11 +242,11 @@ class Uploader:
         _, crc = body.checksum()
         result = self.store.put(row.key, body, cancel=scope)
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
-            raise FileProblem(row.path, "changed", "file changed while it was being uploaded")
+            raise FileChanged(row.path, "file changed while it was being uploaded")
         self._check_identity(row)
         if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
                                     crc64=result.crc64, mode="simple", verification=result.verification):
-            raise FileProblem(row.path, "changed", "a newer version was seen during the upload")
+            raise FileChanged(row.path, "a newer version was seen during the upload")
 
     def _multipart(self, row: FileRow, fd: int, scope: CancelScope) -> int:
         up = self._resume(row, fd, scope)
@@ -306,7 +312,7 @@ class Uploader:
             raise
         if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
                                     crc64=result.crc64, mode="multipart", verification=result.verification):
-            raise FileProblem(row.path, "changed", "a newer version was seen during the upload")
+            raise FileChanged(row.path, "a newer version was seen during the upload")
         return len(todo)
 
     def _run_window(self, todo, send, scope: CancelScope) -> None:
