@@ -1,4 +1,4 @@
-"""The upload engine end to end: `ossyncd upload` (a real subprocess) and the Engine
+"""The upload engine end to end: `ossyncd upload` (a real subprocess) and the Stack
 in-process, real oss2 and STS SDK clients, the emulator over HTTP, real files."""
 
 from __future__ import annotations
@@ -162,10 +162,10 @@ def test_unreadable_file_fails_clearly_and_others_continue(emulator, unprivilege
 @pytest.mark.timeout(120)
 def test_vanished_file_is_gone_and_its_upload_aborted(tmp_path, emulator, setup):
     from ossyncd.config import load_config
-    from ossyncd.engine import Engine
+    from ossyncd.stack import Stack
 
     cfg_path = setup(parallel_parts=1)
-    engine = Engine(load_config(cfg_path))
+    engine = Stack(load_config(cfg_path))
     try:
         src = tmp_path / "v.bin"
         random_file(src, 12 * PART, seed=5)
@@ -194,10 +194,10 @@ def test_vanished_file_is_gone_and_its_upload_aborted(tmp_path, emulator, setup)
 @pytest.mark.timeout(120)
 def test_cancel_stops_in_flight_part_quickly_and_keeps_checkpoints(tmp_path, emulator, setup):
     from ossyncd.config import load_config
-    from ossyncd.engine import Engine
+    from ossyncd.stack import Stack
 
     cfg_path = setup(part_size="4MiB", parallel_parts=2, bandwidth_limit="4MiB")
-    engine = Engine(load_config(cfg_path))
+    engine = Stack(load_config(cfg_path))
     try:
         src = tmp_path / "c.bin"
         data = random_file(src, 24 * MiB, seed=9)

@@ -17,7 +17,7 @@ import structlog
 
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
-from ossyncd.engine import Engine, make_credentials, restart_only
+from ossyncd.stack import Hooks, Stack, build_source, restart_only
 from ossyncd.errors import ConfigError, OssyncdError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
@@ -92,30 +92,33 @@ class Daemon:
         warning = secret_file_warning(cfg)
         if warning:
             log.warning("config file permissions", problem=warning)
+        m = None
         if cfg.metrics.listen:
             from ossyncd.metrics import Metrics
-            self.metrics = Metrics()
+            self.metrics = m = Metrics()
+        hooks = Hooks(on_retry=m.on_retry, wrap_store=m.timed_store) if m else Hooks()   # times each UploadPart
         try:
-            self.engine = engine = Engine(cfg, on_retry=self.metrics.on_retry if self.metrics else None)
-            engine.state.acquire_daemon_lock()
+            self.stack = stack = Stack(cfg, hooks)
+            stack.state.acquire_daemon_lock()
         except OssyncdError as e:   # the state DB, or a [credentials] section that cannot build a source
             return _cannot_start(e)
         self.cfg = cfg
-        engine.state.open_health()
+        stack.state.open_health()
         try:
-            interrupted = engine.state.reset_interrupted()
+            interrupted = stack.state.reset_interrupted()
         except StateError as e:
-            engine.close(wait=False)
+            stack.close(wait=False)
             return _cannot_start(e)
-        engine.credentials.start()
-        self.scheduler = sched = Scheduler(engine, cfg)
-        self.sweeper = Sweeper(engine.store, engine.state, cfg,
-                               on_abort=self.metrics.on_orphan_aborted if self.metrics else None)
-        if self.metrics is not None:
+        stack.credentials.start()
+        # the watcher reports to the scheduler, which re-arms the watcher: bound late, both built here
+        self.watcher = Watcher(lambda *a: sched.on_event(*a), on_rescan=lambda *a: sched.request_rescan(*a))
+        self.scheduler = sched = Scheduler(stack.state, stack.uploader, cfg, publish=stack.publish_credentials,
+                                           on_done=m.on_done if m else None,
+                                           on_rearm=self.watcher.add,        # a root deleted and recreated
+                                           source_alive=self.watcher.alive)  # a root whose event thread died
+        self.sweeper = Sweeper(stack.store, stack.state, cfg, on_abort=m.on_orphan_aborted if m else None)
+        if m is not None:
             self._start_metrics(cfg)
-        self.watcher = Watcher(sched.on_event, on_rescan=sched.request_rescan)
-        sched.on_rearm = self.watcher.add      # a watch root deleted and recreated is watched again
-        sched.source_alive = self.watcher.alive   # ... and so is one whose event thread died
         for w in cfg.watch:
             self.watcher.add(w)
         self.watcher.start()
@@ -151,8 +154,8 @@ class Daemon:
         sweep.join(left(2))
         if self.metrics is not None:
             _bounded(self.metrics.close, left(2))
-        _bounded(self.engine.credentials.stop, left(3))
-        self.engine.close(wait=False)
+        _bounded(self.stack.credentials.stop, left(3))
+        self.stack.close(wait=False)
         rc = 1 if fatal is not None else 0
         log.info("stopped", exit_code=rc)
         _exit_if_stuck(rc)
@@ -160,9 +163,7 @@ class Daemon:
 
     def _start_metrics(self, cfg: Config) -> None:
         m = self.metrics
-        m.bind(self.engine.state, self.engine.credentials)
-        self.engine.store.inner = m.timed_store(self.engine.store.inner)   # times each UploadPart attempt
-        self.scheduler.on_done = m.on_done
+        m.bind(self.stack.state, self.stack.credentials)
         try:
             host, port = m.serve(cfg.metrics.listen)
         except OSError as e:   # uploads matter more than the endpoint: carry on without it
@@ -198,7 +199,7 @@ class Daemon:
     def _status_line(self) -> str:
         problem = getattr(getattr(self, "scheduler", None), "state_error", None)
         try:
-            c = self.engine.state.counts() if not problem else {}
+            c = self.stack.state.counts() if not problem else {}
         except StateError as e:   # the loop meets it too and decides; the main thread must live on
             problem = str(e)
         if problem:
@@ -210,7 +211,7 @@ class Daemon:
 
     def _reload(self) -> None:
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        creds = None
+        source = None
         try:
             new = load_config(self.config_path)
             require_watches(new)
@@ -219,7 +220,7 @@ class Daemon:
             new, restart_keys = restart_only(self.cfg, new)
             if (new.credentials, new.oss.bucket, new.prefixes) != (self.cfg.credentials, self.cfg.oss.bucket,
                                                                    self.cfg.prefixes):
-                creds = make_credentials(new)   # e.g. a fixed secret: no restart needed
+                source = build_source(new)   # e.g. a fixed secret: no restart needed
         except ConfigError as e:
             log.error("reload rejected; the running config stays in force", error=str(e))
             self.notifier.send("READY=1")
@@ -229,12 +230,10 @@ class Daemon:
         if new.daemon.model_dump(include={"log_level", "log_format"}) != \
                 self.cfg.daemon.model_dump(include={"log_level", "log_format"}):
             self._setup_logging(new)
-        if creds is not None:
+        if source is not None:
             logsetup.register_secrets([new.credentials.access_key_secret, new.credentials.security_token,
                                        new.credentials.broker_token])
-            self.engine.swap_credentials(creds)
-            if self.metrics is not None:
-                self.metrics.bind(self.engine.state, creds)
+            self.stack.apply_credentials(new, source)
             log.info("credentials replaced", source=new.credentials.source)
         old = {str(w.path): w for w in self.cfg.watch}
         fresh = {str(w.path): w for w in new.watch}
@@ -250,8 +249,8 @@ class Daemon:
                     self.watcher.add(w)
             self.scheduler.cfg = new
             self.sweeper.cfg = new
-            self.engine.apply_upload_settings(new.upload)
-            self.engine.cfg = new
+            self.stack.apply_upload_settings(new.upload)
+            self.stack.use_config(new)
         self.scheduler.call_soon(apply)
         self.cfg = new
         log.info("config reloaded", watches=list(fresh))

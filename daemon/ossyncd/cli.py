@@ -56,12 +56,12 @@ def main() -> None:
 @click.option("--prefix", default=None, help="key prefix for files outside every watch folder")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, readable=False))
 def upload(config_path, prefix, files):
-    """Upload FILES now, with progress bars, through the same engine and state as the daemon.
+    """Upload FILES now, with progress bars, through the same stack and state as the daemon.
 
     Exits 0 only if every file is in OSS and verified. Files already uploaded and
     unchanged are not sent again.
     """
-    from ossyncd.engine import Engine
+    from ossyncd.stack import Hooks, Stack
     from ossyncd.model import Identity
     from ossyncd.paths import check_key
     from ossyncd.uploader import stat_identity
@@ -82,11 +82,11 @@ def upload(config_path, prefix, files):
                 progress.update(tasks[file_id], completed=done)
             progress.update(total_task, completed=sum(done_bytes.values()))
 
-    engine = Engine(cfg, on_progress=on_progress)
+    stack = Stack(cfg, Hooks(on_progress=on_progress))
     # one writer per DB: racing the daemon on a file could record a correct object as failed
-    engine.state.acquire_daemon_lock(hint="drop the files into one of its watch folders, or stop it "
+    stack.state.acquire_daemon_lock(hint="drop the files into one of its watch folders, or stop it "
                                           "and run `ossyncd upload` again")
-    engine.credentials.start()  # rotate at ~80% of the lifetime, as the daemon does
+    stack.credentials.start()  # rotate at ~80% of the lifetime, as the daemon does
     failed = 0
     rows = []
     with progress:
@@ -103,34 +103,34 @@ def upload(config_path, prefix, files):
                 report(f"{name}:", "not a regular file; nothing uploaded")
                 failed += 1
                 continue
-            watch, key = engine.key_for(path, prefix)
+            watch, key = stack.key_for(path, prefix)
             reason = check_key(key)
             if reason:
-                engine.state.mark_skipped(path, watch, reason)
+                stack.state.mark_skipped(path, watch, reason)
                 report(f"{name}:", reason)
                 failed += 1
                 continue
-            row, new = engine.state.observe(path, watch, key, Identity.of(st))
+            row, new = stack.state.observe(path, watch, key, Identity.of(st))
             if row.state == "done" and not new:
                 note(f"{name}: already uploaded and unchanged, nothing to do: {row.url}")
                 continue
             if row.state != "queued":
-                engine.state.transition(row.id, "queued")
-                row = engine.state.get_by_id(row.id)
+                stack.state.transition(row.id, "queued")
+                row = stack.state.get_by_id(row.id)
             rows.append(row)
             tasks[row.id] = progress.add_task(os.path.basename(path), total=row.size)
             progress.update(total_task, total=progress.tasks[total_task].total + row.size)
 
         def one(row):
             for _ in range(3):  # a file that changes mid-upload is re-read, a few times at most
-                outcome = engine.uploader.run(row)
+                outcome = stack.uploader.run(row)
                 if outcome.state != "queued" or outcome.cancelled:
                     return row, outcome
                 try:
                     identity = stat_identity(row.path)
                 except FileNotFoundError:
                     return row, outcome
-                row, _ = engine.state.observe(row.path, row.watch, row.key, identity)
+                row, _ = stack.state.observe(row.path, row.watch, row.key, identity)
                 progress.update(tasks[row.id], total=identity.size)
             return row, outcome
 
@@ -138,12 +138,12 @@ def upload(config_path, prefix, files):
             results = list(pool.map(one, rows))
     for row, outcome in results:
         if outcome.state == "done":
-            url = engine.state.get_by_id(row.id).url
+            url = stack.state.get_by_id(row.id).url
             report("done", f"{row.path} -> {url}", style="green")
         else:
             failed += 1
             report(outcome.state, f"{row.path}: {outcome.error}")
-    engine.close()
+    stack.close()
     sys.exit(1 if failed else 0)
 
 
@@ -162,9 +162,8 @@ def url(config_path, sign, expires, path):
     if not sign:
         click.echo(row.url)
         return
-    from ossyncd.engine import make_credentials
-    from ossyncd.store import OssStore
-    click.echo(OssStore(cfg.oss, make_credentials(cfg)).signed_url(row.key, expires))
+    from ossyncd.stack import build_credentials, build_store
+    click.echo(build_store(cfg, build_credentials(cfg)).signed_url(row.key, expires))
 
 
 @main.command()
@@ -224,20 +223,19 @@ def policy(config_path):
 def check_config(config_path):
     """Validate the config, then obtain credentials once and reach the endpoint."""
     from ossyncd.config import secret_file_warning
-    from ossyncd.engine import make_credentials
     from ossyncd.errors import StoreError
-    from ossyncd.store import OssStore
+    from ossyncd.stack import build_credentials, build_store
     cfg = _load(config_path)
     click.echo(f"config {cfg.source_path}: valid ({len(cfg.watch)} watch folder(s), bucket {cfg.oss.bucket})")
     warning = secret_file_warning(cfg)
     if warning:
         report("warning:", warning, style="yellow")
     try:
-        creds = make_credentials(cfg)
+        creds = build_credentials(cfg)
         snap = creds.current()
         click.echo(f"credentials ({cfg.credentials.source}): ok"
                    + (f", expire {creds.status().get('expires_at')}" if snap.expires_at else ""))
-        store = OssStore(cfg.oss, creds)
+        store = build_store(cfg, creds)
         store.list_uploads(cfg.prefixes[0])
         click.echo(f"endpoint {cfg.oss.endpoint}: ok (bucket {cfg.oss.bucket} reachable, ListMultipartUploads allowed)")
         # Try what a policy governs per prefix: start and abort a multipart upload of a probe key

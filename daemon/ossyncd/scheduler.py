@@ -18,18 +18,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import structlog
 
 from ossyncd.config import Config, WatchConfig
-from ossyncd.engine import Engine
 from ossyncd.errors import StateError
 from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
 from ossyncd.scanner import scan_root, stat_entry
 from ossyncd.settle import SettleTracker
-from ossyncd.state import FileRow, printable_path
-from ossyncd.uploader import CancelScope, Outcome
+from ossyncd.state import FileRow, State, printable_path
+from ossyncd.uploader import CancelScope, Outcome, Uploader
 
 log = structlog.get_logger(__name__)
 MAX_EVENTS_PER_TICK = 20_000
@@ -62,10 +62,23 @@ class _Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, cfg: Config):
-        self.engine = engine
-        self.state = engine.state
+    """Takes what it decides about, nothing more: the state, the uploader, the config (the
+    watches), and hooks: `publish` (the credentials status, every STATUS_EVERY), `on_done`
+    (row, outcome: metrics), `on_rearm` (watch: restart its event source), `source_alive`
+    (watch -> False when its event source died)."""
+
+    def __init__(self, state: State, uploader: Uploader, cfg: Config, *,
+                 publish: Callable[[], None] | None = None,
+                 on_done: Callable[[FileRow, Outcome], None] | None = None,
+                 on_rearm: Callable[[WatchConfig], None] | None = None,
+                 source_alive: Callable[[WatchConfig], bool] | None = None):
+        self.state = state
+        self.uploader = uploader
         self.cfg = cfg
+        self.publish = publish
+        self.on_done = on_done
+        self.on_rearm = on_rearm
+        self.source_alive = source_alive
         self.intake: queue.SimpleQueue = queue.SimpleQueue()
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -82,11 +95,8 @@ class Scheduler:
         self._status_at = 0.0
         self._bytes_done_window: list[tuple[float, int]] = []
         self.uploaded_bytes = 0
-        self.on_done = None                      # hook: (row, outcome) for metrics
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
         self.health: dict[str, dict] = {}        # root -> {"state", "since", "ident"}, shown by `status`
-        self.on_rearm = None                     # hook: (watch) restarts its event source (the watcher)
-        self.source_alive = None                 # hook: (watch) -> False when its event source died
         self._roots_at = float("-inf")
         self._health_dirty = True
         self.temp_skipped: dict[str, str] = {}   # path -> root: settled files a temp-name rule skipped
@@ -100,14 +110,6 @@ class Scheduler:
         self._crashed: list[tuple[FileRow, str]] = []   # rows whose job raised, not recorded yet
         for w in cfg.watch:
             self.add_watch(w)
-        self._creds_lock = threading.Lock()
-        engine.credentials.on_change = self._publish_credentials
-
-    def _publish_credentials(self) -> None:
-        """After every credentials fetch and every STATUS_EVERY. Read and written under one lock,
-        so an older status never overwrites a newer one."""
-        with self._creds_lock:
-            self.state.set_meta("credentials", json.dumps(self.engine.credentials.status()))
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -398,7 +400,7 @@ class Scheduler:
         row = self.state.get(path)
         if row is None:
             return
-        self.engine.uploader.give_up_upload(row)
+        self.uploader.give_up_upload(row)
         self.state.transition(row.id, "gone", error=reason)
         log.info("gone", path=path, reason=reason)
 
@@ -431,7 +433,7 @@ class Scheduler:
             big += multipart
             slots -= 1
             self.jobs[row.id] = _Job(row, multipart)
-            fut = self.file_pool.submit(self.engine.uploader.run, row, self.scope)
+            fut = self.file_pool.submit(self.uploader.run, row, self.scope)
             fut.add_done_callback(lambda f, row=row: self._finished(row, f))
 
     def _finished(self, row: FileRow, fut) -> None:
@@ -505,7 +507,8 @@ class Scheduler:
         if now - self._status_at < STATUS_EVERY:
             return
         self._status_at = now
-        self._publish_credentials()
+        if self.publish is not None:
+            self.publish()
         rows = [self.state.get_by_id(j.row.id) for j in self.jobs.values()]
         done = self.uploaded_bytes + sum(r.bytes_done for r in rows if r is not None)
         self._bytes_done_window = [(t, b) for t, b in self._bytes_done_window if now - t <= 10] + [(now, done)]

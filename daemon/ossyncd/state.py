@@ -26,7 +26,7 @@ from ossyncd.model import Identity
 
 log = structlog.get_logger(__name__)
 
-STATES = ("seen", "settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
+STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
 
 
 @dataclass(frozen=True)

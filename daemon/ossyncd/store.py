@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 from urllib.parse import quote, urlparse
 
 import oss2
@@ -108,7 +108,7 @@ class RotatingProvider(oss2.CredentialsProvider):
     remember, per thread, which one signed the last request (for single-flight refresh)."""
 
     def __init__(self, credentials):
-        self.credentials = credentials      # swapped whole on a config reload
+        self.credentials = credentials      # the rotator: a reload replaces its source, not it
         self._last = threading.local()
 
     def get_credentials(self):
@@ -169,11 +169,12 @@ def _short(exc: Exception) -> str:
 
 
 class OssStore:
-    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8):
+    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8,
+                 on_verification: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.provider = RotatingProvider(credentials)
         self.verification: str | None = None      # crc64 | md5, learned from the first write response
-        self.on_verification = None               # called with the mode when it is learned or changes
+        self.on_verification = on_verification    # called with the mode when it is learned or changes
         self._lock = threading.Lock()
         if cfg.signature == "v4":
             auth = oss2.ProviderAuthV4(self.provider)

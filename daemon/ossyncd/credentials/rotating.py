@@ -35,7 +35,7 @@ class RotatingCredentials:
 
     def __init__(self, source: Source, *, clock: Callable[[], float] = time.time,
                  refresh_fraction: float = 0.8, min_backoff: float = 1.0, max_backoff: float = 60.0,
-                 rng: Callable[[], float] = random.random):
+                 rng: Callable[[], float] = random.random, on_change: Callable[[], None] | None = None):
         if not 0.0 < refresh_fraction <= 1.0:
             raise ValueError("refresh_fraction must be in (0, 1]")
         self._source = source
@@ -58,7 +58,22 @@ class RotatingCredentials:
         self._thread: threading.Thread | None = None
         # called after every fetch, so a published status() is never older than the credentials
         # in use (the daemon writes it to the state DB for `ossyncd status`)
-        self.on_change: Callable[[], None] | None = None
+        self.on_change = on_change
+
+    def replace_source(self, source: Source, *, min_backoff: float, max_backoff: float) -> None:
+        """A reloaded [credentials] section: the next request fetches from `source` (a fixed
+        secret, a new role), while uploads in flight carry on. Every holder of this object
+        (the OSS client, the retry decorator) sees the new credentials without being touched."""
+        with self._cond:
+            while self._refreshing:              # never let an old-source fetch land afterwards
+                self._cond.wait(0.1)
+            self._source = source
+            self._min_backoff = float(min_backoff)
+            self._max_backoff = max(float(max_backoff), float(min_backoff))
+            self._snap = self._rejected = self._last_error = None
+            self._next_attempt = -math.inf
+            self._failures = 0
+            self._last_attempt_failed = False
 
     def __repr__(self) -> str:
         return f"<RotatingCredentials source={self._source.name!r} current={self._snap!r}>"

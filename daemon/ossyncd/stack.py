@@ -1,21 +1,21 @@
-"""The upload stack built from a config: state, credentials, store (+ retries), uploader.
-
-`ossyncd upload` and `ossyncd run` both use this, so one-shot and daemon uploads go
-through exactly the same code and state.
-"""
+"""The composition root: the upload stack built from a config and explicit hooks."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from ossyncd.body import RateLimiter
 from ossyncd.config import Config, OssConfig, UploadConfig, WatchConfig
+from ossyncd.credentials import CredentialsError, RotatingCredentials
+from ossyncd.credentials import build_source as _source_for
 from ossyncd.errors import ConfigError
-from ossyncd.credentials import CredentialsError, RotatingCredentials, build_source
 from ossyncd.paths import object_key
 from ossyncd.retry import Backoff, RetryingStore
 from ossyncd.state import State
@@ -42,31 +42,68 @@ def restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
     return (new.model_copy(update=kept) if kept else new), changed
 
 
-def make_credentials(cfg: Config) -> RotatingCredentials:
-    """The configured source behind the rotating provider. A source that cannot be built is a
-    ConfigError (its message names the credentials.* key); fetching comes later."""
-    c = cfg.credentials
+@dataclass(frozen=True)
+class Hooks:
+    """What the caller wants told, passed in when the stack is built (nothing is patched in
+    afterwards)."""
+
+    on_progress: Callable[[int, int, int], None] | None = None   # (file_id, bytes done, total): live bars
+    on_retry: Callable[[str, Exception], None] | None = None     # a request retried (metrics)
+    wrap_store: Callable[[Any], Any] | None = None                # a decorator around each single attempt (metrics timing)
+
+
+def build_source(cfg: Config):
+    """The configured credentials source. One that cannot be built is a ConfigError (its
+    message names the credentials.* key); fetching comes later."""
     try:
-        source = build_source(c, bucket=cfg.oss.bucket, prefixes=cfg.prefixes)
+        return _source_for(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes)
     except CredentialsError as e:
         raise ConfigError(str(e)) from None
-    return RotatingCredentials(source, min_backoff=c.retry_backoff, max_backoff=c.retry_backoff_max)
 
 
-class Engine:
-    def __init__(self, cfg: Config, *, on_progress=None, on_retry=None):
+def build_credentials(cfg: Config, on_change: Callable[[], None] | None = None) -> RotatingCredentials:
+    c = cfg.credentials
+    return RotatingCredentials(build_source(cfg), min_backoff=c.retry_backoff, max_backoff=c.retry_backoff_max,
+                               on_change=on_change)
+
+
+def build_store(cfg: Config, creds: RotatingCredentials, *, pool_size: int = 8,
+                on_verification: Callable[[str], None] | None = None) -> OssStore:
+    """The single-attempt OSS client (`url --sign` and `check-config` use it bare)."""
+    return OssStore(cfg.oss, creds, pool_size=pool_size, on_verification=on_verification)
+
+
+class Stack:
+    """The upload stack, composed in one place (docs/architecture.md §2):
+
+        state ─ credentials (rotating, status published to state)
+        store = RetryingStore(wrap_store(OssStore))      retries decorate the single attempt
+        uploader(state, store, limiter, part pool)
+
+    `ossyncd run` and `ossyncd upload` both build it, so one-shot and daemon uploads go
+    through exactly the same code and state. A reload changes it only through its methods."""
+
+    def __init__(self, cfg: Config, hooks: Hooks = Hooks()):
         self.cfg = cfg
         self.state = State(cfg.state.path)
-        self.credentials = make_credentials(cfg)
+        self._creds_lock = threading.Lock()
+        self.credentials = build_credentials(cfg, on_change=self.publish_credentials)
         up = cfg.upload
         self.part_pool = ThreadPoolExecutor(up.parallel_parts, thread_name_prefix="part")
-        self.oss = OssStore(cfg.oss, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2)
-        self.oss.on_verification = self._record_verification
-        self.store = RetryingStore(self.oss, self.credentials, attempts=up.request_retries,
-                                   backoff=Backoff(up.retry_backoff, up.retry_backoff_max), on_retry=on_retry)
+        oss = build_store(cfg, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2,
+                          on_verification=self._record_verification)
+        self.store = RetryingStore(hooks.wrap_store(oss) if hooks.wrap_store else oss, self.credentials,
+                                   attempts=up.request_retries, backoff=Backoff(up.retry_backoff, up.retry_backoff_max),
+                                   on_retry=hooks.on_retry)
         self.limiter = RateLimiter(up.bandwidth_limit)   # always there: a reload may set a limit
         self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
-                                 url_for=lambda key: object_url(cfg.oss, key), on_progress=on_progress)
+                                 url_for=lambda key: object_url(cfg.oss, key), on_progress=hooks.on_progress)
+
+    def publish_credentials(self) -> None:
+        """For `ossyncd status`: after every credentials fetch, and every second from the daemon's
+        loop. Read and written under one lock, so an older status never overwrites a newer one."""
+        with self._creds_lock:
+            self.state.set_meta("credentials", json.dumps(self.credentials.status()))
 
     def _record_verification(self, mode: str) -> None:
         """For `ossyncd status`: how this run verifies uploads (the server's CRC64 capability)."""
@@ -83,15 +120,15 @@ class Engine:
         self.uploader.cfg = up
         self.uploader.backoff = Backoff(up.file_retry_delay, up.file_retry_delay_max)
 
-    def swap_credentials(self, credentials: RotatingCredentials) -> None:
-        """Use new credentials from the next request on (config reload); uploads carry on."""
-        old = self.credentials
-        self.credentials = credentials
-        self.oss.provider.credentials = credentials
-        self.store.credentials = credentials
-        credentials.on_change = old.on_change
-        credentials.start()
-        old.stop()
+    def apply_credentials(self, cfg: Config, source) -> None:
+        """A reloaded [credentials] section (a fixed secret, a new role; `source` from
+        build_source(cfg)): used from the next request on, uploads carry on."""
+        c = cfg.credentials
+        self.credentials.replace_source(source, min_backoff=c.retry_backoff, max_backoff=c.retry_backoff_max)
+        self.publish_credentials()
+
+    def use_config(self, cfg: Config) -> None:
+        self.cfg = cfg
 
     def watch_for(self, path: str) -> WatchConfig | None:
         p = Path(path)
