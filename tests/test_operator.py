@@ -239,7 +239,7 @@ def test_sweep_rules_owned_uploading_age_and_prefix(tmp_path):
     """The window between InitiateMultipartUpload and its record: an unrecorded upload whose
     file is `uploading` is never swept, even with orphan_max_age = 0."""
     from ossyncd.state import State
-    from ossyncd.store import OpenUpload
+    from ossyncd.model import OpenUpload
     from ossyncd.sweeper import Sweeper
 
     st = State(tmp_path / "state.db")

@@ -1,4 +1,5 @@
-"""A version of a file, as the daemon compares it everywhere (docs/architecture.md)."""
+"""Records shared by the store and the state, so neither imports the other (docs/architecture.md):
+the version of a file, as the daemon compares it everywhere, and what parts and uploads are."""
 
 from __future__ import annotations
 
@@ -37,3 +38,39 @@ class Identity:
         """The same version, where an unknown ctime matches any."""
         return self.same_but_ctime(other) and (
             self.ctime_ns is None or other.ctime_ns is None or self.ctime_ns == other.ctime_ns)
+
+
+# verification modes, recorded per file
+CRC64 = "crc64"
+MD5 = "md5"
+
+
+@dataclass(frozen=True)
+class PartRow:
+    """A part recorded after OSS returned its ETag and its CRC64 matched."""
+
+    number: int
+    etag: str
+    crc64: int
+    size: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    etag: str
+    crc64: int               # of the bytes stored: OSS's, or ours when OSS sent none and MD5 verified them
+    verification: str = CRC64
+
+
+@dataclass(frozen=True)
+class ServerPart:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    key: str
+    upload_id: str
+    initiated: float

@@ -22,7 +22,7 @@ import sqlite_utils
 import structlog
 
 from ossyncd.errors import StateError
-from ossyncd.model import Identity
+from ossyncd.model import Identity, PartRow
 
 log = structlog.get_logger(__name__)
 
@@ -74,14 +74,6 @@ class UploadRow:
     @property
     def identity(self) -> Identity:
         return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
-
-
-@dataclass(frozen=True)
-class PartRow:
-    number: int
-    etag: str
-    crc64: int
-    size: int
 
 
 def printable_path(path: str) -> str:

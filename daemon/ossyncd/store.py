@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urlparse
 
@@ -34,38 +33,13 @@ from ossyncd.config import OssConfig
 from ossyncd.crc import combine_parts
 from ossyncd.errors import (AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError,
                             StoreError, TransientError)
-from ossyncd.state import PartRow
+from ossyncd.model import CRC64, MD5, OpenUpload, PartRow, ServerPart, WriteResult
 
 log = structlog.get_logger(__name__)
 BLOCKSIZE = 1 << 20
 AUTH_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
 TRANSIENT_CODES = {"RequestTimeout", "ServiceUnavailable", "InternalError", "SlowDown", "Throttling",
                    "RequestTimeTooSkewed", "ConnectionReset"}
-CRC64 = "crc64"   # verification modes, recorded per file
-MD5 = "md5"
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    etag: str
-    crc64: int               # of the bytes stored: OSS's, or ours when OSS sent none and MD5 verified them
-    verification: str = CRC64
-
-
-@dataclass(frozen=True)
-class ServerPart:
-    number: int
-    etag: str
-    size: int
-
-
-@dataclass(frozen=True)
-class OpenUpload:
-    key: str
-    upload_id: str
-    initiated: float
-
-
 class ObjectStore(Protocol):
     """The narrow seam between the uploader and OSS. Every method makes at most one request
     (retries are the caller's wrapper's job) and raises only ossyncd.errors types."""

@@ -24,10 +24,10 @@ from ossyncd.body import Body, RateLimiter
 from ossyncd.config import UploadConfig
 from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
                             TransientError)
-from ossyncd.model import Identity
+from ossyncd.model import Identity, PartRow
 from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff, CredentialsUnavailable
-from ossyncd.state import FileRow, PartRow, State, UploadRow
+from ossyncd.state import FileRow, State, UploadRow
 
 log = structlog.get_logger(__name__)
 PROGRESS_EVERY = 0.5  # seconds between bytes_done writes; status promises 1 s freshness
