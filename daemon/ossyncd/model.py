@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -74,3 +75,12 @@ class OpenUpload:
     key: str
     upload_id: str
     initiated: float
+
+
+class CancelFlag(Protocol):
+    """What a store call is given to learn that its caller gave up: a threading.Event, or the
+    uploader's CancelScope."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
