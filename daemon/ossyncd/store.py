@@ -166,8 +166,9 @@ class OssStore:
     """The single-attempt ObjectStore over oss2. `cancel` is accepted and ignored: one request
     is not interrupted here, its Body stops reading when the caller's flag is set."""
 
-    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8):
+    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8, page_size: int = 1000):
         self.cfg = cfg
+        self.page_size = page_size                # entries per listing page; OSS allows at most 1000
         self.provider = RotatingProvider(credentials)
         self.verification: str | None = None      # crc64 | md5, learned from the first write response
         self.on_verification = None               # called with the mode when it is learned or changes
@@ -267,7 +268,8 @@ class OssStore:
         out: list[ServerPart] = []
         marker = ""
         while True:
-            r = self._call("ListParts", key, self.bucket.list_parts, key, upload_id, marker=marker)
+            r = self._call("ListParts", key, self.bucket.list_parts, key, upload_id, marker=marker,
+                           max_parts=self.page_size)
             out.extend(ServerPart(p.part_number, p.etag, p.size) for p in r.parts)
             if not r.is_truncated:
                 return out
@@ -284,7 +286,8 @@ class OssStore:
         key_marker = upload_marker = ""
         while True:
             r = self._call("ListMultipartUploads", prefix, self.bucket.list_multipart_uploads,
-                           prefix=prefix, key_marker=key_marker, upload_id_marker=upload_marker)
+                           prefix=prefix, key_marker=key_marker, upload_id_marker=upload_marker,
+                           max_uploads=self.page_size)
             out.extend(OpenUpload(u.key, u.upload_id, float(u.initiation_date)) for u in r.upload_list)
             if not r.is_truncated:
                 return out
