@@ -192,3 +192,14 @@ class MemoryStore:
                 raise PermanentError(op, key, f"part {p.number} is smaller than {MIN_PART_SIZE} bytes",
                                      status=400, code="EntityTooSmall")
         return chosen
+
+
+class FakeClock:
+    """Epoch seconds that move only when told: Scheduler.tick(now) and Sweeper.tick(now) take it."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
