@@ -226,7 +226,8 @@ def test_bandwidth_limit_below_one_byte_is_refused(tmp_path, value):
 
 @pytest.mark.parametrize("value,expected", [('"0"', 0), ("0", 0), ('"0.0"', 0), ('"1.5KiB"', 1536)])
 def test_bandwidth_limit_zero_or_real_sizes_load(tmp_path, value, expected):
-    assert load_config(write(tmp_path, base(tmp_path, f"[upload]\nbandwidth_limit = {value}\n"))).upload.bandwidth_limit == expected
+    cfg = load_config(write(tmp_path, base(tmp_path, f"[upload]\nbandwidth_limit = {value}\n")))
+    assert cfg.upload.bandwidth_limit == expected
 
 
 def test_run_without_any_watch_refuses_to_start(tmp_path):

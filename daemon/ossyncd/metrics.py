@@ -123,7 +123,7 @@ class Metrics:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._server = server
         bound = server.server_address
-        return bound[0], bound[1]
+        return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
         if self._server is not None:

@@ -17,6 +17,8 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -82,10 +84,10 @@ class Scheduler:
         self._status_at = 0.0
         self._bytes_done_window: list[tuple[float, int]] = []
         self.uploaded_bytes = 0
-        self.on_done = None                      # hook: (row, outcome) for metrics
+        self.on_done: Callable[[FileRow, Outcome], None] | None = None   # hook for metrics
         self.calls: queue.SimpleQueue = queue.SimpleQueue()   # work for the loop thread (reloads)
         self.health: dict[str, dict] = {}        # root -> {"state", "since", "ident"}, shown by `status`
-        self.on_rearm = None                     # hook: (watch) restarts its event source (the watcher)
+        self.on_rearm: Callable[[WatchConfig], None] | None = None   # restarts a watch's event source
         self._roots_at = float("-inf")
         self._health_dirty = True
         self.temp_skipped: dict[str, str] = {}   # path -> root: settled files a temp-name rule skipped
@@ -435,7 +437,7 @@ class Scheduler:
             slots -= 1
             self.jobs[row.id] = _Job(row, multipart)
             fut = self.file_pool.submit(self.engine.uploader.run, row, self.scope)
-            fut.add_done_callback(lambda f, row=row: self._finished(row, f))
+            fut.add_done_callback(partial(self._finished, row))
 
     def _finished(self, row: FileRow, fut) -> None:
         if fut.cancelled():   # never started (shutdown): the row is still queued
@@ -496,7 +498,7 @@ class Scheduler:
                 os.unlink(row.path)
                 log.info("source deleted after verified upload", path=row.path)
             else:
-                dest = w.move_to / os.path.relpath(row.path, w.path)
+                dest = w.move_to / os.path.relpath(row.path, w.path)  # type: ignore[operator]  # config: move needs move_to
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(row.path, dest)
                 log.info("source moved after verified upload", path=row.path, to=str(dest))

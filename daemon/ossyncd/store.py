@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import quote, urlparse
 
 import oss2
@@ -171,7 +171,7 @@ class OssStore:
         self.page_size = page_size                # entries per listing page; OSS allows at most 1000
         self.provider = RotatingProvider(credentials)
         self.verification: str | None = None      # crc64 | md5, learned from the first write response
-        self.on_verification = None               # called with the mode when it is learned or changes
+        self.on_verification: Callable[[str], None] | None = None   # called with the mode learned or changed
         self._lock = threading.Lock()
         if cfg.signature == "v4":
             auth = oss2.ProviderAuthV4(self.provider)
