@@ -17,9 +17,9 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
-from dataclasses import dataclass, field
 
 import structlog
 

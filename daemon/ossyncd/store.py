@@ -31,8 +31,7 @@ from oss2.credentials import Credentials as Oss2Credentials
 from ossyncd.body import Body
 from ossyncd.config import OssConfig
 from ossyncd.crc import combine_parts
-from ossyncd.errors import (AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError,
-                            StoreError, TransientError)
+from ossyncd.errors import AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError, StoreError, TransientError
 from ossyncd.model import CRC64, MD5, CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
 
 log = structlog.get_logger(__name__)

@@ -22,8 +22,7 @@ import structlog
 
 from ossyncd.body import Body, RateLimiter
 from ossyncd.config import UploadConfig
-from ossyncd.errors import (Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError,
-                            TransientError)
+from ossyncd.errors import Cancelled, FileProblem, NoSuchUpload, NotSupported, PermanentError, StoreError, TransientError
 from ossyncd.model import Identity, PartRow
 from ossyncd.plan import PlanError, choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff, CredentialsUnavailable
