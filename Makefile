@@ -27,6 +27,8 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m pyflakes daemon tests
+	$(BIN)/python -m ruff check daemon tests
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-data

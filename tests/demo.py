@@ -9,9 +9,9 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
-import socket
 import threading
 from pathlib import Path
 

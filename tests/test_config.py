@@ -59,8 +59,9 @@ def test_full_example_loads(tmp_path):
 
 def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
     """config/ossyncd.example.toml documents every key; it must parse (paths swapped for tmp)."""
-    from pathlib import Path
     import tomllib
+    from pathlib import Path
+
     from ossyncd.config import parse_config
     data = tomllib.loads((Path(__file__).parent.parent / "config" / "ossyncd.example.toml").read_text())
     data["state"]["path"] = str(tmp_path / "state.db")
@@ -227,7 +228,8 @@ def test_bandwidth_limit_below_one_byte_is_refused(tmp_path, value):
 
 @pytest.mark.parametrize("value,expected", [('"0"', 0), ("0", 0), ('"0.0"', 0), ('"1.5KiB"', 1536)])
 def test_bandwidth_limit_zero_or_real_sizes_load(tmp_path, value, expected):
-    assert load_config(write(tmp_path, base(tmp_path, f"[upload]\nbandwidth_limit = {value}\n"))).upload.bandwidth_limit == expected
+    cfg = load_config(write(tmp_path, base(tmp_path, f"[upload]\nbandwidth_limit = {value}\n")))
+    assert cfg.upload.bandwidth_limit == expected
 
 
 def test_run_without_any_watch_refuses_to_start(tmp_path):
@@ -242,6 +244,7 @@ def test_run_without_any_watch_refuses_to_start(tmp_path):
 @pytest.mark.timeout(60)
 def test_sighup_with_colliding_prefixes_is_rejected_and_the_running_config_kept(tmp_path, emulator, daemon_factory):
     import signal
+
     from tests.helpers import bucket_keys, object_bytes, random_file, wait_until
     from tests.test_operator import events
     a, b = tmp_path / "a", tmp_path / "b"

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import MiB, ROOT, random_file
+from tests.helpers import ROOT, MiB, random_file
 
 pytestmark = pytest.mark.timeout(240)
 CONFORMANCE = ROOT / "tests" / "conformance"

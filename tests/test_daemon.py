@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (Daemon, MiB, bucket_keys, fast_upload, object_bytes, ossyncd, random_file,
-                           wait_until)
+from tests.helpers import Daemon, MiB, bucket_keys, fast_upload, object_bytes, ossyncd, random_file, wait_until
 
 
 @pytest.fixture

@@ -15,12 +15,20 @@ from types import SimpleNamespace
 import pytest
 
 from ossyncd.model import Identity
-from tests.helpers import events, MiB, object_bytes, ossyncd, random_file, root_bucket, wait_until, write_config
-from tests.helpers import bucket_keys, fast_upload, scrape
+from tests.helpers import (
+    MiB,
+    bucket_keys,
+    events,
+    fast_upload,
+    object_bytes,
+    ossyncd,
+    random_file,
+    root_bucket,
+    scrape,
+    wait_until,
+    write_config,
+)
 from tests.test_systemd import NotifySocket
-
-
-
 
 # ------------------------------------------------------------------------ SIGHUP
 
@@ -238,8 +246,8 @@ class _FakeStore:
 def test_sweep_rules_owned_uploading_age_and_prefix(tmp_path):
     """The window between InitiateMultipartUpload and its record: an unrecorded upload whose
     file is `uploading` is never swept, even with orphan_max_age = 0."""
+    from ossyncd.model import OpenUpload
     from ossyncd.state import State
-    from ossyncd.store import OpenUpload
     from ossyncd.sweeper import Sweeper
 
     st = State(tmp_path / "state.db")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import events, MiB, fast_upload, object_bytes, random_file, wait_until, write_config
+from tests.helpers import MiB, events, fast_upload, object_bytes, random_file, wait_until, write_config
 
 SETTLE = {"settle_seconds": 0.3}
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import json_lines, MiB, object_bytes, random_file, wait_until
+from tests.helpers import MiB, json_lines, object_bytes, random_file, wait_until
 
 BOUND = 25.0   # seconds: the daemon's 20 s budget plus interpreter start/stop on a busy host
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from ossyncd.errors import StateError
-from ossyncd.model import Identity
-from ossyncd.state import MIGRATIONS, PartRow, State
+from ossyncd.model import Identity, PartRow
+from ossyncd.state import MIGRATIONS, State
 
 
 @pytest.fixture

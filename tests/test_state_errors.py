@@ -18,7 +18,7 @@ import pytest
 from ossyncd.errors import StateError
 from ossyncd.model import Identity
 from ossyncd.state import State
-from tests.helpers import events, Daemon, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
+from tests.helpers import Daemon, events, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 

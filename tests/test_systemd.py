@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import MiB, json_lines, object_bytes, random_file, wait_until
-from tests.helpers import fast_upload
+from tests.helpers import MiB, fast_upload, json_lines, object_bytes, random_file, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "ossyncd.service"

@@ -12,8 +12,18 @@ import time
 import pytest
 
 from ossyncd.model import Identity
-from tests.helpers import (MiB, fast_upload, list_json, object_bytes, ossyncd, random_file, root_bucket, spawn_ossyncd,
-                           wait_until, write_config)
+from tests.helpers import (
+    MiB,
+    fast_upload,
+    list_json,
+    object_bytes,
+    ossyncd,
+    random_file,
+    root_bucket,
+    spawn_ossyncd,
+    wait_until,
+    write_config,
+)
 
 THRESHOLD = 512 * 1024
 PART = 256 * 1024

@@ -12,17 +12,21 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
-from ossyncd.stack import Hooks, Stack, build_source, restart_only
 from ossyncd.errors import ConfigError, OssyncdError, StateError
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
+from ossyncd.stack import Hooks, Stack, build_source, restart_only
 from ossyncd.sweeper import Sweeper
 from ossyncd.watcher import Watcher
+
+if TYPE_CHECKING:   # prometheus_client is imported only when metrics are on
+    from ossyncd.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 SHUTDOWN_BUDGET = 20.0   # seconds from SIGTERM to exit; the unit's TimeoutStopSec is 30
@@ -70,8 +74,7 @@ class Daemon:
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
-        self.metrics = None
-        self.sweeper = None
+        self.metrics: Metrics | None = None      # built only with [metrics] listen
         self._last_ping = float("-inf")
         self._last_status = float("-inf")
 
@@ -118,7 +121,7 @@ class Daemon:
                                            source_alive=self.watcher.alive)  # a root whose event thread died
         self.sweeper = Sweeper(stack.store, stack.state, cfg, on_abort=m.on_orphan_aborted if m else None)
         if m is not None:
-            self._start_metrics(cfg)
+            self._start_metrics(m, cfg)
         for w in cfg.watch:
             self.watcher.add(w)
         self.watcher.start()
@@ -161,8 +164,7 @@ class Daemon:
         _exit_if_stuck(rc)
         return rc
 
-    def _start_metrics(self, cfg: Config) -> None:
-        m = self.metrics
+    def _start_metrics(self, m: Metrics, cfg: Config) -> None:
         m.bind(self.stack.state, self.stack.credentials)
         try:
             host, port = m.serve(cfg.metrics.listen)

@@ -61,9 +61,9 @@ def upload(config_path, prefix, files):
     Exits 0 only if every file is in OSS and verified. Files already uploaded and
     unchanged are not sent again.
     """
-    from ossyncd.stack import Hooks, Stack
     from ossyncd.model import Identity
     from ossyncd.paths import check_key
+    from ossyncd.stack import Hooks, Stack
     from ossyncd.uploader import stat_identity
 
     cfg = _load(config_path)

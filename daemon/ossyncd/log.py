@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable
+from typing import Iterable, MutableMapping
 
 import structlog
 
@@ -16,7 +16,7 @@ def register_secrets(values: Iterable[str | None]) -> None:
     _secrets.update(v for v in values if v and len(v) >= 6)
 
 
-def _redact(_, __, event: dict) -> dict:
+def _redact(_, __, event: MutableMapping) -> MutableMapping:
     if not _secrets:
         return event
     for k, v in event.items():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -31,7 +31,12 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ossyncd.config import parse_listen
 from ossyncd.errors import StateError
+from ossyncd.model import CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
 from ossyncd.state import STATES
+
+if TYPE_CHECKING:
+    from ossyncd.body import Body
+    from ossyncd.store import ObjectStore
 
 log = structlog.get_logger(__name__)
 PART_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -107,7 +112,7 @@ class Metrics:
     def on_orphan_aborted(self, upload) -> None:
         self.orphans.inc()
 
-    def timed_store(self, store) -> "_TimedStore":
+    def timed_store(self, store: ObjectStore) -> "_TimedStore":
         return _TimedStore(store, self.part_seconds.observe)
 
     # -- serving ---------------------------------------------------------------------------
@@ -118,7 +123,7 @@ class Metrics:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._server = server
         bound = server.server_address
-        return bound[0], bound[1]
+        return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
         if self._server is not None:
@@ -128,17 +133,38 @@ class Metrics:
 
 
 class _TimedStore:
-    """Wraps a single-attempt ObjectStore and times each successful UploadPart."""
+    """Wraps a single-attempt ObjectStore and times each successful UploadPart; every other
+    method is the inner store's, unchanged."""
 
-    def __init__(self, inner, observe: Callable[[float], None]):
+    def __init__(self, inner: ObjectStore, observe: Callable[[float], None]):
         self._inner = inner
         self._observe = observe
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
+    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
+        return self._inner.put(key, body, cancel=cancel)
 
-    def upload_part(self, *args, **kwargs):
+    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
+        return self._inner.init_multipart(key, cancel=cancel)
+
+    def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
+                    cancel: CancelFlag | None = None) -> WriteResult:
         t0 = time.monotonic()
-        result = self._inner.upload_part(*args, **kwargs)
+        result = self._inner.upload_part(key, upload_id, number, body, cancel=cancel)
         self._observe(time.monotonic() - t0)
         return result
+
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+                 cancel: CancelFlag | None = None) -> WriteResult:
+        return self._inner.complete(key, upload_id, parts, cancel=cancel)
+
+    def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
+        return self._inner.list_parts(key, upload_id, cancel=cancel)
+
+    def abort(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> None:
+        self._inner.abort(key, upload_id, cancel=cancel)
+
+    def list_uploads(self, prefix: str, *, cancel: CancelFlag | None = None) -> list[OpenUpload]:
+        return self._inner.list_uploads(prefix, cancel=cancel)
+
+    def last_credentials(self) -> Any:
+        return self._inner.last_credentials()

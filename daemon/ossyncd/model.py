@@ -1,9 +1,11 @@
-"""A version of a file, as the daemon compares it everywhere (docs/architecture.md)."""
+"""Records shared by the store and the state, so neither imports the other (docs/architecture.md):
+the version of a file, as the daemon compares it everywhere, and what parts and uploads are."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -37,3 +39,48 @@ class Identity:
         """The same version, where an unknown ctime matches any."""
         return self.same_but_ctime(other) and (
             self.ctime_ns is None or other.ctime_ns is None or self.ctime_ns == other.ctime_ns)
+
+
+# verification modes, recorded per file
+CRC64 = "crc64"
+MD5 = "md5"
+
+
+@dataclass(frozen=True)
+class PartRow:
+    """A part recorded after OSS returned its ETag and its CRC64 matched."""
+
+    number: int
+    etag: str
+    crc64: int
+    size: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    etag: str
+    crc64: int               # of the bytes stored: OSS's, or ours when OSS sent none and MD5 verified them
+    verification: str = CRC64
+
+
+@dataclass(frozen=True)
+class ServerPart:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    key: str
+    upload_id: str
+    initiated: float
+
+
+class CancelFlag(Protocol):
+    """What a store call is given to learn that its caller gave up: a threading.Event, or the
+    uploader's CancelScope."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...

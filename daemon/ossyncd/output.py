@@ -8,8 +8,7 @@ print as written. Colour comes only from the `style` arguments below, never from
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.text import Text
 
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)

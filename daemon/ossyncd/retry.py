@@ -12,14 +12,20 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import structlog
 
+from ossyncd.body import Body
 from ossyncd.errors import AuthExpired, Cancelled, CredentialsUnavailable, TransientError
+from ossyncd.model import CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
+
+if TYPE_CHECKING:   # the seam's type only: retries need no oss2
+    from ossyncd.store import ObjectStore
 
 log = structlog.get_logger(__name__)
 MAX_AUTH_REFRESHES = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,10 @@ class Backoff:
 
 
 class RetryingStore:
-    def __init__(self, inner, credentials, *, attempts: int = 5, backoff: Backoff = Backoff(),
+    """An ObjectStore that retries its inner ObjectStore (see the module docstring). Each method
+    keeps the inner method's contract; `cancel` set ends a backoff wait with Cancelled."""
+
+    def __init__(self, inner: ObjectStore, credentials, *, attempts: int = 5, backoff: Backoff = Backoff(),
                  on_retry: Callable[[str, Exception], None] | None = None):
         self.inner = inner
         self.credentials = credentials
@@ -41,14 +50,11 @@ class RetryingStore:
         self.backoff = backoff
         self.on_retry = on_retry
 
-    def __getattr__(self, name):  # url(), signed_url(), cfg ... pass through
-        return getattr(self.inner, name)
-
     def _unavailable(self, e: Exception) -> CredentialsUnavailable:
         retry_at = getattr(self.credentials, "retry_at", None)
         return CredentialsUnavailable(str(e), retry_at=retry_at() if callable(retry_at) else None)
 
-    def _run(self, op: str, fn, *args, cancel: threading.Event | None = None, **kwargs):
+    def _run(self, op: str, fn: Callable[..., T], *args, cancel: CancelFlag | None = None) -> T:
         from ossyncd.credentials import CredentialsError
 
         failures = 0
@@ -57,7 +63,7 @@ class RetryingStore:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{op}: cancelled")
             try:
-                return fn(*args, **kwargs)
+                return fn(*args, cancel=cancel)
             except CredentialsError as e:
                 raise self._unavailable(e) from None
             except AuthExpired as e:
@@ -83,23 +89,28 @@ class RetryingStore:
                 else:
                     threading.Event().wait(wait)
 
-    def put(self, key, body, *, cancel=None):
+    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
         return self._run("PutObject", self.inner.put, key, body, cancel=cancel)
 
-    def init_multipart(self, key, *, cancel=None):
+    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
         return self._run("InitiateMultipartUpload", self.inner.init_multipart, key, cancel=cancel)
 
-    def upload_part(self, key, upload_id, number, body, *, cancel=None):
+    def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
+                    cancel: CancelFlag | None = None) -> WriteResult:
         return self._run("UploadPart", self.inner.upload_part, key, upload_id, number, body, cancel=cancel)
 
-    def complete(self, key, upload_id, parts, *, cancel=None):
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+                 cancel: CancelFlag | None = None) -> WriteResult:
         return self._run("CompleteMultipartUpload", self.inner.complete, key, upload_id, parts, cancel=cancel)
 
-    def list_parts(self, key, upload_id, *, cancel=None):
+    def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         return self._run("ListParts", self.inner.list_parts, key, upload_id, cancel=cancel)
 
-    def abort(self, key, upload_id, *, cancel=None):
+    def abort(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> None:
         return self._run("AbortMultipartUpload", self.inner.abort, key, upload_id, cancel=cancel)
 
-    def list_uploads(self, prefix, *, cancel=None):
+    def list_uploads(self, prefix: str, *, cancel: CancelFlag | None = None) -> list[OpenUpload]:
         return self._run("ListMultipartUploads", self.inner.list_uploads, prefix, cancel=cancel)
+
+    def last_credentials(self) -> Any:
+        return self.inner.last_credentials()

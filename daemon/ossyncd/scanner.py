@@ -221,7 +221,7 @@ def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
                         entry, dir_st = r.follow_link(path, relpath)
                         if entry is not None:
                             yield entry
-                        elif r.recursive:
+                        elif r.recursive and dir_st is not None:
                             links.append((path, relpath, (dir_st.st_dev, dir_st.st_ino)))
                     else:
                         yield r.skipped(path, relpath, _special_reason(de.stat(follow_symlinks=False).st_mode))

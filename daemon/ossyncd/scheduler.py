@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import structlog
@@ -434,7 +435,7 @@ class Scheduler:
             slots -= 1
             self.jobs[row.id] = _Job(row, multipart)
             fut = self.file_pool.submit(self.uploader.run, row, self.scope)
-            fut.add_done_callback(lambda f, row=row: self._finished(row, f))
+            fut.add_done_callback(partial(self._finished, row))
 
     def _finished(self, row: FileRow, fut) -> None:
         if fut.cancelled():   # never started (shutdown): the row is still queued
@@ -495,7 +496,7 @@ class Scheduler:
                 os.unlink(row.path)
                 log.info("source deleted after verified upload", path=row.path)
             else:
-                dest = w.move_to / os.path.relpath(row.path, w.path)
+                dest = w.move_to / os.path.relpath(row.path, w.path)  # type: ignore[operator]  # config: move needs move_to
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(row.path, dest)
                 log.info("source moved after verified upload", path=row.path, to=str(dest))

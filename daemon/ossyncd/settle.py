@@ -74,7 +74,7 @@ class SettleTracker:
             self._seq += 1
             heapq.heappush(self._heap, (d, self._seq, path))
 
-    def observe(self, path: str, size: int, mtime_ns: int, now: float, closed: bool = False) -> None:
+    def observe(self, path: str, size: int, mtime_ns: object, now: float, closed: bool = False) -> None:
         """Record an event (or a scan sighting) for ``path`` with its current stat."""
         rec = self._recs.get(path)
         if rec is None:
@@ -120,7 +120,7 @@ class SettleTracker:
         self._expire(now)
         return out
 
-    def confirm(self, path: str, size: int | None, mtime_ns: int | None, now: float) -> bool:
+    def confirm(self, path: str, size: int | None, mtime_ns: object, now: float) -> bool:
         """The caller's restat of a ready path. True when it still matches the
         settled version; None stat (vanished) forgets it; a change re-settles."""
         rec = self._recs.get(path)

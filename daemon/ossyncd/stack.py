@@ -22,7 +22,6 @@ from ossyncd.state import State
 from ossyncd.store import OssStore, object_url
 from ossyncd.uploader import Uploader
 
-
 # Built once at start: the thread pools and the OSS client (sized and pointed by these keys), and
 # the metrics endpoint.
 RESTART_ONLY = {"upload": ("parallel_parts", "max_files_in_flight"), "oss": tuple(OssConfig.model_fields),

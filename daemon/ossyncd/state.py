@@ -16,16 +16,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 import sqlite_utils
 import structlog
 
 from ossyncd.errors import StateError
-from ossyncd.model import Identity
+from ossyncd.model import Identity, PartRow
 
 log = structlog.get_logger(__name__)
 
+R = TypeVar("R")
 STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
 
 
@@ -74,14 +75,6 @@ class UploadRow:
     @property
     def identity(self) -> Identity:
         return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
-
-
-@dataclass(frozen=True)
-class PartRow:
-    number: int
-    etag: str
-    crc64: int
-    size: int
 
 
 def printable_path(path: str) -> str:
@@ -442,15 +435,15 @@ class State:
         with self._guard(write=True):
             old = self.get(path)
             same_key = old is not None and old.key == key and old.state not in ("gone", "skipped")
-            if same_key and old.identity == identity:
+            if old is not None and same_key and old.identity == identity:
                 return old, False
             check_crc = 0
-            if same_key and old.identity.same_but_ctime(identity):
+            if old is not None and same_key and old.identity.same_but_ctime(identity):
                 if old.state == "done" and old.crc64 is not None:
                     check_crc = 1
                 elif old.ctime_ns is None:   # unknown since the upgrade: the same version
                     self.db.execute("UPDATE files SET ctime_ns=? WHERE id=?", [identity.ctime_ns, old.id])
-                    return self.get(path), False
+                    return self._written(self.get(path), path), False
             if old:
                 self.db.execute(
                     "UPDATE files SET watch=?, key=?, size=?, mtime_ns=?, inode=?, ctime_ns=?, check_crc=?, state=?,"
@@ -461,7 +454,14 @@ class State:
                     "INSERT INTO files (path, watch, key, size, mtime_ns, inode, ctime_ns, state, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [path, watch, key, *_identity_params(identity), state, now])
-            return self.get(path), True
+            return self._written(self.get(path), path), True
+
+    def _written(self, row: R | None, what: str) -> R:
+        """A row read back in the transaction that wrote it; missing only if the DB lost it."""
+        if row is None:
+            raise StateError(f"{self.path}: the row for {what} is missing right after it was written; "
+                             f"the state DB may be damaged: check it with `sqlite3 {self.path} 'PRAGMA integrity_check'`")
+        return row
 
     def mark_skipped(self, path: str, watch: str, reason: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -516,7 +516,8 @@ class State:
         """failed -> queued (all, or one path). Returns how many rows moved."""
         now = time.time() if now is None else now
         marks = ",".join("?" * len(states))
-        sql = f"UPDATE files SET state='queued', attempts=0, next_attempt_at=NULL, error=NULL, updated_at=? WHERE state IN ({marks})"
+        sql = (f"UPDATE files SET state='queued', attempts=0, next_attempt_at=NULL, error=NULL, updated_at=?"
+               f" WHERE state IN ({marks})")
         params: list = [now, *states]
         if path is not None:
             sql += " AND path=?"
@@ -579,7 +580,7 @@ class State:
                 "INSERT INTO uploads (file, upload_id, key, part_size, size, mtime_ns, inode, ctime_ns, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [file_id, upload_id, key, part_size, i.size, i.mtime_ns, i.inode, i.ctime_ns, now])
-            return self.upload_for(file_id)
+            return self._written(self.upload_for(file_id), f"upload of file {file_id}")
 
     def record_part(self, upload: int, number: int, etag: str, crc64: int, size: int) -> None:
         self._write("INSERT OR REPLACE INTO parts (upload, number, etag, crc64, size) VALUES (?, ?, ?, ?, ?)",

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import quote, urlparse
 
 import oss2
@@ -32,67 +31,61 @@ from oss2.credentials import Credentials as Oss2Credentials
 from ossyncd.body import Body
 from ossyncd.config import OssConfig
 from ossyncd.crc import combine_parts
-from ossyncd.errors import (AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError,
-                            StoreError, TransientError)
-from ossyncd.state import PartRow
+from ossyncd.errors import AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError, StoreError, TransientError
+from ossyncd.model import CRC64, MD5, CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
 
 log = structlog.get_logger(__name__)
 BLOCKSIZE = 1 << 20
 AUTH_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
 TRANSIENT_CODES = {"RequestTimeout", "ServiceUnavailable", "InternalError", "SlowDown", "Throttling",
                    "RequestTimeTooSkewed", "ConnectionReset"}
-CRC64 = "crc64"   # verification modes, recorded per file
-MD5 = "md5"
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    etag: str
-    crc64: int               # of the bytes stored: OSS's, or ours when OSS sent none and MD5 verified them
-    verification: str = CRC64
-
-
-@dataclass(frozen=True)
-class ServerPart:
-    number: int
-    etag: str
-    size: int
-
-
-@dataclass(frozen=True)
-class OpenUpload:
-    key: str
-    upload_id: str
-    initiated: float
-
-
 class ObjectStore(Protocol):
-    """The narrow seam between the uploader and OSS. Every method makes at most one request
-    (retries are the caller's wrapper's job) and raises only ossyncd.errors types."""
+    """The narrow seam between the uploader (and the sweeper, check-config) and OSS. Every layer
+    (OssStore, the metrics timing wrapper, RetryingStore, tests' MemoryStore) has exactly these
+    methods. Errors are only ossyncd.errors types (RetryingStore adds CredentialsUnavailable and
+    Cancelled). `cancel`: set when the caller gives up; a single-attempt store may ignore it,
+    because a Body being sent stops reading when its own cancel flag is set."""
 
-    def put(self, key: str, body: Body) -> WriteResult:
+    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
         """PutObject. Raises IntegrityError when OSS's CRC64 (or, without one, the ETag)
         differs from the bytes sent. Idempotent: a repeat overwrites the same key."""
+        ...
 
-    def init_multipart(self, key: str) -> str:
+    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
         """InitiateMultipartUpload; returns the upload id. Not idempotent (a new id each call)."""
+        ...
 
-    def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> WriteResult:
+    def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
+                    cancel: CancelFlag | None = None) -> WriteResult:
         """UploadPart. IntegrityError on CRC mismatch; NoSuchUpload if the id is gone.
         Idempotent: re-sending a part number replaces it."""
+        ...
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow]) -> WriteResult:
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+                 cancel: CancelFlag | None = None) -> WriteResult:
         """CompleteMultipartUpload, verified against the combined part CRCs (IntegrityError).
-        Not idempotent: a repeat after success raises NoSuchUpload."""
+        PermanentError with code InvalidPart (an ETag that is not the part's), InvalidPartOrder
+        or EntityTooSmall (a part but the last below 100 KiB). Not idempotent: a repeat after
+        success raises NoSuchUpload."""
+        ...
 
-    def list_parts(self, key: str, upload_id: str) -> list[ServerPart]:
-        """ListParts, all pages. NoSuchUpload if gone; NotSupported if the server lacks it."""
+    def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
+        """ListParts, all pages, by part number. NoSuchUpload if gone; NotSupported if the
+        server lacks it. Read-only, so idempotent."""
+        ...
 
-    def abort(self, key: str, upload_id: str) -> None:
+    def abort(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> None:
         """AbortMultipartUpload. Idempotent: an already-gone upload is not an error."""
+        ...
 
-    def list_uploads(self, prefix: str) -> list[OpenUpload]:
-        """ListMultipartUploads under a prefix, all pages."""
+    def list_uploads(self, prefix: str, *, cancel: CancelFlag | None = None) -> list[OpenUpload]:
+        """ListMultipartUploads under a prefix, all pages. Read-only, so idempotent."""
+        ...
+
+    def last_credentials(self) -> Any:
+        """The credentials snapshot that signed this thread's last request (None before one),
+        so that a refresh after AuthExpired replaces only that snapshot (single flight)."""
+        ...
 
 
 class _BigBlockAdapter(requests.adapters.HTTPAdapter):
@@ -169,9 +162,13 @@ def _short(exc: Exception) -> str:
 
 
 class OssStore:
-    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8,
+    """The single-attempt ObjectStore over oss2. `cancel` is accepted and ignored: one request
+    is not interrupted here, its Body stops reading when the caller's flag is set."""
+
+    def __init__(self, cfg: OssConfig, credentials, *, pool_size: int = 8, page_size: int = 1000,
                  on_verification: Callable[[str], None] | None = None):
         self.cfg = cfg
+        self.page_size = page_size                # entries per listing page; OSS allows at most 1000
         self.provider = RotatingProvider(credentials)
         self.verification: str | None = None      # crc64 | md5, learned from the first write response
         self.on_verification = on_verification    # called with the mode when it is learned or changes
@@ -241,19 +238,21 @@ class OssStore:
         md5 = body.content_md5()
         return {"Content-MD5": md5} if md5 else None
 
-    def put(self, key: str, body: Body) -> WriteResult:
+    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
         r = self._call("PutObject", key, self.bucket.put_object, key, body.open(), headers=self._headers(body))
         return self._verify("PutObject", key, r, body)
 
-    def init_multipart(self, key: str) -> str:
+    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
         return self._call("InitiateMultipartUpload", key, self.bucket.init_multipart_upload, key).upload_id
 
-    def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> WriteResult:
+    def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
+                    cancel: CancelFlag | None = None) -> WriteResult:
         r = self._call("UploadPart", key, self.bucket.upload_part, key, upload_id, number, body.open(),
                        headers=self._headers(body))
         return self._verify("UploadPart", key, r, body)
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow]) -> WriteResult:
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+                 cancel: CancelFlag | None = None) -> WriteResult:
         infos = [oss2.models.PartInfo(p.number, p.etag, size=p.size, part_crc=p.crc64) for p in parts]
         r = self._call("CompleteMultipartUpload", key, self.bucket.complete_multipart_upload, key, upload_id, infos)
         expected = combine_parts([(p.crc64, p.size) for p in parts])
@@ -265,28 +264,30 @@ class OssStore:
                                  request_id=r.request_id)
         return WriteResult(r.etag, r.crc, CRC64)
 
-    def list_parts(self, key: str, upload_id: str) -> list[ServerPart]:
+    def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         out: list[ServerPart] = []
         marker = ""
         while True:
-            r = self._call("ListParts", key, self.bucket.list_parts, key, upload_id, marker=marker)
+            r = self._call("ListParts", key, self.bucket.list_parts, key, upload_id, marker=marker,
+                           max_parts=self.page_size)
             out.extend(ServerPart(p.part_number, p.etag, p.size) for p in r.parts)
             if not r.is_truncated:
                 return out
             marker = r.next_marker
 
-    def abort(self, key: str, upload_id: str) -> None:
+    def abort(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> None:
         try:
             self._call("AbortMultipartUpload", key, self.bucket.abort_multipart_upload, key, upload_id)
         except NoSuchUpload:
             pass
 
-    def list_uploads(self, prefix: str) -> list[OpenUpload]:
+    def list_uploads(self, prefix: str, *, cancel: CancelFlag | None = None) -> list[OpenUpload]:
         out: list[OpenUpload] = []
         key_marker = upload_marker = ""
         while True:
             r = self._call("ListMultipartUploads", prefix, self.bucket.list_multipart_uploads,
-                           prefix=prefix, key_marker=key_marker, upload_id_marker=upload_marker)
+                           prefix=prefix, key_marker=key_marker, upload_id_marker=upload_marker,
+                           max_uploads=self.page_size)
             out.extend(OpenUpload(u.key, u.upload_id, float(u.initiation_date)) for u in r.upload_list)
             if not r.is_truncated:
                 return out

@@ -32,7 +32,7 @@ import structlog
 
 from ossyncd.config import Config
 from ossyncd.errors import OssyncdError
-from ossyncd.store import OpenUpload
+from ossyncd.model import OpenUpload
 
 log = structlog.get_logger(__name__)
 RETRY_AFTER_FAILURE = 300.0   # seconds; capped by the sweep interval

@@ -22,13 +22,25 @@ import structlog
 
 from ossyncd.body import Body, RateLimiter
 from ossyncd.config import UploadConfig
-from ossyncd.errors import (Cancelled, CredentialsUnavailable, FileChanged, FileGone, FileProblem, FileUnreadable,
-                            HostLimit, NoSuchUpload, NotSupported, PermanentError, PlanError, StoreError,
-                            TransientError)
-from ossyncd.model import Identity
+from ossyncd.errors import (
+    Cancelled,
+    CredentialsUnavailable,
+    FileChanged,
+    FileGone,
+    FileProblem,
+    FileUnreadable,
+    HostLimit,
+    NoSuchUpload,
+    NotSupported,
+    PermanentError,
+    PlanError,
+    StoreError,
+    TransientError,
+)
+from ossyncd.model import Identity, PartRow
 from ossyncd.plan import choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff
-from ossyncd.state import FileRow, PartRow, State, UploadRow
+from ossyncd.state import FileRow, State, UploadRow
 
 log = structlog.get_logger(__name__)
 PROGRESS_EVERY = 0.5  # seconds between bytes_done writes; status promises 1 s freshness

@@ -276,7 +276,7 @@ class Watcher:
             obs.join(timeout=10)
 
     def _log_limit(self, r: _Root, e: OSError) -> None:
-        sysctl, fix = _LIMIT_HINTS[e.errno]
+        sysctl, fix = _LIMIT_HINTS[e.errno]  # type: ignore[index]  # callers pass only errors listed there
         log.error(
             "inotify_limit_reached",
             watch=r.watch.index,
@@ -301,7 +301,7 @@ class Watcher:
         with self._lock:
             if not r.active or r.backend != "inotify" or self._roots.get(r.watch.index) is not r:
                 return
-            self._log_limit(r, r.limit_error)
+            self._log_limit(r, r.limit_error)  # type: ignore[arg-type]  # _limit_hit set it before this thread
             old, r.observer = r.observer, None
             if old is not None:
                 self._stop_observer(old)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import oss2
 
-from tests.bench.bench_put import MiB, ROOT, curl_put, make_file, start_emulator, static_config
+from tests.bench.bench_put import ROOT, MiB, curl_put, make_file, start_emulator, static_config
 
 PART = 8 * MiB
 THREADS = 4

@@ -16,10 +16,10 @@ As an HTTP forward proxy (HTTP_PROXY=<oss url>) it also serves the real endpoint
 (http://oss-<region>.aliyuncs.com, http://sts.<region>.aliyuncs.com) in virtual-hosted style.
 
 Modules: emulator (the Emulator object), server (HTTP, body streaming, forward-proxy requests,
-control endpoints under /-/), hosts (host/path addressing, SecondLevelDomainForbidden), ops (routing and the op table), objects / listings (one function per OSS
-operation), common (Response, query parsing), storage (disk layout, multipart rules),
-auth (signatures, principals, policy), sts (AssumeRole), faults (fault rules, counters),
-xmlfmt (XML/dates), errors.
+control endpoints under /-/), hosts (host/path addressing, SecondLevelDomainForbidden), ops (routing
+and the op table), objects / listings (one function per OSS operation), common (Response, query
+parsing), storage (disk layout, multipart rules), auth (signatures, principals, policy), sts
+(AssumeRole), faults (fault rules, counters), xmlfmt (XML/dates), errors.
 """
 
 from .emulator import Emulator

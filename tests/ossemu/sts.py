@@ -13,9 +13,9 @@ Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
   400 InvalidParameter.RoleSessionName / .DurationSeconds / .PolicyGrammar
 """
 
-import hmac
-import hashlib
 import base64
+import hashlib
+import hmac
 import json
 import re
 import threading

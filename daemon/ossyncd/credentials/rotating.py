@@ -125,7 +125,7 @@ class RotatingCredentials:
             self._seq += 1
             self._refreshing = False
             now = self._clock()
-            if err is None:
+            if snap is not None:
                 self._snap = snap
                 self._rejected = None
                 self._last_refresh_at = now
@@ -137,21 +137,22 @@ class RotatingCredentials:
                 else:
                     self._next_attempt = started + self._fraction * (snap.expires_at - started)
             else:
+                assert err is not None   # one of the two is set
                 self._failures += 1
                 self._last_error = err
                 self._last_attempt_failed = True
                 self._next_attempt = max(now, started) + self._backoff(err)
             failures, next_attempt, current = self._failures, self._next_attempt, self._snap
             self._cond.notify_all()
-        if err is None:
+        if snap is not None:
             log.info("credentials.refreshed", source=name, access_key_id=mask_key_id(snap.access_key_id),
                      expires_at=iso8601(snap.expires_at), next_refresh_at=iso8601(next_attempt))
-        else:
+        elif err is not None:
             still_valid = current is not None and not current.expired(now)
             (log.warning if still_valid and err.transient else log.error)(
                 "credentials.refresh_failed", source=name, error=str(err), transient=err.transient,
                 consecutive_failures=failures, retry_at=iso8601(next_attempt),
-                current_valid_until=iso8601(current.expires_at) if still_valid else None)
+                current_valid_until=iso8601(current.expires_at) if current is not None and still_valid else None)
         self._announce()
         return snap, err
 
@@ -169,8 +170,9 @@ class RotatingCredentials:
             seq0 = self._seq
             while True:
                 now = self._clock()
-                if satisfied(self._snap, now, seq0):
-                    return self._snap
+                current = self._snap
+                if current is not None and satisfied(current, now, seq0):
+                    return current
                 if self._refreshing:
                     self._cond.wait(timeout=1.0)
                     continue
@@ -181,7 +183,8 @@ class RotatingCredentials:
                 self._refreshing = True
                 break
         snap, err = self._attempt(now)
-        if err is not None:
+        if snap is None:
+            assert err is not None
             raise err.copy()
         return snap
 
@@ -189,7 +192,7 @@ class RotatingCredentials:
 
     def current(self) -> Snapshot:
         snap = self._snap
-        if self._usable(snap, self._clock()):
+        if snap is not None and self._usable(snap, self._clock()):
             return snap
         return self._single_flight(lambda s, now, seq0: self._usable(s, now))
 

@@ -75,7 +75,8 @@ class StsSource(SourceBase):
         self.timeout = timeout
         _install_sdk_log_filter()
         # HttpResponse passes `proxies=` explicitly, which bypasses NO_PROXY; decide here.
-        proxies = requests.utils.get_environ_proxies(self.endpoint + "/") or {"http": None, "https": None}
+        no_proxy: dict[str, str | None] = {"http": None, "https": None}
+        proxies = requests.utils.get_environ_proxies(self.endpoint + "/") or no_proxy
         self._client = AcsClient(self._ak, self._sk, self.region, auto_retry=False,
                                  connect_timeout=self.timeout, timeout=self.timeout, proxy=proxies)
 
