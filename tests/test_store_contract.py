@@ -44,14 +44,14 @@ def backend(request, tmp_path):
             mem.corrupt_next += 1
         return Backend("memory", mem, mem.data, corrupt)
     from ossyncd.config import load_config
-    from ossyncd.engine import make_credentials
+    from ossyncd.stack import build_credentials
 
     emu = request.getfixturevalue("emulator")
     (tmp_path / "in").mkdir()
     cfg = load_config(write_config(tmp_path / "c.toml", emu, state=tmp_path / "state.db",
                                    watches=[{"path": str(tmp_path / "in"), "prefix": PREFIX}]))
     # two entries a page, so that every listing below takes several pages
-    store = OssStore(cfg.oss, make_credentials(cfg), page_size=2)
+    store = OssStore(cfg.oss, build_credentials(cfg), page_size=2)
     return Backend("oss", store, lambda key: object_bytes(emu, key),
                    lambda op: emu.set_faults([{"op": op, "flip_bit": True, "count": 1}], append=True))
 
