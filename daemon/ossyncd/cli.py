@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -61,10 +60,8 @@ def upload(config_path, prefix, files):
     Exits 0 only if every file is in OSS and verified. Files already uploaded and
     unchanged are not sent again.
     """
-    from ossyncd.model import Identity
-    from ossyncd.paths import check_key
+    from ossyncd.errors import FileProblem
     from ossyncd.stack import Hooks, Stack
-    from ossyncd.uploader import stat_identity
 
     cfg = _load(config_path)
     logsetup.configure(cfg.daemon.log_level, "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
@@ -92,47 +89,21 @@ def upload(config_path, prefix, files):
     with progress:
         total_task = progress.add_task("total", total=0)
         for name in files:
-            path = os.path.abspath(name)
             try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError as e:
-                report(f"{name}:", f"{e.strerror}; nothing uploaded")
+                row, todo = stack.enqueue(os.path.abspath(name), prefix)
+            except FileProblem as e:
+                report(f"{name}:", e.detail)
                 failed += 1
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                report(f"{name}:", "not a regular file; nothing uploaded")
-                failed += 1
-                continue
-            watch, key = stack.key_for(path, prefix)
-            reason = check_key(key)
-            if reason:
-                stack.state.mark_skipped(path, watch, reason)
-                report(f"{name}:", reason)
-                failed += 1
-                continue
-            row, new = stack.state.observe(path, watch, key, Identity.of(st))
-            if row.state == "done" and not new:
+            if not todo:
                 note(f"{name}: already uploaded and unchanged, nothing to do: {row.url}")
                 continue
-            if row.state != "queued":
-                stack.state.transition(row.id, "queued")
-                row = stack.state.get_by_id(row.id)
             rows.append(row)
-            tasks[row.id] = progress.add_task(os.path.basename(path), total=row.size)
+            tasks[row.id] = progress.add_task(os.path.basename(name), total=row.size)
             progress.update(total_task, total=progress.tasks[total_task].total + row.size)
 
         def one(row):
-            for _ in range(3):  # a file that changes mid-upload is re-read, a few times at most
-                outcome = stack.uploader.run(row)
-                if outcome.state != "queued" or outcome.cancelled:
-                    return row, outcome
-                try:
-                    identity = stat_identity(row.path)
-                except FileNotFoundError:
-                    return row, outcome
-                row, _ = stack.state.observe(row.path, row.watch, row.key, identity)
-                progress.update(tasks[row.id], total=identity.size)
-            return row, outcome
+            return stack.upload_now(row, lambda new: progress.update(tasks[new.id], total=new.size))
 
         with ThreadPoolExecutor(cfg.upload.max_files_in_flight) as pool:
             results = list(pool.map(one, rows))

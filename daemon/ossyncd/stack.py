@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +16,13 @@ from ossyncd.body import RateLimiter
 from ossyncd.config import Config, OssConfig, UploadConfig, WatchConfig
 from ossyncd.credentials import CredentialsError, RotatingCredentials
 from ossyncd.credentials import build_source as _source_for
-from ossyncd.errors import ConfigError
-from ossyncd.paths import object_key
+from ossyncd.errors import ConfigError, FileGone, FileUnreadable
+from ossyncd.model import Identity
+from ossyncd.paths import check_key, object_key
 from ossyncd.retry import Backoff, RetryingStore
-from ossyncd.state import State
+from ossyncd.state import FileRow, State
 from ossyncd.store import OssStore, object_url
-from ossyncd.uploader import Uploader
+from ossyncd.uploader import Outcome, Uploader, stat_identity
 
 # Built once at start: the thread pools and the OSS client (sized and pointed by these keys), and
 # the metrics endpoint.
@@ -143,6 +145,50 @@ class Stack:
         if w is not None and prefix is None:
             return str(w.path), object_key(w.prefix, os.path.relpath(path, w.path))
         return "", object_key(prefix or "", os.path.basename(path))
+
+    def enqueue(self, path: str, prefix: str | None = None) -> tuple[FileRow, bool]:
+        """A file named on the command line, recorded and queued as the scheduler queues a
+        settled one. Returns (row, True) to upload, (row, False) when this version is already
+        `done`. Raises FileGone / FileUnreadable for what cannot be uploaded (a bad key is
+        recorded as skipped first)."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError as e:
+            raise FileGone(path, f"{e.strerror}; nothing uploaded") from None
+        except OSError as e:
+            raise FileUnreadable(path, f"{e.strerror}; nothing uploaded") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise FileUnreadable(path, "not a regular file; nothing uploaded")
+        watch, key = self.key_for(path, prefix)
+        reason = check_key(key)
+        if reason:
+            self.state.mark_skipped(path, watch, reason)
+            raise FileUnreadable(path, reason)
+        row, new = self.state.observe(path, watch, key, Identity.of(st))
+        if row.state == "done" and not new:
+            return row, False
+        if row.state != "queued":
+            self.state.transition(row.id, "queued")
+            row = self.state.get_by_id(row.id) or row
+        return row, True
+
+    def upload_now(self, row: FileRow, on_new_version: Callable[[FileRow], None] | None = None,
+                   tries: int = 3) -> tuple[FileRow, Outcome]:
+        """Upload one queued file. A file that changed mid-upload is recorded as its new version
+        and sent again, a few times at most (the daemon lets it settle instead)."""
+        outcome = self.uploader.run(row)
+        for _ in range(tries - 1):
+            if outcome.state != "queued" or outcome.cancelled:
+                break
+            try:
+                identity = stat_identity(row.path)
+            except FileNotFoundError:
+                break
+            row, _ = self.state.observe(row.path, row.watch, row.key, identity)
+            if on_new_version is not None:
+                on_new_version(row)
+            outcome = self.uploader.run(row)
+        return row, outcome
 
     def close(self, wait: bool = True) -> None:
         """wait=False: parts still in a request are abandoned (the daemon's bounded shutdown)."""
