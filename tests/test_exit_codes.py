@@ -4,9 +4,11 @@ everything else; stderr says `label: message` once, never a traceback."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from tests.helpers import ossyncd, random_file, sts_credentials, write_config
+from tests.helpers import object_bytes, ossyncd, random_file, sts_credentials, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,3 +69,14 @@ def test_url_of_a_file_not_uploaded_exits_1_and_names_it(tmp_path, emulator, dro
     r = ossyncd("url", "-c", cfg, drop / "f.bin")
     assert r.returncode == 1 and r.stdout == "", r.stderr
     assert f"{drop / 'f.bin'}: not uploaded yet" in r.stderr, r.stderr
+
+
+def test_upload_names_each_file_it_cannot_send_and_sends_the_rest(tmp_path, emulator, drop):
+    cfg = config(tmp_path, emulator, drop)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = ossyncd("upload", "-c", cfg, drop / "f.bin", tmp_path / "missing.bin", fifo, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert f"{tmp_path / 'missing.bin'}: No such file or directory; nothing uploaded" in r.stderr, r.stderr
+    assert f"{fifo}: not a regular file; nothing uploaded" in r.stderr, r.stderr
+    assert "done" in r.stderr and object_bytes(emulator, "in/f.bin") == (drop / "f.bin").read_bytes()
