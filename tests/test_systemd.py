@@ -281,7 +281,7 @@ def test_supervise_step_pings_only_while_the_loop_ticks():
     app = AppDaemon(None)
     app.notifier = _Recorder(15.0)                     # WatchdogSec=30 -> ping every 15 s
     app.scheduler = SimpleNamespace(last_tick=1000.0, paused=False, throughput=0.0)
-    app.engine = SimpleNamespace(state=SimpleNamespace(counts=lambda: {"done": 3}))
+    app.stack = SimpleNamespace(state=SimpleNamespace(counts=lambda: {"done": 3}))
     pings = lambda: app.notifier.sent.count("WATCHDOG=1")
 
     app._supervise_step(1000.5)
