@@ -133,6 +133,9 @@ class MemoryStore:
     def last_credentials(self) -> Any:
         return None   # nothing signs requests here
 
+    def verification_mode(self) -> str | None:
+        return CRC64   # every write answers with the CRC64 of what it stored
+
     # -- reading back ---------------------------------------------------------------------
 
     def data(self, key: str) -> bytes:

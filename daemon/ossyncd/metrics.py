@@ -168,3 +168,6 @@ class _TimedStore:
 
     def last_credentials(self) -> Any:
         return self._inner.last_credentials()
+
+    def verification_mode(self) -> str | None:
+        return self._inner.verification_mode()

@@ -114,3 +114,6 @@ class RetryingStore:
 
     def last_credentials(self) -> Any:
         return self.inner.last_credentials()
+
+    def verification_mode(self) -> str | None:
+        return self.inner.verification_mode()

@@ -87,6 +87,12 @@ class ObjectStore(Protocol):
         so that a refresh after AuthExpired replaces only that snapshot (single flight)."""
         ...
 
+    def verification_mode(self) -> str | None:
+        """How writes are verified, learned from the server's first write response: "crc64",
+        "md5" (a server without x-oss-hash-crc64ecma: bodies need their MD5 up front), or None
+        before the first write. Makes no request."""
+        ...
+
 
 class _BigBlockAdapter(requests.adapters.HTTPAdapter):
     """urllib3 sends file bodies in 16 KiB reads; 1 MiB reads cut per-chunk Python overhead."""
@@ -189,6 +195,9 @@ class OssStore:
 
     def last_credentials(self):
         return self.provider.last_used()
+
+    def verification_mode(self) -> str | None:
+        return self.verification
 
     def _call(self, op: str, key: str, fn, *args, **kwargs):
         try:

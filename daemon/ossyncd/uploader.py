@@ -37,7 +37,7 @@ from ossyncd.errors import (
     StoreError,
     TransientError,
 )
-from ossyncd.model import Identity, PartRow
+from ossyncd.model import CRC64, Identity, PartRow
 from ossyncd.plan import choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff
 from ossyncd.state import FileRow, State, UploadRow
@@ -286,7 +286,8 @@ class Uploader:
         def send(r) -> PartRow:
             body = Body(row.path, fd, r.offset, r.size, cancel=scope, limiter=self.limiter,
                         progress=part_progress(r.number))
-            body.checksum()
+            if self.store.verification_mode() != CRC64:   # MD5 up front: Content-MD5, and the ETag check
+                body.checksum()
             res = self.store.upload_part(row.key, up.upload_id, r.number, body, cancel=scope)
             part = PartRow(r.number, res.etag, res.crc64, r.size)
             self.state.record_part(up.id, part.number, part.etag, part.crc64, part.size)
