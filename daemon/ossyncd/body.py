@@ -23,6 +23,7 @@ from ossyncd.crc import crc64
 from ossyncd.errors import Cancelled, FileChanged
 
 READ_BLOCK = 1 << 20
+CHECKSUM_BLOCK = 256 << 10   # smaller than READ_BLOCK: this pass runs beside a send on every part thread
 
 
 class RateLimiter:
@@ -81,14 +82,14 @@ class Body:
         self.checksum_crc64: int | None = None
 
     def checksum(self) -> tuple[bytes, int]:
-        """(MD5 digest, CRC64) of the range, read once in READ_BLOCK blocks; kept on the body."""
+        """(MD5 digest, CRC64) of the range, read once in CHECKSUM_BLOCK blocks; kept on the body."""
         md5 = hashlib.md5()
         crc = 0
         end = self.offset + self.size
-        for off in range(self.offset, end, READ_BLOCK):
+        for off in range(self.offset, end, CHECKSUM_BLOCK):
             if self.cancel is not None and self.cancel.is_set():   # pause or shutdown: a big file must not hold them up
                 raise Cancelled("cancelled")
-            data = os.pread(self.fd, min(READ_BLOCK, end - off), off)
+            data = os.pread(self.fd, min(CHECKSUM_BLOCK, end - off), off)
             if not data:
                 raise FileChanged(self.path, "file shrank while it was being checksummed")
             md5.update(data)
