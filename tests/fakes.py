@@ -68,14 +68,16 @@ class MemoryStore:
 
     # -- the ObjectStore ------------------------------------------------------------------
 
-    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
+    def put(self, key: str, body: Body, *, headers: dict[str, str] | None = None,
+            cancel: CancelFlag | None = None) -> WriteResult:
         self._enter("PutObject", key)
         blob = self._receive("PutObject", key, body)
         with self._lock:
             self.objects[key] = blob
         return WriteResult(blob.etag, blob.crc64, CRC64)
 
-    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
+    def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
+                       cancel: CancelFlag | None = None) -> str:
         self._enter("InitiateMultipartUpload", key)
         with self._lock:
             self._seq += 1
@@ -93,7 +95,7 @@ class MemoryStore:
             self._upload("UploadPart", key, upload_id).parts[number] = blob
         return WriteResult(blob.etag, blob.crc64, CRC64)
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *, headers: dict[str, str] | None = None,
                  cancel: CancelFlag | None = None) -> WriteResult:
         op = "CompleteMultipartUpload"
         self._enter(op, key)

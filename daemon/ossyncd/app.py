@@ -220,8 +220,8 @@ class Daemon:
             if new.state.path != self.cfg.state.path:
                 raise ConfigError("state.path: cannot change on reload; restart the daemon")
             new, restart_keys = restart_only(self.cfg, new)
-            if (new.credentials, new.oss.bucket, new.prefixes) != (self.cfg.credentials, self.cfg.oss.bucket,
-                                                                   self.cfg.prefixes):
+            if (new.credentials, new.oss.bucket, new.prefixes, new.policy_features) != (
+                    self.cfg.credentials, self.cfg.oss.bucket, self.cfg.prefixes, self.cfg.policy_features):
                 source = build_source(new)   # e.g. a fixed secret: no restart needed
         except ConfigError as e:
             log.error("reload rejected; the running config stays in force", error=str(e))

@@ -186,7 +186,7 @@ def policy(config_path):
     """Print the least-privilege RAM policy for this bucket and these prefixes."""
     from ossyncd.policy import upload_policy
     cfg = _load(config_path)
-    click.echo(json.dumps(upload_policy(cfg.oss.bucket, cfg.prefixes), indent=2))
+    click.echo(json.dumps(upload_policy(cfg.oss.bucket, cfg.prefixes, **cfg.policy_features), indent=2))
 
 
 @main.command(name="check-config")

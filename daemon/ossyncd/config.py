@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ossyncd import objectspec as _spec
 from ossyncd import policy as _policy
 from ossyncd.errors import ConfigError
 from ossyncd.paths import TEMP_RULES
@@ -216,6 +217,112 @@ class UploadConfig(_Section):
         return v
 
 
+class ObjectSpec(_Section):
+    """What each object gets (objectspec.py renders it). Set in [upload] as defaults; a [[watch]]
+    overrides any key, and its tables (content_type, metadata, tags) are laid over the defaults'."""
+
+    content_type: dict[str, str] = Field(default_factory=dict)   # ".log" -> "text/plain; charset=utf-8"
+    cache_control: str = ""
+    content_disposition: str = ""                                 # may use {name}
+    metadata: dict[str, str] = Field(default_factory=dict)        # x-oss-meta-NAME = template
+    acl: Literal["default", "private", "public-read"] = "default"
+    storage_class: str = ""                                       # "" = the bucket's default
+    server_side_encryption: str = ""
+    kms_key_id: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    key_template: str = "{prefix}{relpath}"
+    unicode_normalize: Literal["NFC", "none"] = "NFC"
+
+    @field_validator("content_type")
+    @classmethod
+    def _types(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for ext, typ in v.items():
+            if not ext.startswith(".") or "/" in ext or len(ext) < 2:
+                raise ValueError(f"{ext!r}: keys are extensions with their dot, e.g. \".log\"")
+            if "/" not in typ or not typ.isascii() or _CTL.search(typ):
+                raise ValueError(f"{ext!r} = {typ!r} is not a media type; write e.g. \"text/plain; charset=utf-8\"")
+            out[ext.lower()] = typ
+        return out
+
+    @field_validator("cache_control", "content_disposition", "kms_key_id")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if _CTL.search(v) or not v.isascii():
+            raise ValueError(f"{v!r} has a control or non-ASCII character; HTTP headers cannot carry it")
+        return v
+
+    @field_validator("content_disposition")
+    @classmethod
+    def _disposition(cls, v: str) -> str:
+        return _spec.check_template(v, _spec.DISPOSITION_FIELDS)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ValueError(f"{name!r}: metadata names are letters, digits, '-' and '_' (sent as "
+                                 f"x-oss-meta-NAME, lowercased by OSS)")
+            if _CTL.search(value):
+                raise ValueError(f"{name} = {value!r} has a control character; remove it")
+            out[name.lower()] = _spec.check_template(value, _spec.METADATA_FIELDS)
+        return out
+
+    @field_validator("storage_class")
+    @classmethod
+    def _class(cls, v: str) -> str:
+        if v and v not in _spec.STORAGE_CLASSES:
+            raise ValueError(f"{v!r} is not an OSS storage class; write one of "
+                             + ", ".join(f'"{c}"' for c in _spec.STORAGE_CLASSES) + ", or remove the key")
+        return v
+
+    @field_validator("server_side_encryption")
+    @classmethod
+    def _sse(cls, v: str) -> str:
+        if v and v not in _spec.SSE_VALUES:
+            raise ValueError(f"{v!r} is not an OSS encryption; write one of "
+                             + ", ".join(f'"{c}"' for c in _spec.SSE_VALUES) + ", or remove the key")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > _spec.MAX_TAGS:
+            raise ValueError(f"{len(v)} tags; OSS allows at most {_spec.MAX_TAGS} per object - remove some")
+        for k, val in v.items():
+            if not 1 <= len(k) <= _spec.MAX_TAG_KEY:
+                raise ValueError(f"tag key {k[:40]!r} is {len(k)} characters; OSS allows 1 to {_spec.MAX_TAG_KEY}")
+            if len(val) > _spec.MAX_TAG_VALUE:
+                raise ValueError(f"tag {k!r} has a value of {len(val)} characters; OSS allows at most "
+                                 f"{_spec.MAX_TAG_VALUE}")
+        return v
+
+    @field_validator("key_template")
+    @classmethod
+    def _key_template(cls, v: str) -> str:
+        fields = _spec.check_template(v, _spec.KEY_FIELDS) and _spec.template_fields(v)
+        if not {"relpath", "name", "stem"} & set(fields):
+            raise ValueError(f"{v!r} names no part of the file ({{relpath}}, {{name}} or {{stem}}), so every "
+                             f"file would get the same key; add {{relpath}}")
+        if v.startswith("/"):
+            raise ValueError(f"{v!r} starts with '/'; OSS keys cannot")
+        return v
+
+    @model_validator(mode="after")
+    def _kms(self) -> "ObjectSpec":
+        if self.kms_key_id and self.server_side_encryption != "KMS":
+            raise ValueError("kms_key_id: only used with server_side_encryption = \"KMS\"; set that or remove "
+                             "kms_key_id")
+        return self
+
+
+OBJECT_KEYS = tuple(ObjectSpec.model_fields)
+_TABLES = ("content_type", "metadata", "tags")
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class StateConfig(_Section):
     path: Path = Path("/var/lib/ossyncd/state.db")
 
@@ -231,6 +338,7 @@ class WatchConfig(_Section):
     move_to: Path | None = None
     follow_symlinks: bool = False
     temp_names: tuple[str, ...] | None = None   # None: every built-in rule (paths.TEMP_RULES)
+    object: ObjectSpec = ObjectSpec()           # [upload]'s object keys with this watch's laid over
 
     @field_validator("temp_names")
     @classmethod
@@ -298,6 +406,7 @@ class Config(_Section):
     oss: OssConfig
     credentials: CredentialsConfig = CredentialsConfig(source="env")
     upload: UploadConfig = UploadConfig()
+    object: ObjectSpec = ObjectSpec()       # [upload]'s object keys: for files outside every watch
     state: StateConfig = StateConfig()
     watch: tuple[WatchConfig, ...] = ()
     daemon: DaemonConfig = DaemonConfig()
@@ -308,7 +417,7 @@ class Config(_Section):
     def _scoped_policy_fits(self) -> "Config":
         if self.credentials.source == "sts" and self.credentials.scope_policy_to_prefixes:
             try:
-                _policy.inline_policy_json(self.oss.bucket, self.prefixes)
+                _policy.inline_policy_json(self.oss.bucket, self.prefixes, **self.policy_features)
             except _policy.PolicyError as e:
                 raise ValueError(f"credentials.scope_policy_to_prefixes: {e}") from None
         return self
@@ -316,6 +425,13 @@ class Config(_Section):
     @property
     def watches(self) -> tuple[WatchConfig, ...]:
         return self.watch
+
+    @property
+    def policy_features(self) -> dict[str, bool]:
+        """What the RAM policy must grant beyond plain uploads (policy.upload_policy's flags)."""
+        specs = [w.object for w in self.watch] or [self.object]
+        return {"tagging": any(s.tags for s in specs),
+                "kms": any(s.server_side_encryption == "KMS" for s in specs)}
 
     @property
     def prefixes(self) -> list[str]:
@@ -368,6 +484,7 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
     if not isinstance(watches, list):
         raise ConfigError("watch: must be an array of tables; write [[watch]] sections")
     data["watch"] = [dict(w, index=i) if isinstance(w, dict) else w for i, w in enumerate(watches)]
+    _resolve_object_specs(data)
     data["source_path"] = source_path
     try:
         cfg = Config.model_validate(data)
@@ -375,6 +492,33 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
         raise ConfigError(_format(e)) from None
     _check_paths(cfg, watch_dirs_must_exist)
     return cfg
+
+
+def _resolve_object_specs(data: dict) -> None:
+    """Move the object keys out of [upload] and each [[watch]] into one resolved ObjectSpec per
+    watch, validated where they were written (errors name `upload.KEY` or `watch[N].KEY`)."""
+    upload = data.get("upload")
+    if not isinstance(upload, dict):
+        return
+    upload = data["upload"] = dict(upload)
+    defaults = {k: upload.pop(k) for k in OBJECT_KEYS if k in upload}
+    data["object"] = _object_spec(defaults, "upload")
+    for w in data["watch"]:
+        if not isinstance(w, dict):
+            continue
+        own = {k: w.pop(k) for k in OBJECT_KEYS if k in w}
+        merged = dict(defaults)
+        for k, v in own.items():
+            merged[k] = {**defaults[k], **v} if k in _TABLES and isinstance(v, dict) and isinstance(
+                defaults.get(k), dict) else v
+        w["object"] = _object_spec(merged, f"watch[{w['index']}]") if own else data["object"]
+
+
+def _object_spec(raw: dict, where: str) -> ObjectSpec:
+    try:
+        return ObjectSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, where)) from None
 
 
 def _check_paths(cfg: Config, watch_dirs_must_exist: bool = True) -> None:

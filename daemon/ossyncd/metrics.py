@@ -140,11 +140,13 @@ class _TimedStore:
         self._inner = inner
         self._observe = observe
 
-    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
-        return self._inner.put(key, body, cancel=cancel)
+    def put(self, key: str, body: Body, *, headers: dict[str, str] | None = None,
+            cancel: CancelFlag | None = None) -> WriteResult:
+        return self._inner.put(key, body, headers=headers, cancel=cancel)
 
-    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
-        return self._inner.init_multipart(key, cancel=cancel)
+    def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
+                       cancel: CancelFlag | None = None) -> str:
+        return self._inner.init_multipart(key, headers=headers, cancel=cancel)
 
     def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
                     cancel: CancelFlag | None = None) -> WriteResult:
@@ -153,9 +155,9 @@ class _TimedStore:
         self._observe(time.monotonic() - t0)
         return result
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *, headers: dict[str, str] | None = None,
                  cancel: CancelFlag | None = None) -> WriteResult:
-        return self._inner.complete(key, upload_id, parts, cancel=cancel)
+        return self._inner.complete(key, upload_id, parts, headers=headers, cancel=cancel)
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         return self._inner.list_parts(key, upload_id, cancel=cancel)

@@ -25,6 +25,8 @@ from ossyncd.errors import PolicyError, PolicyTooLong
 
 __all__ = [
     "UPLOAD_ACTIONS",
+    "TAGGING_ACTIONS",
+    "KMS_ACTIONS",
     "OBJECT_ACTIONS",
     "BUCKET_ACTIONS",
     "MAX_INLINE_POLICY_CHARS",
@@ -52,6 +54,13 @@ BUCKET_ACTIONS: tuple[str, ...] = ("oss:ListMultipartUploads",)
 
 #: Actions whose resource is an object (``bucket/key``).
 OBJECT_ACTIONS: tuple[str, ...] = tuple(a for a in UPLOAD_ACTIONS if a not in BUCKET_ACTIONS)
+
+#: Granted only when a watch sets tags: OSS authorizes x-oss-tagging on a write with it.
+TAGGING_ACTIONS: tuple[str, ...] = ("oss:PutObjectTagging",)
+
+#: Granted only when a watch uses server_side_encryption = "KMS": OSS asks KMS for a data key
+#: on each write and decrypts it again for each part (docs/wire-protocol.md §8).
+KMS_ACTIONS: tuple[str, ...] = ("kms:GenerateDataKey", "kms:Decrypt")
 
 #: STS AssumeRole accepts a Policy of 1..2048 characters (docs/wire-protocol.md §5).
 MAX_INLINE_POLICY_CHARS = 2048
@@ -87,37 +96,38 @@ def object_resources(bucket: str, prefixes: Iterable[str]) -> list[str]:
     return [f"acs:oss:*:*:{bucket}/{p}*" for p in _minimal_prefixes(prefixes)]
 
 
-def upload_policy(bucket: str, prefixes: Iterable[str]) -> dict:
+def upload_policy(bucket: str, prefixes: Iterable[str], *, tagging: bool = False, kms: bool = False) -> dict:
     """The least-privilege RAM policy document for uploading to ``bucket`` under ``prefixes``.
 
     ``prefixes`` are the watch prefixes; an empty list or a ``""`` prefix means
-    the whole bucket.
+    the whole bucket. ``tagging`` / ``kms``: some watch sets tags / uses SSE-KMS
+    (``Config.policy_features``); a plain config gets neither.
     """
     prefixes = list(prefixes)
-    return {
-        "Version": "1",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Action": list(OBJECT_ACTIONS),
-                "Resource": object_resources(bucket, prefixes),
-            },
-            {
-                "Effect": "Allow",
-                "Action": list(BUCKET_ACTIONS),
-                "Resource": [f"acs:oss:*:*:{bucket}"],
-            },
-        ],
-    }
+    statements = [
+        {
+            "Effect": "Allow",
+            "Action": list(OBJECT_ACTIONS) + (list(TAGGING_ACTIONS) if tagging else []),
+            "Resource": object_resources(bucket, prefixes),
+        },
+        {
+            "Effect": "Allow",
+            "Action": list(BUCKET_ACTIONS),
+            "Resource": [f"acs:oss:*:*:{bucket}"],
+        },
+    ]
+    if kms:
+        statements.append({"Effect": "Allow", "Action": list(KMS_ACTIONS), "Resource": ["acs:kms:*:*:*"]})
+    return {"Version": "1", "Statement": statements}
 
 
-def inline_policy_json(bucket: str, prefixes: Iterable[str]) -> str:
+def inline_policy_json(bucket: str, prefixes: Iterable[str], *, tagging: bool = False, kms: bool = False) -> str:
     """``upload_policy`` as compact JSON for the AssumeRole ``Policy`` parameter.
 
     Raises ``PolicyTooLong`` (naming the watch prefixes) if it exceeds 2048 characters.
     """
     prefixes = list(prefixes)
-    text = json.dumps(upload_policy(bucket, prefixes), separators=(",", ":"))
+    text = json.dumps(upload_policy(bucket, prefixes, tagging=tagging, kms=kms), separators=(",", ":"))
     if len(text) > MAX_INLINE_POLICY_CHARS:
         raise PolicyTooLong(
             f"the inline STS policy for watch prefixes {prefixes!r} is {len(text)} characters, "

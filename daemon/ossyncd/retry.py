@@ -54,7 +54,7 @@ class RetryingStore:
         retry_at = getattr(self.credentials, "retry_at", None)
         return CredentialsUnavailable(str(e), retry_at=retry_at() if callable(retry_at) else None)
 
-    def _run(self, op: str, fn: Callable[..., T], *args, cancel: CancelFlag | None = None) -> T:
+    def _run(self, op: str, fn: Callable[..., T], *args, cancel: CancelFlag | None = None, **kw: Any) -> T:
         from ossyncd.credentials import CredentialsError
 
         failures = 0
@@ -63,7 +63,7 @@ class RetryingStore:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{op}: cancelled")
             try:
-                return fn(*args, cancel=cancel)
+                return fn(*args, cancel=cancel, **kw)
             except CredentialsError as e:
                 raise self._unavailable(e) from None
             except AuthExpired as e:
@@ -89,19 +89,23 @@ class RetryingStore:
                 else:
                     threading.Event().wait(wait)
 
-    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
-        return self._run("PutObject", self.inner.put, key, body, cancel=cancel)
+    def put(self, key: str, body: Body, *, headers: dict[str, str] | None = None,
+            cancel: CancelFlag | None = None) -> WriteResult:
+        return self._run("PutObject", self.inner.put, key, body, headers=headers, cancel=cancel)
 
-    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
-        return self._run("InitiateMultipartUpload", self.inner.init_multipart, key, cancel=cancel)
+    def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
+                       cancel: CancelFlag | None = None) -> str:
+        return self._run("InitiateMultipartUpload", self.inner.init_multipart, key, headers=headers,
+                         cancel=cancel)
 
     def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
                     cancel: CancelFlag | None = None) -> WriteResult:
         return self._run("UploadPart", self.inner.upload_part, key, upload_id, number, body, cancel=cancel)
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *, headers: dict[str, str] | None = None,
                  cancel: CancelFlag | None = None) -> WriteResult:
-        return self._run("CompleteMultipartUpload", self.inner.complete, key, upload_id, parts, cancel=cancel)
+        return self._run("CompleteMultipartUpload", self.inner.complete, key, upload_id, parts, headers=headers,
+                         cancel=cancel)
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         return self._run("ListParts", self.inner.list_parts, key, upload_id, cancel=cancel)

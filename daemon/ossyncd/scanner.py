@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .model import Identity
+from .objectspec import FileFacts, object_key_for
 from .paths import (
     check_key,
     glob_matcher,
@@ -87,7 +88,9 @@ class _Rules:
         return m is not None and (m(name) is not None or m(relpath) is not None)
 
     def file(self, path: str, relpath: str, s: os.stat_result) -> Entry:
-        key = self.key_prefix + relpath
+        spec = getattr(self.watch, "object", None)
+        key = self.key_prefix + relpath if spec is None else object_key_for(
+            spec, self.watch.prefix or "", FileFacts(relpath, s.st_size, s.st_mtime_ns))
         bad = check_key(key)
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)

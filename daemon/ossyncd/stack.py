@@ -12,17 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import structlog
+
 from ossyncd.body import RateLimiter
-from ossyncd.config import Config, OssConfig, UploadConfig, WatchConfig
+from ossyncd.config import Config, ObjectSpec, OssConfig, UploadConfig, WatchConfig
 from ossyncd.credentials import CredentialsError, RotatingCredentials
 from ossyncd.credentials import build_source as _source_for
 from ossyncd.errors import ConfigError, FileGone, FileUnreadable
 from ossyncd.model import Identity
-from ossyncd.paths import check_key, object_key
+from ossyncd.objectspec import FileFacts, class_warning, object_key_for
+from ossyncd.paths import check_key
 from ossyncd.retry import Backoff, RetryingStore
 from ossyncd.state import FileRow, State
 from ossyncd.store import OssStore, object_url
 from ossyncd.uploader import Outcome, Uploader, stat_identity
+
+log = structlog.get_logger(__name__)
 
 # Built once at start: the thread pools and the OSS client (sized and pointed by these keys), and
 # the metrics endpoint.
@@ -57,7 +62,8 @@ def build_source(cfg: Config):
     """The configured credentials source. One that cannot be built is a ConfigError (its
     message names the credentials.* key); fetching comes later."""
     try:
-        return _source_for(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes)
+        return _source_for(cfg.credentials, bucket=cfg.oss.bucket, prefixes=cfg.prefixes,
+                           features=cfg.policy_features)
     except CredentialsError as e:
         raise ConfigError(str(e)) from None
 
@@ -98,7 +104,12 @@ class Stack:
                                    on_retry=hooks.on_retry)
         self.limiter = RateLimiter(up.bandwidth_limit)   # always there: a reload may set a limit
         self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
-                                 url_for=lambda key: object_url(cfg.oss, key), on_progress=hooks.on_progress)
+                                 url_for=lambda key: object_url(cfg.oss, key), on_progress=hooks.on_progress,
+                                 spec_for=self.spec_for)
+        for w in cfg.watch or ():
+            warning = class_warning(w.object)
+            if warning:
+                log.warning("storage class minimums", watch=str(w.path), problem=warning)
 
     def publish_credentials(self) -> None:
         """For `ossyncd status`: after every credentials fetch, and every second from the daemon's
@@ -138,13 +149,23 @@ class Stack:
                 return w
         return None
 
-    def key_for(self, path: str, prefix: str | None = None) -> tuple[str, str]:
-        """(watch root, object key): inside a watch root the key is its prefix plus the
-        relative path; elsewhere `prefix` (default "") plus the file name."""
+    def spec_for(self, root: str) -> ObjectSpec:
+        """What objects of the watch at `root` get ([upload]'s defaults outside every watch)."""
+        for w in self.cfg.watch:
+            if str(w.path) == root:
+                return w.object
+        return self.cfg.object
+
+    def key_for(self, path: str, prefix: str | None = None, st: os.stat_result | None = None) -> tuple[str, str]:
+        """(watch root, object key): inside a watch root its key_template (default: the prefix
+        plus the relative path); elsewhere `prefix` (default "") plus the file name."""
         w = self.watch_for(path)
+        mtime_ns = st.st_mtime_ns if st is not None else 0
         if w is not None and prefix is None:
-            return str(w.path), object_key(w.prefix, os.path.relpath(path, w.path))
-        return "", object_key(prefix or "", os.path.basename(path))
+            facts = FileFacts(os.path.relpath(path, w.path), st.st_size if st else 0, mtime_ns)
+            return str(w.path), object_key_for(w.object, w.prefix, facts)
+        facts = FileFacts(os.path.basename(path), st.st_size if st else 0, mtime_ns)
+        return "", object_key_for(self.cfg.object, prefix or "", facts)
 
     def enqueue(self, path: str, prefix: str | None = None) -> tuple[FileRow, bool]:
         """A file named on the command line, recorded and queued as the scheduler queues a
@@ -159,7 +180,7 @@ class Stack:
             raise FileUnreadable(path, f"{e.strerror}; nothing uploaded") from None
         if not stat.S_ISREG(st.st_mode):
             raise FileUnreadable(path, "not a regular file; nothing uploaded")
-        watch, key = self.key_for(path, prefix)
+        watch, key = self.key_for(path, prefix, st)
         reason = check_key(key)
         if reason:
             self.state.mark_skipped(path, watch, reason)

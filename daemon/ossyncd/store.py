@@ -46,13 +46,15 @@ class ObjectStore(Protocol):
     Cancelled). `cancel`: set when the caller gives up; a single-attempt store may ignore it,
     because a Body being sent stops reading when its own cancel flag is set."""
 
-    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
-        """PutObject. Raises IntegrityError when OSS's CRC64 (or, without one, the ETag)
-        differs from the bytes sent. Idempotent: a repeat overwrites the same key."""
+    def put(self, key: str, body: Body, *, headers: dict[str, str] | None = None,
+            cancel: CancelFlag | None = None) -> WriteResult:
+        """PutObject, with the object's headers (objectspec.put_headers). Raises IntegrityError
+        when OSS's CRC64 (or, without one, the ETag) differs from the bytes sent. Idempotent: a repeat overwrites the same key."""
         ...
 
-    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
-        """InitiateMultipartUpload; returns the upload id. Not idempotent (a new id each call)."""
+    def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
+                       cancel: CancelFlag | None = None) -> str:
+        """InitiateMultipartUpload with the object's headers; returns the upload id. Not idempotent (a new id each call)."""
         ...
 
     def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
@@ -61,9 +63,10 @@ class ObjectStore(Protocol):
         Idempotent: re-sending a part number replaces it."""
         ...
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *, headers: dict[str, str] | None = None,
                  cancel: CancelFlag | None = None) -> WriteResult:
-        """CompleteMultipartUpload, verified against the combined part CRCs (IntegrityError).
+        """CompleteMultipartUpload (headers: objectspec.complete_headers), verified against the
+        combined part CRCs (IntegrityError).
         PermanentError with code InvalidPart (an ETag that is not the part's), InvalidPartOrder
         or EntityTooSmall (a part but the last below 100 KiB). Not idempotent: a repeat after
         success raises NoSuchUpload."""
@@ -243,16 +246,23 @@ class OssStore:
         if self.on_verification is not None:
             self.on_verification(mode)
 
-    def _headers(self, body: Body) -> dict | None:
+    def _headers(self, body: Body, extra: dict[str, str] | None = None) -> dict | None:
         md5 = body.content_md5()
-        return {"Content-MD5": md5} if md5 else None
+        out = dict(extra or {})
+        if md5:
+            out["Content-MD5"] = md5
+        return out or None
 
-    def put(self, key: str, body: Body, *, cancel: CancelFlag | None = None) -> WriteResult:
-        r = self._call("PutObject", key, self.bucket.put_object, key, body.open(), headers=self._headers(body))
+    def put(self, key: str, body: Body, *, headers: dict[str, str] | None = None,
+            cancel: CancelFlag | None = None) -> WriteResult:
+        r = self._call("PutObject", key, self.bucket.put_object, key, body.open(),
+                       headers=self._headers(body, headers))
         return self._verify("PutObject", key, r, body)
 
-    def init_multipart(self, key: str, *, cancel: CancelFlag | None = None) -> str:
-        return self._call("InitiateMultipartUpload", key, self.bucket.init_multipart_upload, key).upload_id
+    def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
+                       cancel: CancelFlag | None = None) -> str:
+        return self._call("InitiateMultipartUpload", key, self.bucket.init_multipart_upload, key,
+                          headers=dict(headers) if headers else None).upload_id
 
     def upload_part(self, key: str, upload_id: str, number: int, body: Body, *,
                     cancel: CancelFlag | None = None) -> WriteResult:
@@ -260,10 +270,11 @@ class OssStore:
                        headers=self._headers(body))
         return self._verify("UploadPart", key, r, body)
 
-    def complete(self, key: str, upload_id: str, parts: list[PartRow], *,
+    def complete(self, key: str, upload_id: str, parts: list[PartRow], *, headers: dict[str, str] | None = None,
                  cancel: CancelFlag | None = None) -> WriteResult:
         infos = [oss2.models.PartInfo(p.number, p.etag, size=p.size, part_crc=p.crc64) for p in parts]
-        r = self._call("CompleteMultipartUpload", key, self.bucket.complete_multipart_upload, key, upload_id, infos)
+        r = self._call("CompleteMultipartUpload", key, self.bucket.complete_multipart_upload, key, upload_id, infos,
+                       headers=dict(headers) if headers else None)
         expected = combine_parts([(p.crc64, p.size) for p in parts])
         if r.crc is None:   # verified through its parts: each was, and OSS joined exactly those
             return WriteResult(r.etag, expected, MD5)

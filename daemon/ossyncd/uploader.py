@@ -21,7 +21,7 @@ from typing import Callable
 import structlog
 
 from ossyncd.body import Body, RateLimiter
-from ossyncd.config import UploadConfig
+from ossyncd.config import ObjectSpec, UploadConfig
 from ossyncd.errors import (
     Cancelled,
     CredentialsUnavailable,
@@ -38,6 +38,7 @@ from ossyncd.errors import (
     TransientError,
 )
 from ossyncd.model import CRC64, Identity, PartRow
+from ossyncd.objectspec import FileFacts, complete_headers, put_headers
 from ossyncd.plan import choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff
 from ossyncd.state import FileRow, State, UploadRow
@@ -87,7 +88,8 @@ def stat_identity(path: str) -> Identity:
 class Uploader:
     def __init__(self, state: State, store, cfg: UploadConfig, *, part_pool: ThreadPoolExecutor,
                  limiter: RateLimiter | None = None, url_for: Callable[[str], str],
-                 on_progress: Callable[[int, int, int], None] | None = None):
+                 on_progress: Callable[[int, int, int], None] | None = None,
+                 spec_for: Callable[[str], ObjectSpec] | None = None):
         self.state = state
         self.store = store
         self.cfg = cfg
@@ -96,6 +98,11 @@ class Uploader:
         self.url_for = url_for
         self.on_progress = on_progress  # (file_id, bytes_done, total), for live displays
         self.backoff = Backoff(cfg.file_retry_delay, cfg.file_retry_delay_max)
+        self.spec_for = spec_for or (lambda watch: ObjectSpec())   # a row's watch root -> what its objects get
+
+    def _object(self, row: FileRow) -> tuple[ObjectSpec, FileFacts]:
+        relpath = os.path.relpath(row.path, row.watch) if row.watch else os.path.basename(row.path)
+        return self.spec_for(row.watch), FileFacts(relpath.replace(os.sep, "/"), row.size, row.mtime_ns)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -252,7 +259,7 @@ class Uploader:
     def _simple(self, row: FileRow, fd: int, scope: CancelScope) -> None:
         body = Body(row.path, fd, 0, row.size, cancel=scope, limiter=self.limiter, progress=self._progress(row))
         _, crc = body.checksum()
-        result = self.store.put(row.key, body, cancel=scope)
+        result = self.store.put(row.key, body, headers=put_headers(*self._object(row)), cancel=scope)
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
             raise FileChanged(row.path, "file changed while it was being uploaded")
         self._check_identity(row)
@@ -264,7 +271,7 @@ class Uploader:
         up = self._resume(row, fd, scope)
         if up is None:
             part_size = choose_part_size(row.size, self.cfg)
-            upload_id = self.store.init_multipart(row.key, cancel=scope)
+            upload_id = self.store.init_multipart(row.key, headers=put_headers(*self._object(row)), cancel=scope)
             up = self.state.begin_upload(row.id, upload_id, row.key, part_size, row.identity)
             self._abort_strays(row.key, scope)
         ranges = part_ranges(row.size, up.part_size)
@@ -309,7 +316,8 @@ class Uploader:
         if [p.number for p in parts] != [r.number for r in ranges]:
             raise TransientError("CompleteMultipartUpload", row.key, "recorded parts do not cover the file")
         try:
-            result = self.store.complete(row.key, up.upload_id, parts, cancel=scope)
+            result = self.store.complete(row.key, up.upload_id, parts, headers=complete_headers(self._object(row)[0]),
+                                         cancel=scope)
         except NoSuchUpload:
             # Either it was aborted, or an earlier Complete succeeded and its response was lost.
             # The upload-only role cannot read the object to tell (docs/architecture.md, verification), so
