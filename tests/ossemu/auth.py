@@ -1,8 +1,10 @@
 """Principals, STS sessions, OSS V1/V4 signature checks (header and presigned URL), RAM policy.
 
 Principals: `root` (every OSS op), `user` (AssumeRole only), and STS sessions of the
-`uploader` role, whose policy allows exactly ROLE_ACTIONS on `acs:oss:*:*:*`, further
-narrowed by an inline AssumeRole policy (intersection; an explicit Deny wins).
+`uploader` role, whose policy allows exactly ROLE_ACTIONS on `acs:oss:*:*:*` and the KMS
+actions SSE-KMS writes need on `acs:kms:*:*:*` (what ossyncd's policy grants a config with
+tags and KMS), further narrowed by an inline AssumeRole policy (intersection; an explicit
+Deny wins).
 
 Request resources are `acs:oss:<region>:<account>:<bucket>[/<key>]`, so policies written
 as `acs:oss:*:*:bucket/prefix/*` or with the account id both match. Like real OSS,
@@ -34,8 +36,9 @@ USER_ID, USER_SECRET = "LTAIuserEMU0000000000002", "userSecretEMU000000000000000
 
 ROLE_ACTIONS = ["oss:PutObject", "oss:InitiateMultipartUpload", "oss:UploadPart", "oss:UploadPartCopy",
                 "oss:CompleteMultipartUpload", "oss:AbortMultipartUpload", "oss:ListMultipartUploads",
-                "oss:ListParts"]
-ROLE_POLICY = [{"Effect": "Allow", "Action": ROLE_ACTIONS, "Resource": ["acs:oss:*:*:*"]}]
+                "oss:ListParts", "oss:PutObjectTagging"]
+ROLE_POLICY = [{"Effect": "Allow", "Action": ROLE_ACTIONS, "Resource": ["acs:oss:*:*:*"]},
+               {"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": ["acs:kms:*:*:*"]}]
 
 # op -> (resource level, RAM actions any of which authorizes it)
 OP_ACTIONS = {
@@ -54,6 +57,9 @@ OP_ACTIONS = {
     "ListObjects": ("bucket", ["oss:ListObjects"]),
     "ListObjectsV2": ("bucket", ["oss:ListObjects"]),
     "GetBucketInfo": ("bucket", ["oss:GetBucketInfo"]),
+    "PutObjectTagging": ("object", ["oss:PutObjectTagging"]),
+    "GetObjectTagging": ("object", ["oss:GetObjectTagging"]),
+    "GetObjectAcl": ("object", ["oss:GetObjectAcl"]),
 }
 
 # oss2's ProviderAuth._subresource_key_set (V1 CanonicalizedResource)
@@ -392,6 +398,17 @@ class Authority:
                     p.session.policy is None or policy_allows(p.session.policy, actions, res)):
                 return
         raise _denied(f"You are not authorized to do {actions[0]} on {res}.", "0003-00000301")
+
+    def authorize_kms(self, p, actions, key_id):
+        """Every one of `actions` on the KMS key (an SSE-KMS write asks KMS for a data key)."""
+        if p.kind == "root":
+            return
+        res = f"acs:kms:{self.region}:{self.account_id}:key/{key_id}"
+        for action in actions:
+            if not (p.kind == "sts" and policy_allows(ROLE_POLICY, [action], res) and (
+                    p.session.policy is None or policy_allows(p.session.policy, [action], res))):
+                raise _denied(f"You are not authorized to do {action} on {res}; the write asked for "
+                              f"SSE-KMS.", "0003-00000301")
 
 
 def _invalid_ak(ak, ec):

@@ -13,6 +13,7 @@ import time
 import xml.etree.ElementTree as ET
 from urllib.parse import unquote
 
+from . import props
 from . import xmlfmt as X
 from .auth import content_md5_ok
 from .common import CHUNK, Response, etag, int_param, url_encoded
@@ -32,7 +33,7 @@ def _stored_headers(req):
     out = {}
     for k, v in req.headers:
         lk = k.lower()
-        if lk.startswith("x-oss-meta-") or lk in STORED_HEADERS:
+        if lk.startswith("x-oss-meta-") or lk in STORED_HEADERS or lk in props.STORED:
             out[lk] = v
     return out
 
@@ -163,6 +164,7 @@ def _forbid_overwrite(req):
 
 # ---------------------------------------------------------------- writes
 def put_object(ctx, req):
+    props.check_write(ctx, req)
     forbid = _forbid_overwrite(req)
     if forbid and ctx.storage.exists(req.bucket, req.key):
         raise ctx.storage.exists_error()
@@ -230,6 +232,7 @@ def upload_part_copy(ctx, req):
 
 
 def initiate(ctx, req):
+    props.check_write(ctx, req)
     url = url_encoded(req.qdict)
     up = ctx.storage.initiate(req.bucket, req.key, req.header("content-type") or "application/octet-stream",
                               _stored_headers(req), forbid_overwrite=_forbid_overwrite(req))
@@ -261,8 +264,13 @@ def complete(ctx, req):
         except (ET.ParseError, ValueError, TypeError):
             raise OSSError(400, "MalformedXML", "The XML you provided was not well-formed or did not validate "
                                                 "against our published schema.", ec="0042-00000250")
+    acl = req.header("x-oss-object-acl")   # oss2's resumable upload sends the ACL on Complete
+    if acl is not None and acl not in props.ACLS:
+        raise OSSError(400, "InvalidArgument", "no such object access control exists",
+                       extra={"ArgumentName": "x-oss-object-acl", "ArgumentValue": acl})
     meta = ctx.storage.complete(req.bucket, req.key, req.qdict["uploadId"], requested,
-                                complete_all=complete_all, forbid_overwrite=_forbid_overwrite(req))
+                                complete_all=complete_all, forbid_overwrite=_forbid_overwrite(req),
+                                headers={"x-oss-object-acl": acl} if acl else None)
     ctx.counters.add("uploads_completed")
     body = []
     if url:
@@ -309,9 +317,9 @@ def _parse_range(value, size):
 def _object_headers(meta, q=None):
     h = [("Content-Type", meta.content_type), ("ETag", etag(meta.etag)),
          ("Last-Modified", X.http_date(meta.mtime)), ("x-oss-object-type", meta.type),
-         ("x-oss-storage-class", "Standard"), ("x-oss-hash-crc64ecma", str(meta.crc64)),
-         ("Accept-Ranges", "bytes")]
-    h += [(k, v) for k, v in meta.headers.items()]
+         ("x-oss-hash-crc64ecma", str(meta.crc64)), ("Accept-Ranges", "bytes")]
+    h += props.response_headers(meta.headers)
+    h += [(k, v) for k, v in meta.headers.items() if k not in props.STORED]
     for param, header in RESPONSE_OVERRIDES.items():
         if q and q.get(param):
             h = [(k, v) for k, v in h if k.lower() != header.lower()] + [(header, q[param])]

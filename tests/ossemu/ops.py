@@ -1,6 +1,6 @@
 """Routing: (method, bucket, key, query) -> op name, key validation, and the op table."""
 
-from . import listings, objects
+from . import listings, objects, props
 from .auth import SUBRESOURCES
 from .errors import OSSError
 
@@ -41,6 +41,10 @@ def route(req):
     elif m == "GET":
         if extra == {"uploadId"}:
             return "ListParts"
+        if extra == {"tagging"}:
+            return "GetObjectTagging"
+        if extra == {"acl"}:
+            return "GetObjectAcl"
         if not extra:
             return "GetObject"
     elif m == "HEAD":
@@ -70,4 +74,5 @@ OPS = {
     "ListObjects": listings.list_objects, "ListObjectsV2": listings.list_objects_v2,
     "ListMultipartUploads": listings.list_uploads, "ListParts": listings.list_parts,
     "GetBucketInfo": listings.bucket_info,
+    "GetObjectTagging": props.get_object_tagging, "GetObjectAcl": props.get_object_acl,
 }

@@ -389,8 +389,9 @@ class Storage:
             del self.uploads[upload_id]
             self._discard_upload_dir(up)
 
-    def complete(self, bucket, key, upload_id, requested, complete_all=False, forbid_overwrite=False):
-        """requested: [(part_number, etag)] as sent; returns the new ObjectMeta."""
+    def complete(self, bucket, key, upload_id, requested, complete_all=False, forbid_overwrite=False, headers=None):
+        """requested: [(part_number, etag)] as sent; headers: set on Complete (the ACL), laid over
+        Initiate's; returns the new ObjectMeta."""
         with self.lock:
             self.bucket(bucket)
             up = self._get_upload(bucket, key, upload_id)
@@ -413,7 +414,7 @@ class Storage:
             meta = ObjectMeta(key=key, size=sum(p.size for p in chosen),
                               etag=multipart_etag([p.etag for p in chosen]), crc64=crc,
                               content_type=up.content_type, mtime=time.time(), type="Multipart",
-                              headers=dict(up.headers))
+                              headers={**up.headers, **(headers or {})})
             self.commit_object(bucket, meta, [(self.part_path(up, p.number), p.size) for p in chosen],
                                forbid_overwrite=forbid_overwrite)
             del self.uploads[upload_id]
