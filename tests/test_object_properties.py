@@ -145,7 +145,7 @@ def test_emulator_refuses_bad_properties_and_unpermitted_kms(emulator, root_buck
     assert code(root_bucket, {"x-oss-forbid-overwrite": "true"}) == (409, "FileAlreadyExists")
 
     def session(**features):
-        c = sts_credentials(policy=upload_policy("drop", [""], **features))
+        c = sts_credentials(policy=upload_policy("drop", [""], **features), role_arn=emulator.full_role_arn)
         auth = oss2.StsAuth(c["AccessKeyId"], c["AccessKeySecret"], c["SecurityToken"])
         return oss2.Bucket(auth, emulator.oss_url, "drop")
 
@@ -177,9 +177,11 @@ PROPS_UPLOAD = {"storage_class": "Standard", "server_side_encryption": "AES256",
 
 
 def test_daemon_sets_every_property_on_simple_and_multipart_objects(emulator, daemon_factory, folders):
-    # scope_policy_to_prefixes: the session gets exactly the policy ossyncd computes, grown for tags and KMS
+    # the role that may tag and use KMS, narrowed (scope_policy_to_prefixes) to exactly the policy ossyncd
+    # computes for this config: the grown policy is enough
     d = daemon_factory(_props_watches(folders), upload=fast_upload(**PROPS_UPLOAD),
-                       credentials=sts_credentials(emulator, scope_policy_to_prefixes=True))
+                       credentials=sts_credentials(emulator, scope_policy_to_prefixes=True,
+                                                   role_arn=emulator.full_role_arn))
     d.start()
     sent = {"a/cam/small.log": dropped(folders["a"], "cam/small.log", 1000, 1, folders["staging"]),
             "a/cam/big.mp4": dropped(folders["a"], "cam/big.mp4", 3 * MiB // 2, 2, folders["staging"]),

@@ -1,10 +1,10 @@
 """Principals, STS sessions, OSS V1/V4 signature checks (header and presigned URL), RAM policy.
 
 Principals: `root` (every OSS op), `user` (AssumeRole only), and STS sessions of the
-`uploader` role, whose policy allows exactly ROLE_ACTIONS on `acs:oss:*:*:*` and the KMS
-actions SSE-KMS writes need on `acs:kms:*:*:*` (what ossyncd's policy grants a config with
-tags and KMS), further narrowed by an inline AssumeRole policy (intersection; an explicit
-Deny wins).
+`uploader` role, whose policy allows exactly ROLE_ACTIONS on `acs:oss:*:*:*`, or of the
+`uploader-full` role (FULL_ROLE_POLICY: also what ossyncd's policy grants for tags, KMS and
+conflict recognition), further narrowed by an inline AssumeRole policy (intersection; an
+explicit Deny wins).
 
 Request resources are `acs:oss:<region>:<account>:<bucket>[/<key>]`, so policies written
 as `acs:oss:*:*:bucket/prefix/*` or with the account id both match. Like real OSS,
@@ -36,9 +36,11 @@ USER_ID, USER_SECRET = "LTAIuserEMU0000000000002", "userSecretEMU000000000000000
 
 ROLE_ACTIONS = ["oss:PutObject", "oss:InitiateMultipartUpload", "oss:UploadPart", "oss:UploadPartCopy",
                 "oss:CompleteMultipartUpload", "oss:AbortMultipartUpload", "oss:ListMultipartUploads",
-                "oss:ListParts", "oss:PutObjectTagging"]
-ROLE_POLICY = [{"Effect": "Allow", "Action": ROLE_ACTIONS, "Resource": ["acs:oss:*:*:*"]},
-               {"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": ["acs:kms:*:*:*"]}]
+                "oss:ListParts"]
+ROLE_POLICY = [{"Effect": "Allow", "Action": ROLE_ACTIONS, "Resource": ["acs:oss:*:*:*"]}]
+FULL_ROLE_POLICY = [{"Effect": "Allow", "Action": ROLE_ACTIONS + ["oss:PutObjectTagging", "oss:GetObject"],
+                     "Resource": ["acs:oss:*:*:*"]},
+                    {"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": ["acs:kms:*:*:*"]}]
 
 # op -> (resource level, RAM actions any of which authorizes it)
 OP_ACTIONS = {
@@ -99,6 +101,7 @@ class Session:
     caller: str
     policy: list = None       # inline statements or None
     issued_at: float = field(default_factory=time.time)
+    role_policy: list = None  # the assumed role's statements
 
 
 # ---------------------------------------------------------------- policy
@@ -204,17 +207,19 @@ class Authority:
         self.user = Principal("user", USER_ID, USER_SECRET)
         self.static = {p.id: p for p in (self.root, self.user)}
         self.role_arn = f"acs:ram::{account_id}:role/uploader"
+        self.full_role_arn = f"acs:ram::{account_id}:role/uploader-full"
+        self.roles = {self.role_arn: ROLE_POLICY, self.full_role_arn: FULL_ROLE_POLICY}
         self._lock = threading.Lock()
         self._by_token = {}
         self._by_ak = {}
 
     # ----- sessions
-    def issue(self, caller, name, duration, policy=None):
+    def issue(self, caller, name, duration, policy=None, role_policy=None):
         now = self.clock()
         ak = "STS." + base64.b32encode(os.urandom(15)).decode().rstrip("=")[:24]
         secret = base64.b64encode(os.urandom(30)).decode().replace("+", "A").replace("/", "B")
         token = "CAIS" + base64.b64encode(os.urandom(300)).decode()
-        s = Session(ak, secret, token, now + duration, name, caller, policy, now)
+        s = Session(ak, secret, token, now + duration, name, caller, policy, now, role_policy or ROLE_POLICY)
         with self._lock:
             self._by_token[token] = s
             self._by_ak[ak] = s
@@ -394,7 +399,7 @@ class Authority:
         level, actions = OP_ACTIONS.get(op, ("object", ["oss:" + op]))
         res = self.resource(bucket, key if level == "object" else None)
         if p.kind == "sts":
-            if policy_allows(ROLE_POLICY, actions, res) and (
+            if policy_allows(p.session.role_policy, actions, res) and (
                     p.session.policy is None or policy_allows(p.session.policy, actions, res)):
                 return
         raise _denied(f"You are not authorized to do {actions[0]} on {res}.", "0003-00000301")
@@ -405,7 +410,7 @@ class Authority:
             return
         res = f"acs:kms:{self.region}:{self.account_id}:key/{key_id}"
         for action in actions:
-            if not (p.kind == "sts" and policy_allows(ROLE_POLICY, [action], res) and (
+            if not (p.kind == "sts" and policy_allows(p.session.role_policy, [action], res) and (
                     p.session.policy is None or policy_allows(p.session.policy, [action], res))):
                 raise _denied(f"You are not authorized to do {action} on {res}; the write asked for "
                               f"SSE-KMS.", "0003-00000301")

@@ -83,6 +83,11 @@ class Emulator:
         return self.authority.role_arn
 
     @property
+    def full_role_arn(self):
+        """The role that also allows tags, KMS and reading objects back (conflict recognition)."""
+        return self.authority.full_role_arn
+
+    @property
     def oss_endpoint(self):
         """The real endpoint name; reachable through the OSS port as a forward proxy (hosts.py)."""
         return f"http://{self.endpoints.oss[0]}"
@@ -100,7 +105,7 @@ class Emulator:
                 "proxy": self.oss_url, "oss_endpoint": self.oss_endpoint, "sts_endpoint": self.sts_endpoint,
                 "root": {"id": self.root.id, "secret": self.root.secret},
                 "user": {"id": self.user.id, "secret": self.user.secret},
-                "role_arn": self.role_arn}
+                "role_arn": self.role_arn, "full_role_arn": self.full_role_arn}
 
     # ------------------------------------------------------------ control
     def stats(self):

@@ -8,7 +8,7 @@ Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
   400 SignatureNonceUsed               replayed SignatureNonce
   400 Missing<Param>                   a required parameter is absent
   400 InvalidParameter.RoleArn         RoleArn not of the form acs:ram::<digits>:role/<name>
-  404 EntityNotExist.Role              well-formed RoleArn other than the emulator's role
+  404 EntityNotExist.Role              well-formed RoleArn other than the emulator's two roles
   403 NoPermission                     caller is not allowed to assume the role (STS credentials)
   400 InvalidParameter.RoleSessionName / .DurationSeconds / .PolicyGrammar
 """
@@ -115,7 +115,7 @@ class AssumeRole:
         arn = self._require(params, "RoleArn")
         if not ROLE_ARN_RE.match(arn):
             raise StsError(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
-        if arn != self.authority.role_arn:
+        if arn not in self.authority.roles:
             raise StsError(404, "EntityNotExist.Role", f"The role not exists: {arn}.")
         if principal.kind not in ("user", "root"):
             raise StsError(403, "NoPermission", "You are not authorized to do this action. "
@@ -142,7 +142,7 @@ class AssumeRole:
                 raise StsError(400, "InvalidParameter.PolicyGrammar",
                                "The parameter Policy has not passed grammar check.")
 
-        s = self.authority.issue(principal.kind, name, duration, policy)
+        s = self.authority.issue(principal.kind, name, duration, policy, role_policy=self.authority.roles[arn])
         role_id = "3" + str(int(hashlib.sha1(arn.encode()).hexdigest(), 16) % 10 ** 17).zfill(17)
         return {
             "RequestId": str(uuid.uuid4()).upper(),
