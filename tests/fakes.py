@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ossyncd.body import Body
 from ossyncd.crc import combine_parts, crc64
 from ossyncd.errors import IntegrityError, NoSuchUpload, PermanentError
-from ossyncd.model import CRC64, CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
+from ossyncd.model import CRC64, CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
 
 MIN_PART_SIZE = 100 * 1024   # OSS: every part but the last at least 100 KiB (EntityTooSmall)
 
@@ -111,6 +111,12 @@ class MemoryStore:
         if stored_crc != expected:
             raise IntegrityError(op, key, f"object CRC64 {stored_crc} differs from the parts' combined {expected}")
         return WriteResult(f"{etag}-{len(chosen)}", stored_crc, CRC64)
+
+    def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
+        self._enter("HeadObject", key)
+        with self._lock:
+            blob = self.objects.get(key)
+        return None if blob is None else ObjectInfo(len(blob.data), blob.crc64, blob.etag)
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         self._enter("ListParts", key)

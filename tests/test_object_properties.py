@@ -274,7 +274,7 @@ def test_policy_grows_with_tags_and_kms_only(emulator, tmp_path):
     drop.mkdir()
     docs = {}
     for name, extra in (("plain", {}), ("tags", {"tags": {"a": "b"}}),
-                        ("kms", {"server_side_encryption": "KMS"})):
+                        ("kms", {"server_side_encryption": "KMS"}), ("forbid", {"overwrite": "forbid"})):
         cfg = write_config(tmp_path / f"{name}.toml", emulator, state=tmp_path / "s.db",
                            watches=[{"path": str(drop), "prefix": "in/", **extra}])
         r = ossyncd("policy", "-c", cfg)
@@ -288,6 +288,88 @@ def test_policy_grows_with_tags_and_kms_only(emulator, tmp_path):
     assert actions(docs["plain"]) == base and len(base) == 8
     assert actions(docs["tags"]) == sorted(base + ["oss:PutObjectTagging"])
     assert actions(docs["kms"]) == sorted(base + ["kms:Decrypt", "kms:GenerateDataKey"])
+    assert actions(docs["forbid"]) == sorted(base + ["oss:GetObject"])     # HEAD to recognise our own object
     kms_st = [st for st in docs["kms"]["Statement"] if st["Action"][0].startswith("kms:")]
     assert kms_st == [{"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
                        "Resource": ["acs:kms:*:*:*"]}]
+
+
+# ---------------------------------------------------------------- overwrite
+def test_rename_candidates():
+    from ossyncd.uploader import _candidates
+
+    def first(key, n=3, resume=None):
+        out = _candidates(key, "rename", resume)
+        return [next(out) for _ in range(n)]
+    assert first("in/x.bin") == ["in/x.bin", "in/x-1.bin", "in/x-2.bin"]
+    assert first("a.tar.gz", 2) == ["a.tar.gz", "a-1.tar.gz"]
+    assert first(".env", 2) == [".env", ".env-1"]
+    assert first("in/x.bin", 3, resume="in/x-1.bin") == ["in/x-1.bin", "in/x-2.bin", "in/x-3.bin"]
+    assert list(_candidates("in/x.bin", "forbid", "in/x-1.bin")) == ["in/x.bin"]
+
+
+def _full_role(emulator):
+    """The role that may read back, narrowed to exactly the policy ossyncd computes for the config."""
+    return sts_credentials(emulator, scope_policy_to_prefixes=True, role_arn=emulator.full_role_arn)
+
+
+def test_overwrite_allow_forbid_skip_rename(emulator, daemon_factory, tmp_path):
+    roots = {m: tmp_path / m for m in ("allow", "forbid", "skip", "rename")}
+    for p in roots.values():
+        p.mkdir()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    bucket = root_bucket(emulator)
+    theirs = {f"{m}/x.bin": f"someone else's {m}".encode() for m in ("allow", "forbid", "skip", "rename")}
+    theirs["rename/x-1.bin"] = b"someone else's x-1"
+    for key, data in theirs.items():
+        bucket.put_object(key, data)
+    d = daemon_factory([{"path": str(p), "prefix": f"{m}/", **SETTLE, "overwrite": m} for m, p in roots.items()],
+                       credentials=_full_role(emulator), daemon={"rescan_interval": 1.0})
+    d.start()
+    sent = {m: dropped(roots[m], "x.bin", 3 * MiB // 2 if m == "rename" else 1000, n, staging)
+            for n, m in enumerate(roots)}
+    d.wait_states({"done": 2, "failed": 1, "exists": 1}, 30)
+    rows = {f["path"]: f for f in d.files()}
+    forbid, skip, rename = (rows[str(roots[m] / "x.bin")] for m in ("forbid", "skip", "rename"))
+    assert forbid["state"] == "failed" and "an object already exists at forbid/x.bin" in forbid["error"], forbid
+    assert skip["state"] == "exists" and "an object already exists at skip/x.bin" in skip["error"], skip
+    assert skip["next_attempt_at"] is None
+    assert (rename["state"], rename["key"], rename["renamed_from"], rename["mode"]) == (
+        "done", "rename/x-2.bin", "rename/x.bin", "multipart")
+    assert object_bytes(emulator, "rename/x-2.bin") == sent["rename"]
+    assert object_bytes(emulator, "allow/x.bin") == sent["allow"]
+    for key in ("forbid/x.bin", "skip/x.bin", "rename/x.bin", "rename/x-1.bin"):
+        assert object_bytes(emulator, key) == theirs[key], key          # never replaced
+    # `skip` is not retried: later rescans leave it alone; under allow a rewrite replaces the object
+    rescans = len(events(d, "rescan"))
+    wait_until(lambda: len(events(d, "rescan")) >= rescans + 4, 20, what="two more rescans of each root")
+    assert [f for f in d.files() if f["path"] == skip["path"]][0]["state"] == "exists"
+    new = dropped(roots["allow"], "x.bin", 2000, 99, staging)
+    wait_until(lambda: object_bytes(emulator, "allow/x.bin") == new, 30, what="allow/x.bin replaced")
+    assert "exists 1" in ossyncd("status", "-c", d.config).stdout
+
+
+def test_kill_9_after_our_own_write_is_no_conflict_under_forbid(emulator, daemon_factory, folders):
+    d = daemon_factory([{"path": str(folders["a"]), "prefix": "", **SETTLE, "overwrite": "forbid"}],
+                       credentials=_full_role(emulator))
+    # OSS writes the object, then the answer is held back: a kill now loses only the state commit
+    emulator.set_faults([{"op": "CompleteMultipartUpload", "delay_ms": 60000, "count": 1},
+                         {"op": "PutObject", "delay_ms": 60000, "count": 1}])
+    d.start()
+    big = dropped(folders["a"], "big.bin", 3 * MiB // 2, 1, folders["staging"])
+    small = dropped(folders["a"], "small.bin", 1000, 2, folders["staging"])
+    wait_until(lambda: emulator.stats()["objects"] == 2, 30, what="both objects written")
+    d.proc.kill()
+    d.proc.wait()
+    emulator.set_faults([])
+    received = emulator.stats()["bytes_received"]
+    d.start()
+    d.wait_states({"done": 2}, 30)
+    rows = {f["key"]: f for f in d.files()}
+    assert rows["big.bin"]["mode"] == rows["small.bin"]["mode"] == "recognised", rows
+    assert object_bytes(emulator, "big.bin") == big and object_bytes(emulator, "small.bin") == small
+    # no part is sent again; a refused PutObject still carries its body (the 409 comes after it)
+    assert emulator.stats()["bytes_received"] - received <= len(small)
+    assert emulator.stats()["uploads_open"] == 0
+    assert events(d, "upload failed") == []

@@ -232,6 +232,7 @@ class ObjectSpec(_Section):
     tags: dict[str, str] = Field(default_factory=dict)
     key_template: str = "{prefix}{relpath}"
     unicode_normalize: Literal["NFC", "none"] = "NFC"
+    overwrite: Literal["allow", "forbid", "skip", "rename"] = "allow"   # when the key already holds an object
 
     @field_validator("content_type")
     @classmethod
@@ -431,7 +432,8 @@ class Config(_Section):
         """What the RAM policy must grant beyond plain uploads (policy.upload_policy's flags)."""
         specs = [w.object for w in self.watch] or [self.object]
         return {"tagging": any(s.tags for s in specs),
-                "kms": any(s.server_side_encryption == "KMS" for s in specs)}
+                "kms": any(s.server_side_encryption == "KMS" for s in specs),
+                "read_back": any(s.overwrite != "allow" for s in specs)}
 
     @property
     def prefixes(self) -> list[str]:

@@ -25,7 +25,8 @@ A command that ends with one prints `label: message` and exits with its `exit_co
         │                      never counted against a file's budget
         └── PermanentError     retrying cannot help: AccessDenied, InvalidObjectName, ...
             ├── NoSuchUpload   the multipart upload id is gone (completed, aborted, expired)
-            └── NotSupported   the server lacks the operation (e.g. ListParts)
+            ├── NotSupported   the server lacks the operation (e.g. ListParts)
+            └── ObjectExists   overwrite = "skip" met another object at the key: state `exists`
 """
 
 from __future__ import annotations
@@ -186,3 +187,12 @@ class NoSuchUpload(PermanentError):
 
 class NotSupported(PermanentError):
     pass
+
+
+class ObjectExists(PermanentError):
+    """overwrite = "skip": the key holds an object that is not ours; the file is left alone.
+    ``detail``: the message without the operation prefix, for the file's row."""
+
+    def __init__(self, op: str, key: str, message: str, **kw):
+        super().__init__(op, key, message, **kw)
+        self.detail = message

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ossyncd.config import parse_listen
 from ossyncd.errors import StateError
-from ossyncd.model import CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
+from ossyncd.model import CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
 from ossyncd.state import STATES
 
 if TYPE_CHECKING:
@@ -158,6 +158,9 @@ class _TimedStore:
     def complete(self, key: str, upload_id: str, parts: list[PartRow], *, headers: dict[str, str] | None = None,
                  cancel: CancelFlag | None = None) -> WriteResult:
         return self._inner.complete(key, upload_id, parts, headers=headers, cancel=cancel)
+
+    def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
+        return self._inner.head(key, cancel=cancel)
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         return self._inner.list_parts(key, upload_id, cancel=cancel)

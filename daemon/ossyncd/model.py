@@ -64,6 +64,14 @@ class WriteResult:
 
 
 @dataclass(frozen=True)
+class ObjectInfo:
+    """What HeadObject says about an existing object (conflict recognition)."""
+    size: int
+    crc64: int | None        # None from a server that sends no x-oss-hash-crc64ecma
+    etag: str
+
+
+@dataclass(frozen=True)
 class ServerPart:
     number: int
     etag: str

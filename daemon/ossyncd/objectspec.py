@@ -5,9 +5,9 @@ One place builds both, so the simple and the multipart paths send the same thing
 
 * `object_key_for`: the key_template rendered for one file (Unicode-normalized);
 * `put_headers`: PutObject and InitiateMultipartUpload (type, cache, disposition, metadata,
-  ACL, storage class, encryption, tags);
+  ACL, storage class, encryption, tags, x-oss-forbid-overwrite);
 * `complete_headers`: CompleteMultipartUpload gets only the ACL (as oss2's own resumable
-  upload sends it), never the storage class.
+  upload sends it) and x-oss-forbid-overwrite, never the storage class.
 """
 
 from __future__ import annotations
@@ -153,6 +153,8 @@ def put_headers(spec: "ObjectSpec", facts: FileFacts) -> dict[str, str]:
             h["x-oss-server-side-encryption-key-id"] = spec.kms_key_id
     if spec.tags:
         h["x-oss-tagging"] = urlencode(spec.tags, quote_via=quote, safe="")
+    if spec.overwrite != "allow":
+        h["x-oss-forbid-overwrite"] = "true"
     return h
 
 
@@ -168,8 +170,11 @@ def _disposition(template: str, name: str) -> str:
 
 
 def complete_headers(spec: "ObjectSpec") -> dict[str, str]:
-    """CompleteMultipartUpload: the ACL only (never the storage class)."""
-    return {"x-oss-object-acl": spec.acl} if spec.acl != "default" else {}
+    """CompleteMultipartUpload: the ACL and x-oss-forbid-overwrite only (never the storage class)."""
+    h: dict[str, str] = {"x-oss-object-acl": spec.acl} if spec.acl != "default" else {}
+    if spec.overwrite != "allow":   # another writer may have taken the key since Initiate
+        h["x-oss-forbid-overwrite"] = "true"
+    return h
 
 
 def class_warning(spec: "ObjectSpec") -> str | None:

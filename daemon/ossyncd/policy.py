@@ -27,6 +27,7 @@ __all__ = [
     "UPLOAD_ACTIONS",
     "TAGGING_ACTIONS",
     "KMS_ACTIONS",
+    "READ_BACK_ACTIONS",
     "OBJECT_ACTIONS",
     "BUCKET_ACTIONS",
     "MAX_INLINE_POLICY_CHARS",
@@ -62,6 +63,11 @@ TAGGING_ACTIONS: tuple[str, ...] = ("oss:PutObjectTagging",)
 #: on each write and decrypts it again for each part (docs/wire-protocol.md §8).
 KMS_ACTIONS: tuple[str, ...] = ("kms:GenerateDataKey", "kms:Decrypt")
 
+#: Granted only with overwrite != "allow": a 409 FileAlreadyExists is checked with HeadObject
+#: (size and CRC64 against our bytes) so that our own object, its record lost in a crash, is
+#: not taken for someone else's.
+READ_BACK_ACTIONS: tuple[str, ...] = ("oss:GetObject",)
+
 #: STS AssumeRole accepts a Policy of 1..2048 characters (docs/wire-protocol.md §5).
 MAX_INLINE_POLICY_CHARS = 2048
 
@@ -96,18 +102,21 @@ def object_resources(bucket: str, prefixes: Iterable[str]) -> list[str]:
     return [f"acs:oss:*:*:{bucket}/{p}*" for p in _minimal_prefixes(prefixes)]
 
 
-def upload_policy(bucket: str, prefixes: Iterable[str], *, tagging: bool = False, kms: bool = False) -> dict:
+def upload_policy(bucket: str, prefixes: Iterable[str], *, tagging: bool = False, kms: bool = False,
+                  read_back: bool = False) -> dict:
     """The least-privilege RAM policy document for uploading to ``bucket`` under ``prefixes``.
 
     ``prefixes`` are the watch prefixes; an empty list or a ``""`` prefix means
-    the whole bucket. ``tagging`` / ``kms``: some watch sets tags / uses SSE-KMS
-    (``Config.policy_features``); a plain config gets neither.
+    the whole bucket. ``tagging`` / ``kms`` / ``read_back``: some watch sets tags / uses
+    SSE-KMS / has overwrite other than "allow" (``Config.policy_features``); a plain config
+    gets none of them.
     """
     prefixes = list(prefixes)
     statements = [
         {
             "Effect": "Allow",
-            "Action": list(OBJECT_ACTIONS) + (list(TAGGING_ACTIONS) if tagging else []),
+            "Action": list(OBJECT_ACTIONS) + (list(TAGGING_ACTIONS) if tagging else [])
+            + (list(READ_BACK_ACTIONS) if read_back else []),
             "Resource": object_resources(bucket, prefixes),
         },
         {
@@ -121,13 +130,14 @@ def upload_policy(bucket: str, prefixes: Iterable[str], *, tagging: bool = False
     return {"Version": "1", "Statement": statements}
 
 
-def inline_policy_json(bucket: str, prefixes: Iterable[str], *, tagging: bool = False, kms: bool = False) -> str:
+def inline_policy_json(bucket: str, prefixes: Iterable[str], *, tagging: bool = False, kms: bool = False,
+                       read_back: bool = False) -> str:
     """``upload_policy`` as compact JSON for the AssumeRole ``Policy`` parameter.
 
     Raises ``PolicyTooLong`` (naming the watch prefixes) if it exceeds 2048 characters.
     """
     prefixes = list(prefixes)
-    text = json.dumps(upload_policy(bucket, prefixes, tagging=tagging, kms=kms), separators=(",", ":"))
+    text = json.dumps(upload_policy(bucket, prefixes, tagging=tagging, kms=kms, read_back=read_back), separators=(",", ":"))
     if len(text) > MAX_INLINE_POLICY_CHARS:
         raise PolicyTooLong(
             f"the inline STS policy for watch prefixes {prefixes!r} is {len(text)} characters, "

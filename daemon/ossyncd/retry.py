@@ -18,7 +18,7 @@ import structlog
 
 from ossyncd.body import Body
 from ossyncd.errors import AuthExpired, Cancelled, CredentialsUnavailable, TransientError
-from ossyncd.model import CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
+from ossyncd.model import CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
 
 if TYPE_CHECKING:   # the seam's type only: retries need no oss2
     from ossyncd.store import ObjectStore
@@ -106,6 +106,9 @@ class RetryingStore:
                  cancel: CancelFlag | None = None) -> WriteResult:
         return self._run("CompleteMultipartUpload", self.inner.complete, key, upload_id, parts, headers=headers,
                          cancel=cancel)
+
+    def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
+        return self._run("HeadObject", self.inner.head, key, cancel=cancel)
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         return self._run("ListParts", self.inner.list_parts, key, upload_id, cancel=cancel)

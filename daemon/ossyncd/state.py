@@ -27,7 +27,8 @@ from ossyncd.model import Identity, PartRow
 log = structlog.get_logger(__name__)
 
 R = TypeVar("R")
-STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
+# exists: overwrite = "skip" met an object at the key that is not ours; not retried (docs/architecture.md §3)
+STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone", "exists")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class FileRow:
     verification: str | None = None   # how the object was verified: crc64 | md5
     ctime_ns: int | None = None
     check_crc: int = 0        # 1: only the ctime moved since `done`; compare CRC64 before sending
+    stored_key: str | None = None   # where overwrite = "rename" stored it (stem-N.ext); None: at `key`
+
+    @property
+    def object_key(self) -> str:
+        """The key the object is (or is being) stored under."""
+        return self.stored_key or self.key
 
     @property
     def identity(self) -> Identity:
@@ -150,7 +157,12 @@ def _migration_ctime(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE uploads ADD COLUMN ctime_ns INTEGER")
 
 
-MIGRATIONS = [_migration_1, _migration_2, _migration_verification, _migration_ctime]
+def _migration_stored_key(db: sqlite_utils.Database) -> None:
+    """files.stored_key: the key overwrite = "rename" chose (NULL: `key` itself)."""
+    db.execute("ALTER TABLE files ADD COLUMN stored_key TEXT")
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_verification, _migration_ctime, _migration_stored_key]
 _IDENTITY_SQL = " AND size=? AND mtime_ns=? AND inode=? AND ctime_ns IS ?"
 _FILE_COLS = ", ".join(f.name for f in fields(FileRow))
 _UPLOAD_COLS = ", ".join(f.name for f in fields(UploadRow))
@@ -447,7 +459,8 @@ class State:
             if old:
                 self.db.execute(
                     "UPDATE files SET watch=?, key=?, size=?, mtime_ns=?, inode=?, ctime_ns=?, check_crc=?, state=?,"
-                    " attempts=0, next_attempt_at=NULL, error=NULL, bytes_done=0, updated_at=? WHERE id=?",
+                    " attempts=0, next_attempt_at=NULL, error=NULL, bytes_done=0, stored_key=NULL, updated_at=?"
+                    " WHERE id=?",
                     [watch, key, *_identity_params(identity), check_crc, state, now, old.id])
             else:
                 self.db.execute(
@@ -495,15 +508,18 @@ class State:
             " updated_at=? WHERE id=?" + _IDENTITY_SQL, [now, file_id, *_identity_params(identity)]).rowcount == 1
 
     def mark_done(self, file_id: int, identity: Identity, *, url: str, etag: str, crc64: int,
-                  mode: str, verification: str = "crc64", now: float | None = None) -> bool:
+                  mode: str, verification: str = "crc64", stored_key: str | None = None,
+                  now: float | None = None) -> bool:
         """The object of this version is verified: record it and forget the upload, in one
         transaction. False (and nothing written) if the row moved on to a newer version."""
         now = time.time() if now is None else now
         with self._guard(write=True):
             n = self.db.execute(
                 "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
-                " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, updated_at=? WHERE id=?" + _IDENTITY_SQL,
-                [url, etag, str(crc64), mode, verification, now, now, file_id, *_identity_params(identity)]).rowcount
+                " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, stored_key=?, updated_at=?"
+                " WHERE id=?" + _IDENTITY_SQL,
+                [url, etag, str(crc64), mode, verification, now, stored_key, now, file_id,
+                 *_identity_params(identity)]).rowcount
             if n:
                 self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
             return n == 1
@@ -553,7 +569,7 @@ class State:
 
     def recent_failures(self, limit: int = 10) -> list[FileRow]:
         return [_file(r) for r in self._all(
-            f"SELECT {_FILE_COLS} FROM files WHERE state IN ('failed', 'retry_wait', 'skipped')"
+            f"SELECT {_FILE_COLS} FROM files WHERE state IN ('failed', 'retry_wait', 'skipped', 'exists')"
             " ORDER BY updated_at DESC LIMIT ?", [limit])]
 
     def known_identities(self, watch: str) -> dict[str, tuple[str, Identity]]:

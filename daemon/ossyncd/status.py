@@ -20,7 +20,8 @@ def iso(ts: float | None) -> str | None:
 
 
 def file_json(f: FileRow) -> dict:
-    return {"path": f.path, "key": f.key, "state": f.state, "size": f.size, "url": f.url,
+    renamed = {"renamed_from": f.key} if f.stored_key else {}   # overwrite = "rename" chose another key
+    return {"path": f.path, "key": f.object_key, **renamed, "state": f.state, "size": f.size, "url": f.url,
             "crc64": str(f.crc64) if f.crc64 is not None else None, "etag": f.etag, "error": f.error,
             "attempts": f.attempts, "uploaded_at": iso(f.uploaded_at), "mode": f.mode,
             "next_attempt_at": iso(f.next_attempt_at), "verification": f.verification}
@@ -139,7 +140,7 @@ LIST_COLUMNS = ("path", "state", "size", "key", "url / error")
 
 def render_list(files: list[FileRow], console: Console) -> None:
     """A table on a terminal; piped, whole values as tab-separated lines under a header."""
-    rows = [(f.path, f.state, str(f.size), f.key, f.url or f.error or "") for f in files]
+    rows = [(f.path, f.state, str(f.size), f.object_key, f.url or f.error or "") for f in files]
     if not console.is_terminal:
         tsv([LIST_COLUMNS] + rows, console)
         return

@@ -32,7 +32,7 @@ from ossyncd.body import Body
 from ossyncd.config import OssConfig
 from ossyncd.crc import combine_parts
 from ossyncd.errors import AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError, StoreError, TransientError
-from ossyncd.model import CRC64, MD5, CancelFlag, OpenUpload, PartRow, ServerPart, WriteResult
+from ossyncd.model import CRC64, MD5, CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
 
 log = structlog.get_logger(__name__)
 BLOCKSIZE = 1 << 20
@@ -70,6 +70,12 @@ class ObjectStore(Protocol):
         PermanentError with code InvalidPart (an ETag that is not the part's), InvalidPartOrder
         or EntityTooSmall (a part but the last below 100 KiB). Not idempotent: a repeat after
         success raises NoSuchUpload."""
+        ...
+
+    def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
+        """HeadObject: the object's size, CRC64 and ETag, None if there is none. Needs
+        oss:GetObject, which `ossyncd policy` grants only with overwrite != "allow"
+        (recognising our own object after a crash, docs/architecture.md §4). Read-only."""
         ...
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
@@ -283,6 +289,16 @@ class OssStore:
                                  f"object CRC64 {r.crc} differs from the parts' combined {expected}",
                                  request_id=r.request_id)
         return WriteResult(r.etag, r.crc, CRC64)
+
+    def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
+        try:
+            r = self._call("HeadObject", key, self.bucket.head_object, key)
+        except PermanentError as e:
+            if e.status == 404:
+                return None
+            raise
+        crc = r.headers.get("x-oss-hash-crc64ecma")
+        return ObjectInfo(r.content_length, int(crc) if crc else None, (r.etag or "").strip('"'))
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
         out: list[ServerPart] = []

@@ -32,6 +32,7 @@ from ossyncd.errors import (
     HostLimit,
     NoSuchUpload,
     NotSupported,
+    ObjectExists,
     PermanentError,
     PlanError,
     StoreError,
@@ -129,6 +130,11 @@ class Uploader:
             self.state.transition(row.id, "retry_wait", error=msg, next_attempt_at=at, identity=row.identity)
             log.warning("credentials unavailable", path=row.path, error=str(e))
             return Outcome("retry_wait", msg)
+        except ObjectExists as e:
+            msg = e.detail
+            self.state.transition(row.id, "exists", error=msg, identity=row.identity)
+            log.warning("not uploaded: the key holds another object (overwrite = skip)", path=row.path, key=row.key)
+            return Outcome("exists", msg)
         except PermanentError as e:
             msg = f"{e}{_hint(e)}"
             self.state.transition(row.id, "failed", error=msg, count_attempt=True, identity=row.identity)
@@ -146,12 +152,18 @@ class Uploader:
                     return self._file_problem(row, changed)
             return self._retry_later(row, f"{e} (will retry)")
         seconds = time.monotonic() - started
+        if mode == "recognised":
+            log.warning("the object at the key already holds these bytes (our own upload, its record lost in a "
+                        "crash); done without sending", path=row.path, key=row.key)
+            return Outcome("done")
         if mode == "unchanged":
             log.info("unchanged; only its ctime moved, the object already holds these bytes", path=row.path,
                      key=row.key, crc64=str(row.crc64))
             return Outcome("done", unchanged=True)
-        log.info("uploaded", path=row.path, key=row.key, size=row.size, mode=mode, parts=parts,
-                 seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(row.key))
+        done = self.state.get_by_id(row.id)
+        key = done.object_key if done is not None else row.key
+        log.info("uploaded", path=row.path, key=key, size=row.size, mode=mode, parts=parts,
+                 seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(key))
         return Outcome("done")
 
     def _retry_later(self, row: FileRow, msg: str) -> Outcome:
@@ -226,12 +238,59 @@ class Uploader:
         try:
             if row.check_crc and row.crc64 is not None and self._unchanged(row, fd, scope):
                 return "unchanged", 0
-            if is_multipart(row.size, self.cfg):
-                return "multipart", self._multipart(row, fd, scope)
-            self._simple(row, fd, scope)
-            return "simple", 1
+            return self._send(row, fd, scope)
         finally:
             os.close(fd)
+
+    def _send(self, row: FileRow, fd: int, scope: CancelScope) -> tuple[str, int]:
+        """To row.key, or with overwrite = "rename" the first free stem-N.ext (docs/architecture.md §12).
+        A 409 FileAlreadyExists whose object holds our bytes is ours (a crash lost the record)."""
+        spec = self.spec_for(row.watch)
+        up = self.state.upload_for(row.id)
+        for key in _candidates(row.key, spec.overwrite, up.key if up is not None else None):
+            try:
+                if is_multipart(row.size, self.cfg):
+                    return "multipart", self._multipart(row, fd, scope, key)
+                self._simple(row, fd, scope, key)
+                return "simple", 1
+            except PermanentError as e:
+                if e.code != "FileAlreadyExists":
+                    raise
+                if self._ours(row, fd, key, scope):
+                    return "recognised", 0
+                if spec.overwrite == "skip":
+                    raise ObjectExists(e.op, key, f"an object already exists at {key} (overwrite = \"skip\")",
+                                       status=409, code=e.code) from None
+                if spec.overwrite != "rename":
+                    raise PermanentError(e.op, key, f"an object already exists at {key} (overwrite = \"forbid\")",
+                                         status=409, code=e.code) from None
+                log.info("key taken; trying the next name (overwrite = rename)", path=row.path, key=key)
+        raise PermanentError("PutObject", row.key, f"{MAX_RENAMES} names after {row.key} are all taken "
+                             f"(overwrite = \"rename\"); move some objects away")
+
+    def _ours(self, row: FileRow, fd: int, key: str, scope: CancelScope) -> bool:
+        """Does the object at `key` hold exactly this file's bytes (HEAD: size and CRC64)? Then
+        it is done. Needs oss:GetObject; without it the object counts as someone else's."""
+        try:
+            info = self.store.head(key, cancel=scope)
+        except PermanentError as e:
+            log.warning("cannot tell whether the existing object is ours: HeadObject was refused; grant "
+                        "oss:GetObject (see `ossyncd policy`)", key=key, error=str(e))
+            return False
+        if info is None or info.size != row.size or info.crc64 is None:
+            return False
+        _, crc = Body(row.path, fd, 0, row.size, cancel=scope).checksum()
+        if crc != info.crc64:
+            return False
+        self._check_identity(row)
+        up = self.state.upload_for(row.id)
+        if up is not None:
+            self._abort(up)
+        if not self.state.mark_done(row.id, row.identity, url=self.url_for(key), etag=info.etag, crc64=crc,
+                                    mode="recognised", verification=CRC64,
+                                    stored_key=key if key != row.key else None):
+            raise FileChanged(row.path, "a newer version was seen during the upload")
+        return True
 
     def _unchanged(self, row: FileRow, fd: int, scope: CancelScope) -> bool:
         """Only the ctime moved since `done` (a chmod, a rename, `touch -r`): if our bytes still
@@ -256,24 +315,25 @@ class Uploader:
                 self.state.set_progress(row.id, done)
         return report
 
-    def _simple(self, row: FileRow, fd: int, scope: CancelScope) -> None:
+    def _simple(self, row: FileRow, fd: int, scope: CancelScope, key: str) -> None:
         body = Body(row.path, fd, 0, row.size, cancel=scope, limiter=self.limiter, progress=self._progress(row))
         _, crc = body.checksum()
-        result = self.store.put(row.key, body, headers=put_headers(*self._object(row)), cancel=scope)
+        result = self.store.put(key, body, headers=put_headers(*self._object(row)), cancel=scope)
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
             raise FileChanged(row.path, "file changed while it was being uploaded")
         self._check_identity(row)
-        if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
-                                    crc64=result.crc64, mode="simple", verification=result.verification):
+        if not self.state.mark_done(row.id, row.identity, url=self.url_for(key), etag=result.etag,
+                                    crc64=result.crc64, mode="simple", verification=result.verification,
+                                    stored_key=key if key != row.key else None):
             raise FileChanged(row.path, "a newer version was seen during the upload")
 
-    def _multipart(self, row: FileRow, fd: int, scope: CancelScope) -> int:
-        up = self._resume(row, fd, scope)
+    def _multipart(self, row: FileRow, fd: int, scope: CancelScope, key: str) -> int:
+        up = self._resume(row, fd, scope, key)
         if up is None:
             part_size = choose_part_size(row.size, self.cfg)
-            upload_id = self.store.init_multipart(row.key, headers=put_headers(*self._object(row)), cancel=scope)
-            up = self.state.begin_upload(row.id, upload_id, row.key, part_size, row.identity)
-            self._abort_strays(row.key, scope)
+            upload_id = self.store.init_multipart(key, headers=put_headers(*self._object(row)), cancel=scope)
+            up = self.state.begin_upload(row.id, upload_id, key, part_size, row.identity)
+            self._abort_strays(key, scope)
         ranges = part_ranges(row.size, up.part_size)
         recorded = self.state.parts(up.id)
         todo = [r for r in ranges if r.number not in recorded]
@@ -295,7 +355,7 @@ class Uploader:
                         progress=part_progress(r.number))
             if self.store.verification_mode() != CRC64:   # MD5 up front: Content-MD5, and the ETag check
                 body.checksum()
-            res = self.store.upload_part(row.key, up.upload_id, r.number, body, cancel=scope)
+            res = self.store.upload_part(key, up.upload_id, r.number, body, cancel=scope)
             part = PartRow(r.number, res.etag, res.crc64, r.size)
             self.state.record_part(up.id, part.number, part.etag, part.crc64, part.size)
             nonlocal base
@@ -308,31 +368,34 @@ class Uploader:
             self._run_window(todo, send, scope)
         except NoSuchUpload:  # aborted behind our back (a lifecycle rule, an admin)
             log.warning("multipart upload vanished while parts were sent; starting over", path=row.path,
-                        key=row.key, upload_id=up.upload_id)
+                        key=key, upload_id=up.upload_id)
             self.state.drop_upload(up.id)
-            raise TransientError("UploadPart", row.key, "upload vanished while parts were sent; starting over") from None
+            raise TransientError("UploadPart", key, "upload vanished while parts were sent; starting over") from None
         self._check_identity(row)
         parts = sorted(self.state.parts(up.id).values(), key=lambda p: p.number)
         if [p.number for p in parts] != [r.number for r in ranges]:
-            raise TransientError("CompleteMultipartUpload", row.key, "recorded parts do not cover the file")
+            raise TransientError("CompleteMultipartUpload", key, "recorded parts do not cover the file")
         try:
-            result = self.store.complete(row.key, up.upload_id, parts, headers=complete_headers(self._object(row)[0]),
+            result = self.store.complete(key, up.upload_id, parts, headers=complete_headers(self._object(row)[0]),
                                          cancel=scope)
         except NoSuchUpload:
             # Either it was aborted, or an earlier Complete succeeded and its response was lost.
             # The upload-only role cannot read the object to tell (docs/architecture.md, verification), so
             # the file is sent once more rather than marked done unverified.
             log.warning("upload gone at Complete (aborted, or a lost Complete response); re-sending the file",
-                        path=row.path, key=row.key, upload_id=up.upload_id, size=row.size)
+                        path=row.path, key=key, upload_id=up.upload_id, size=row.size)
             self.state.drop_upload(up.id)
-            raise TransientError("CompleteMultipartUpload", row.key, "upload vanished before Complete; starting over") from None
+            raise TransientError("CompleteMultipartUpload", key, "upload vanished before Complete; starting over") from None
         except PermanentError as e:
             if e.code in INVALID_PARTS:
                 self._abort(up)
-                raise TransientError("CompleteMultipartUpload", row.key, f"{e.code}; starting over") from None
+                raise TransientError("CompleteMultipartUpload", key, f"{e.code}; starting over") from None
+            if e.code == "FileAlreadyExists":   # written meanwhile: this upload can never complete
+                self._abort(up)
             raise
-        if not self.state.mark_done(row.id, row.identity, url=self.url_for(row.key), etag=result.etag,
-                                    crc64=result.crc64, mode="multipart", verification=result.verification):
+        if not self.state.mark_done(row.id, row.identity, url=self.url_for(key), etag=result.etag,
+                                    crc64=result.crc64, mode="multipart", verification=result.verification,
+                                    stored_key=key if key != row.key else None):
             raise FileChanged(row.path, "a newer version was seen during the upload")
         return len(todo)
 
@@ -360,12 +423,12 @@ class Uploader:
         if scope.is_set() and queue:
             raise Cancelled("cancelled")
 
-    def _resume(self, row: FileRow, fd: int, scope: CancelScope) -> UploadRow | None:
+    def _resume(self, row: FileRow, fd: int, scope: CancelScope, key: str) -> UploadRow | None:
         """Reconcile a checkpointed upload with the server (the server wins)."""
         up = self.state.upload_for(row.id)
         if up is None:
             return None
-        if not up.identity.matches(row.identity) or up.key != row.key:
+        if not up.identity.matches(row.identity) or up.key != key:
             log.info("file changed since its upload began; aborting the old upload", path=row.path)
             self._abort(up)
             return None
@@ -419,6 +482,23 @@ class Uploader:
         if md5.hex().upper() != etag.strip('"').upper():
             return None
         return PartRow(r.number, etag, crc, r.size)
+
+
+MAX_RENAMES = 1000
+
+
+def _candidates(key: str, overwrite: str, resume: str | None):
+    """The keys to try: `key`, and with rename stem-1.ext, stem-2.ext, ... (`resume`: the key of a
+    recorded upload, tried first so a restart continues where it was)."""
+    yield resume if resume is not None and overwrite == "rename" else key
+    if overwrite != "rename":
+        return
+    head, sep, name = key.rpartition("/")
+    stem, dot, ext = name.partition(".") if not name.startswith(".") else (name, "", "")
+    for n in range(1, MAX_RENAMES + 1):
+        k = f"{head}{sep}{stem}-{n}{dot}{ext}"
+        if k != resume:
+            yield k
 
 
 def _hint(e: PermanentError) -> str:

@@ -39,6 +39,7 @@ class Emulator:
 
     # ------------------------------------------------------------ lifecycle
     def start(self):
+        self.faults.stopping.clear()
         oss = server.make_server(self.host, self._ports[0], server.OSSHandler, self)
         sts = server.make_server(self.host, self._ports[1], server.STSHandler, self)
         self._servers = [oss, sts]
@@ -51,6 +52,7 @@ class Emulator:
         return self
 
     def stop(self):
+        self.faults.stopping.set()
         stoppers = [threading.Thread(target=srv.shutdown) for srv in self._servers]
         for t in stoppers:
             t.start()

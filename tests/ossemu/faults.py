@@ -21,7 +21,6 @@ The first rule (in list order) that matches and fires is applied; at most one pe
 
 import random
 import threading
-import time
 from collections import defaultdict
 
 RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
@@ -32,7 +31,8 @@ ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response
 class Fault:
     """The actions of one fired rule."""
 
-    def __init__(self, rule):
+    def __init__(self, rule, stopping=None):
+        self.stopping = stopping or threading.Event()
         self.status = rule.get("status")
         self.code = rule.get("code") or ("ServiceUnavailable" if self.status else None)
         self.message = rule.get("message") or "Injected fault."
@@ -43,14 +43,15 @@ class Fault:
         self.drop_response = bool(rule.get("drop_response"))
 
     def sleep(self):
-        if self.delay > 0:
-            time.sleep(self.delay)
+        if self.delay > 0:   # cut short when the emulator stops, so a long delay does not hold it up
+            self.stopping.wait(self.delay)
 
 
 class FaultEngine:
     def __init__(self):
         self._lock = threading.Lock()
         self._rules = []
+        self.stopping = threading.Event()   # set by Emulator.stop
 
     @staticmethod
     def validate(rule):
@@ -105,7 +106,7 @@ class FaultEngine:
                 if e["remaining"] is not None:
                     e["remaining"] -= 1
                 e["fired"] += 1
-                return Fault(r)
+                return Fault(r, self.stopping)
         return None
 
 
