@@ -95,6 +95,22 @@ def test_complete_never_carries_the_storage_class():
     assert h["x-oss-storage-class"] == "IA" and h["x-oss-tagging"] == "a=b"
 
 
+def test_non_ascii_values_are_encoded_for_the_wire():
+    spec = ObjectSpec(metadata={"path": "{relpath}"}, content_disposition='attachment; filename="{name}"')
+    h = objectspec.put_headers(spec, FileFacts("été/ça.txt", 1, 0))
+    assert h["x-oss-meta-path"] == "%C3%A9t%C3%A9/%C3%A7a.txt"
+    assert h["Content-Disposition"] == "attachment; filename=\"?a.txt\"; filename*=UTF-8''%C3%A7a.txt"
+    assert all(v.isascii() for v in h.values())
+
+
+def test_check_config_refuses_a_bad_object_key(emulator, tmp_path):
+    cfg = write_config(tmp_path / "bad.toml", emulator, state=tmp_path / "s.db",
+                       upload={"storage_class": "Glacier"}, watches=[{"path": str(tmp_path)}])
+    r = ossyncd("check-config", "-c", cfg)
+    assert r.returncode == 2, r
+    assert "upload.storage_class: 'Glacier' is not an OSS storage class; write one of" in r.stderr
+
+
 def _cfg(tmp_path, upload=None, watch=None):
     return parse_config({"oss": {"endpoint": "http://127.0.0.1:9", "bucket": "drop", "signature": "v1"},
                          "state": {"path": str(tmp_path / "s.db")}, "upload": upload or {},
@@ -343,7 +359,8 @@ def test_overwrite_allow_forbid_skip_rename(emulator, daemon_factory, tmp_path):
         assert object_bytes(emulator, key) == theirs[key], key          # never replaced
     # `skip` is not retried: later rescans leave it alone; under allow a rewrite replaces the object
     rescans = len(events(d, "rescan"))
-    wait_until(lambda: len(events(d, "rescan")) >= rescans + 4, 20, what="two more rescans of each root")
+    wait_until(lambda: {e["root"] for e in events(d, "rescan")[rescans:]} >= {str(p) for p in roots.values()}, 20,
+               what="a later rescan of every root")
     assert [f for f in d.files() if f["path"] == skip["path"]][0]["state"] == "exists"
     new = dropped(roots["allow"], "x.bin", 2000, 99, staging)
     wait_until(lambda: object_bytes(emulator, "allow/x.bin") == new, 30, what="allow/x.bin replaced")
