@@ -11,6 +11,15 @@ Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
   404 EntityNotExist.Role              well-formed RoleArn other than the emulator's role
   403 NoPermission                     caller is not allowed to assume the role (STS credentials)
   400 InvalidParameter.RoleSessionName / .DurationSeconds / .PolicyGrammar
+
+AssumeRoleWithOIDC (anonymous: no AccessKeyId, no Signature; RRSA), checked against the
+TestIssuer the emulator trusts (oidc.py):
+  400 Missing<Param>                               RoleArn, OIDCProviderArn, OIDCToken, RoleSessionName
+  404 EntityNotExist.OIDCProvider                  OIDCProviderArn other than the trusted provider's
+  400 AuthenticationFail.OIDCToken.Invalid         not a JWT, bad signature, no sub
+  400 AuthenticationFail.OIDCToken.IssuerInvalid   iss is not the provider's issuer URL
+  400 AuthenticationFail.OIDCToken.AudienceInvalid aud does not hold sts.aliyuncs.com
+  400 AuthenticationFail.OIDCToken.Expired         exp has passed
 """
 
 import base64
@@ -24,6 +33,7 @@ import uuid
 from datetime import datetime, timezone
 from urllib.parse import quote
 
+from . import oidc
 from .auth import SKEW_SECONDS, parse_policy
 from .errors import StsError
 
@@ -62,8 +72,9 @@ def parse_timestamp(value):
 
 
 class AssumeRole:
-    def __init__(self, authority, min_duration=900, clock=time.time):
+    def __init__(self, authority, min_duration=900, clock=time.time, issuer=None):
         self.authority = authority
+        self.issuer = issuer    # oidc.TestIssuer trusted by AssumeRoleWithOIDC
         self.min_duration = min_duration
         self.clock = clock
         self._nonces = {}
@@ -120,6 +131,26 @@ class AssumeRole:
         if principal.kind not in ("user", "root"):
             raise StsError(403, "NoPermission", "You are not authorized to do this action. "
                                                 "You should be authorized by RAM.")
+        return self._issue(principal.kind, arn, params)
+
+    def handle_oidc(self, params):
+        """AssumeRoleWithOIDC: (the success dict, the accepted token's jti)."""
+        if params.get("Version") != "2015-04-01":
+            raise StsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
+        for name in ("RoleArn", "OIDCProviderArn", "OIDCToken"):
+            self._require(params, name)
+        if self.issuer is None or params["OIDCProviderArn"] != self.issuer.provider_arn:
+            raise StsError(404, "EntityNotExist.OIDCProvider",
+                           f"The OIDC provider not exists: {params['OIDCProviderArn']}.")
+        arn = params["RoleArn"]
+        if not ROLE_ARN_RE.match(arn):
+            raise StsError(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
+        claims = oidc.verify(params["OIDCToken"], self.issuer, clock=self.clock)
+        if arn != self.authority.role_arn:
+            raise StsError(404, "EntityNotExist.Role", f"The role not exists: {arn}.")
+        return self._issue("oidc", arn, params), claims.get("jti", "")
+
+    def _issue(self, caller, arn, params):
         name = self._require(params, "RoleSessionName")
         if not SESSION_NAME_RE.match(name):
             raise StsError(400, "InvalidParameter.RoleSessionName", "The parameter RoleSessionName is wrongly formed.")
@@ -142,7 +173,7 @@ class AssumeRole:
                 raise StsError(400, "InvalidParameter.PolicyGrammar",
                                "The parameter Policy has not passed grammar check.")
 
-        s = self.authority.issue(principal.kind, name, duration, policy)
+        s = self.authority.issue(caller, name, duration, policy)
         role_id = "3" + str(int(hashlib.sha1(arn.encode()).hexdigest(), 16) % 10 ** 17).zfill(17)
         return {
             "RequestId": str(uuid.uuid4()).upper(),
