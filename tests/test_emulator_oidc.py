@@ -1,5 +1,6 @@
 """The emulator's AssumeRoleWithOIDC: anonymous, the JWT checked against the trusted test issuer."""
 
+import json
 import time
 
 import jwt
@@ -67,3 +68,28 @@ def test_oidc_issuer_key_given_at_start(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     with Emulator(str(tmp_path / "d"), oidc_issuer=TestIssuer(key=key), min_duration=1) as emu:
         assert call(emu, OIDCToken=TestIssuer(issuer=emu.oidc.issuer, key=key).token()).status_code == 200
+
+
+def test_role_chaining_only_from_the_relay_role(emulator, sts_credentials):
+    """A `relay` session may assume `uploader`; an `uploader` session may not (NoPermission)."""
+    from aliyunsdkcore.acs_exception.exceptions import ServerException
+    from aliyunsdkcore.auth.credentials import StsTokenCredential
+    from aliyunsdkcore.client import AcsClient
+    from aliyunsdksts.request.v20150401.AssumeRoleRequest import AssumeRoleRequest
+
+    def assume_with(creds, arn):
+        cred = StsTokenCredential(creds["AccessKeyId"], creds["AccessKeySecret"], creds["SecurityToken"])
+        client = AcsClient(region_id=emulator.region, credential=cred, timeout=10, connect_timeout=5)
+        req = AssumeRoleRequest()
+        req.set_endpoint(emulator.sts_url)
+        req.set_RoleArn(arn)
+        req.set_RoleSessionName("chain")
+        req.set_DurationSeconds(900)
+        return json.loads(client.do_action_with_exception(req))["Credentials"]
+
+    relay = sts_credentials(role_arn=emulator.relay_role_arn, duration=900)
+    assert assume_with(relay, emulator.role_arn)["AccessKeyId"].startswith("STS.")
+    uploader = sts_credentials(duration=900)
+    with pytest.raises(ServerException) as ei:
+        assume_with(uploader, emulator.role_arn)
+    assert ei.value.get_error_code() == "NoPermission"

@@ -86,6 +86,10 @@ class Emulator:
         return self.authority.role_arn
 
     @property
+    def relay_role_arn(self):
+        return self.authority.relay_role_arn
+
+    @property
     def oss_endpoint(self):
         """The real endpoint name; reachable through the OSS port as a forward proxy (hosts.py)."""
         return f"http://{self.endpoints.oss[0]}"

@@ -9,7 +9,9 @@ Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
   400 Missing<Param>                   a required parameter is absent
   400 InvalidParameter.RoleArn         RoleArn not of the form acs:ram::<digits>:role/<name>
   404 EntityNotExist.Role              well-formed RoleArn other than the emulator's role
-  403 NoPermission                     caller is not allowed to assume the role (STS credentials)
+  403 NoPermission                     caller is not allowed to assume the role (STS credentials,
+                                       except a `relay` role session assuming `uploader`: role chaining)
+  403 InvalidSecurityToken.Expired     STS caller whose SecurityToken is unknown or expired
   400 InvalidParameter.RoleSessionName / .DurationSeconds / .PolicyGrammar
 
 AssumeRoleWithOIDC (anonymous: no AccessKeyId, no Signature; RRSA), checked against the
@@ -34,7 +36,7 @@ from datetime import datetime, timezone
 from urllib.parse import quote
 
 from . import oidc
-from .auth import SKEW_SECONDS, parse_policy
+from .auth import SKEW_SECONDS, Principal, parse_policy
 from .errors import StsError
 
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9.@_-]{2,64}$")
@@ -108,6 +110,11 @@ class AssumeRole:
             raise StsError(400, "InvalidSignatureMethod", "Specified signature method is not supported.")
         ak = params["AccessKeyId"]
         principal = self.authority.static.get(ak)
+        if principal is None and ak.startswith("STS.") and params.get("SecurityToken"):
+            session = self.authority.session(ak, params["SecurityToken"])
+            if session is None:
+                raise StsError(403, "InvalidSecurityToken.Expired", "Specified SecurityToken is expired.")
+            principal = Principal("sts", session.access_key_id, session.secret, session)
         if principal is None:
             raise StsError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
         now = self.clock()
@@ -126,12 +133,14 @@ class AssumeRole:
         arn = self._require(params, "RoleArn")
         if not ROLE_ARN_RE.match(arn):
             raise StsError(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
-        if arn != self.authority.role_arn:
+        if arn not in (self.authority.role_arn, self.authority.relay_role_arn):
             raise StsError(404, "EntityNotExist.Role", f"The role not exists: {arn}.")
-        if principal.kind not in ("user", "root"):
+        chained = (principal.kind == "sts" and arn == self.authority.role_arn
+                   and getattr(principal.session, "caller", None) == "relay")
+        if principal.kind not in ("user", "root") and not chained:
             raise StsError(403, "NoPermission", "You are not authorized to do this action. "
                                                 "You should be authorized by RAM.")
-        return self._issue(principal.kind, arn, params)
+        return self._issue("relay" if arn == self.authority.relay_role_arn else principal.kind, arn, params)
 
     def handle_oidc(self, params):
         """AssumeRoleWithOIDC: (the success dict, the accepted token's jti)."""
