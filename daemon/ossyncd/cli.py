@@ -204,7 +204,7 @@ def check_config(config_path):
     try:
         creds = build_credentials(cfg)
         snap = creds.current()
-        click.echo(f"credentials ({cfg.credentials.source}): ok"
+        click.echo(f"credentials ({creds.describe()}): ok"
                    + (f", expire {creds.status().get('expires_at')}" if snap.expires_at else ""))
         store = build_store(cfg, creds)
         store.list_uploads(cfg.prefixes[0])
@@ -224,7 +224,7 @@ def check_config(config_path):
         click.echo("uploads allowed under prefix(es) " + ", ".join(repr(p) for p in cfg.prefixes)
                    + " (probe: InitiateMultipartUpload + AbortMultipartUpload)")
     except CredentialsError as e:
-        raise CommandFailed(f"credentials ({cfg.credentials.source})", str(e), e.exit_code) from None
+        raise CommandFailed(f"credentials ({creds.describe()})", str(e), e.exit_code) from None
     except StoreError as e:
         raise CommandFailed(f"endpoint {cfg.oss.endpoint}", str(e), e.exit_code) from None
 

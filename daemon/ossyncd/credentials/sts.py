@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from urllib.parse import urlsplit
 
 import requests
 
 from ossyncd.errors import CredentialsError
 
-from .base import Snapshot, SourceBase, mask_key_id, net_reason, snapshot_from_doc
+from .base import Snapshot, Source, SourceBase, mask_key_id, net_reason, snapshot_from_doc
 
 
 # aliyunsdkcore logs every response body at DEBUG, which for AssumeRole holds the
@@ -55,12 +57,16 @@ class StsSource(SourceBase):
 
     name = "sts"
 
-    def __init__(self, *, access_key_id: str, access_key_secret: str, role_arn: str, endpoint: str,
+    def __init__(self, *, role_arn: str, endpoint: str, access_key_id: str = "", access_key_secret: str = "",
                  session_name: str = "ossyncd", duration_seconds: int = 3600, region: str = "cn-hangzhou",
-                 policy: str | None = None, timeout: float = 10.0):
-        """Arguments as validated by config.CredentialsConfig: ``endpoint`` is an http(s) URL."""
+                 policy: str | None = None, timeout: float = 10.0, base: Source | None = None):
+        """Arguments as validated by config.CredentialsConfig: ``endpoint`` is an http(s) URL.
+        ``base``: the source of the caller's keys (a profile, the environment, another role for
+        ChainableRamRoleArn), fetched at every AssumeRole; else the fixed access_key_id/secret."""
         from aliyunsdkcore.client import AcsClient  # the only aliyunsdkcore importer
 
+        self._base = base
+        self._base_snap: Snapshot | None = None
         parts = urlsplit(endpoint)
         self._scheme = parts.scheme
         self._hostport = parts.netloc.rsplit("@", 1)[-1]
@@ -77,11 +83,27 @@ class StsSource(SourceBase):
         # HttpResponse passes `proxies=` explicitly, which bypasses NO_PROXY; decide here.
         no_proxy: dict[str, str | None] = {"http": None, "https": None}
         proxies = requests.utils.get_environ_proxies(self.endpoint + "/") or no_proxy
-        self._client = AcsClient(self._ak, self._sk, self.region, auto_retry=False,
-                                 connect_timeout=self.timeout, timeout=self.timeout, proxy=proxies)
+        self._proxies = proxies
+        self._client = None if base is not None else AcsClient(
+            self._ak, self._sk, self.region, auto_retry=False, connect_timeout=self.timeout,
+            timeout=self.timeout, proxy=proxies)
 
     def _secrets(self):
-        return (self._sk,)
+        b = self._base_snap
+        return (self._sk, *((b.access_key_secret, b.security_token or "") if b else ()))
+
+    def _client_for_base(self):
+        """An AcsClient signing with the base source's current keys (one fetch per AssumeRole)."""
+        from aliyunsdkcore.auth.credentials import AccessKeyCredential, StsTokenCredential
+        from aliyunsdkcore.client import AcsClient
+
+        assert self._base is not None
+        snap = self._base_snap = self._base.fetch()
+        self._ak = snap.access_key_id
+        cred = (StsTokenCredential(snap.access_key_id, snap.access_key_secret, snap.security_token)
+                if snap.security_token else AccessKeyCredential(snap.access_key_id, snap.access_key_secret))
+        return AcsClient(region_id=self.region, credential=cred, auto_retry=False,
+                         connect_timeout=self.timeout, timeout=self.timeout, proxy=self._proxies)
 
     def _request(self):
         from aliyunsdksts.request.v20150401.AssumeRoleRequest import AssumeRoleRequest
@@ -102,8 +124,9 @@ class StsSource(SourceBase):
         from aliyunsdkcore.acs_exception.exceptions import ClientException, ServerException
 
         where = f"AssumeRole on {self.endpoint} failed"
+        client = self._client if self._client is not None else self._client_for_base()
         try:
-            body = self._client.do_action_with_exception(self._request())
+            body = client.do_action_with_exception(self._request())
         except ServerException as e:
             raise self._map_server_error(e) from None
         except ClientException as e:
@@ -183,3 +206,114 @@ class StsSource(SourceBase):
                              f"(HTTP {status}); will retry", transient=True, code=code)
         return perm(f"HTTP {status}: {msg}")
 
+
+
+# --- AssumeRoleWithOIDC (RRSA) -------------------------------------------------------------
+
+_OIDC_FIXES = {
+    "AuthenticationFail.OIDCToken.Expired": "the token in {file} has expired; the cluster renews it "
+                                            "(check the pod's service-account token projection)",
+    "AuthenticationFail.OIDCToken.Invalid": "{file} does not hold a token signed by the OIDC provider",
+    "AuthenticationFail.OIDCToken.IssuerInvalid": "the token's issuer is not the OIDC provider's; check "
+                                                  "oidc_provider_arn / ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+    "AuthenticationFail.OIDCToken.AudienceInvalid": "the token's audience must be sts.aliyuncs.com; "
+                                                    "enable RRSA for the pod",
+    "EntityNotExist.OIDCProvider": "check oidc_provider_arn / ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+    "EntityNotExist.Role": "check role_arn / ALIBABA_CLOUD_ROLE_ARN",
+}
+
+
+class OidcSource(SourceBase):
+    """STS AssumeRoleWithOIDC, anonymous, with the token file read afresh at every fetch (the
+    cluster rotates it; it is never cached). Sent with requests: aliyunsdkcore signs every call."""
+
+    name = "oidc"
+
+    def __init__(self, *, role_arn: str, oidc_provider_arn: str, oidc_token_file: str, endpoint: str,
+                 session_name: str = "ossyncd", duration_seconds: int = 3600, policy: str | None = None,
+                 timeout: float = 10.0):
+        self.role_arn = role_arn
+        self.provider_arn = oidc_provider_arn
+        self.token_file = oidc_token_file
+        self.endpoint = endpoint.rstrip("/")
+        self.session_name = session_name
+        self.duration_seconds = duration_seconds
+        self.policy = policy or None
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._token = ""
+
+    def _secrets(self):
+        return (self._token,)
+
+    def _read_token(self) -> str:
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except FileNotFoundError:
+            # a projected token appears shortly after the pod starts: wait for it
+            raise self._err(f"OIDC token file {self.token_file} does not exist; check oidc_token_file / "
+                            "ALIBABA_CLOUD_OIDC_TOKEN_FILE (will retry)", transient=True, code="TokenFile") from None
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise self._err(f"OIDC token file {self.token_file} is unreadable ({reason}); let the daemon's "
+                            "user read it (will retry)", transient=True, code="TokenFile") from None
+        if not token:
+            raise self._err(f"OIDC token file {self.token_file} is empty (will retry)", transient=True,
+                            code="TokenFile")
+        return token
+
+    def fetch(self) -> Snapshot:
+        """One AssumeRoleWithOIDC call. Transient: token file missing/unreadable (the cluster writes
+        it), network, 5xx, an expired token (renewed by the cluster); permanent: other STS errors."""
+        self._token = token = self._read_token()
+        form = {"Format": "JSON", "Version": "2015-04-01", "RoleArn": self.role_arn,
+                "OIDCProviderArn": self.provider_arn, "OIDCToken": token,
+                "RoleSessionName": self.session_name, "DurationSeconds": str(self.duration_seconds),
+                "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.policy:
+            form["Policy"] = self.policy
+        where = f"AssumeRoleWithOIDC on {self.endpoint} failed"
+        try:
+            # the token goes in the body, not the URL (URLs end up in proxy logs)
+            r = self._session.post(self.endpoint + "/?Action=AssumeRoleWithOIDC", data=form,
+                                   timeout=(self.timeout, self.timeout))
+        except requests.exceptions.RequestException as e:
+            raise self._err(f"STS endpoint {self.endpoint} unreachable: {net_reason(e, self.timeout)}; "
+                            "check sts_endpoint / ALIBABA_CLOUD_STS_ENDPOINT and the network (will retry)",
+                            transient=True, code="SDK.HttpError") from None
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = None
+        if r.status_code != 200 or not isinstance(doc, dict):
+            code = str(doc.get("Code", "")) if isinstance(doc, dict) else ""
+            if r.status_code >= 500 or code in _STS_TRANSIENT_CODES or code.startswith("Throttling") or not code:
+                raise self._err(f"{where}: {code or 'HTTP ' + str(r.status_code)}; will retry",
+                                transient=True, code=code or f"HTTP{r.status_code}")
+            fix = _OIDC_FIXES.get(code, "check role_arn, oidc_provider_arn and the role's trust policy "
+                                        "(`ossyncd policy --rrsa`)").format(file=self.token_file)
+            raise self._err(f"{where}: {code}: {fix}", transient=code.endswith(".Expired"), code=code)
+        try:
+            return snapshot_from_doc(doc["Credentials"])
+        except (ValueError, KeyError, TypeError):
+            raise self._err(f"{where}: the response is not an AssumeRoleWithOIDC result; check sts_endpoint",
+                            transient=True, code="BadResponse") from None
+
+
+def sts_endpoint(configured: str | None, *, region: str | None = None, vpc: bool | None = None,
+                 environ=None) -> str:
+    """The STS endpoint a chain link calls, as alibabacloud-credentials chooses it
+    (docs/credentials.md): credentials.sts_endpoint, else ALIBABA_CLOUD_STS_ENDPOINT, else
+    sts[-vpc].<region>.aliyuncs.com from the link's or ALIBABA_CLOUD_STS_REGION /
+    ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED, else sts.aliyuncs.com."""
+    env = os.environ if environ is None else environ
+    url = configured or env.get("ALIBABA_CLOUD_STS_ENDPOINT", "").strip()
+    if url:
+        return url if "://" in url else "https://" + url
+    region = region or env.get("ALIBABA_CLOUD_STS_REGION", "").strip()
+    if vpc is None:
+        vpc = env.get("ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED", "").strip().lower() == "true"
+    if region:
+        return f"https://sts{'-vpc' if vpc else ''}.{region}.aliyuncs.com"
+    return "https://sts.aliyuncs.com"

@@ -1,0 +1,305 @@
+"""The official credential chain end to end (`source = "default"` and the explicit profile / oidc /
+process / uri sources): ossyncd as a subprocess with HOME and the environment set by the test,
+the emulator's STS (AssumeRole, AssumeRoleWithOIDC), and the instance metadata service and the
+credentials URI as tiny local HTTP servers. Nothing leaves the loopback: the chain's metadata link
+is either pointed at a local server or disabled with ALIBABA_CLOUD_ECS_METADATA_DISABLED=true."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.helpers import object_bytes, ossyncd, random_file, write_config
+from tests.test_sts_rotation import issued_secrets
+
+# every variable the chain reads: cleared for each run, so the host's own never leak in
+CHAIN_VARS = (
+    "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN",
+    "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN", "OSSYNCD_ACCESS_KEY_ID",
+    "OSSYNCD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_ROLE_ARN", "ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+    "ALIBABA_CLOUD_OIDC_TOKEN_FILE", "ALIBABA_CLOUD_ROLE_SESSION_NAME", "ALIBABA_CLOUD_PROFILE",
+    "ALIBABA_CLOUD_CLI_PROFILE_DISABLED", "ALIBABA_CLOUD_CREDENTIALS_FILE", "ALIBABA_CLOUD_ECS_METADATA",
+    "ALIBABA_CLOUD_CREDENTIALS_URI", "ALIBABA_CLOUD_STS_REGION", "ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED",
+    "ALIBABA_CLOUD_STS_ENDPOINT",
+)
+
+
+# --------------------------------------------------------------------------- local servers
+
+class LocalServer:
+    """A loopback HTTP server whose replies the test sets: IMDS (IMDSv2 token required) or a URI."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict]] = []
+        self.doc: dict | None = None        # the credentials document
+        self.status = 200
+        self.body: bytes | None = None      # a raw body overriding doc
+        self.role = "ecs-uploader"
+        self.token = "imds-session-" + "x" * 20
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, status, body, ctype="application/json"):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                outer.requests.append(("PUT", self.path, dict(self.headers)))
+                if self.path == "/latest/api/token" and self.headers.get("X-aliyun-ecs-metadata-token-ttl-seconds"):
+                    return self._reply(200, outer.token.encode(), "text/plain")
+                self._reply(400, b"{}")
+
+            def do_GET(self):
+                outer.requests.append(("GET", self.path, dict(self.headers)))
+                if self.path.startswith("/latest/meta-data/"):
+                    if self.headers.get("X-aliyun-ecs-metadata-token") != outer.token:
+                        return self._reply(401, b"", "text/plain")   # hardened mode (IMDSv2 only)
+                    base = "/latest/meta-data/ram/security-credentials/"
+                    if self.path == base:
+                        return self._reply(200, outer.role.encode(), "text/plain")
+                    if self.path != base + outer.role:
+                        return self._reply(404, b"", "text/plain")
+                if outer.body is not None or outer.status != 200:
+                    return self._reply(outer.status, outer.body or b"{}")
+                self._reply(200, json.dumps(outer.doc).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def local():
+    servers = []
+
+    def make():
+        s = LocalServer()
+        servers.append(s)
+        return s
+    yield make
+    for s in servers:
+        s.close()
+
+
+# --------------------------------------------------------------------------- the setting
+
+class Chain:
+    """HOME, profile files, environment and a config with `[credentials] source = "default"`."""
+
+    def __init__(self, tmp_path, emu, sts_credentials):
+        self.tmp, self.emu, self.assume = tmp_path, emu, sts_credentials
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        self.env = {v: "" for v in CHAIN_VARS}
+        self.env.update(HOME=str(self.home), ALIBABA_CLOUD_ECS_METADATA_DISABLED="true")
+        self.creds: dict = {"source": "default", "sts_endpoint": emu.sts_url, "duration_seconds": 900,
+                            "retry_backoff": 0.2, "retry_backoff_max": 1.0}
+        self.outputs: list[str] = []
+        self.oidc_tokens: list[str] = []
+
+    # the emulator's identities
+    def root(self):
+        return {"access_key_id": self.emu.root.id, "access_key_secret": self.emu.root.secret}
+
+    def user(self):
+        return {"access_key_id": self.emu.user.id, "access_key_secret": self.emu.user.secret}
+
+    def sts(self):
+        c = self.assume(duration=900)
+        return {"access_key_id": c["AccessKeyId"], "access_key_secret": c["AccessKeySecret"],
+                "sts_token": c["SecurityToken"], "expiration": c["Expiration"]}
+
+    def token_file(self, name="token", ttl=600):
+        path = self.tmp / name
+        tok = self.emu.oidc.token(ttl=ttl)
+        self.oidc_tokens.append(tok)
+        path.write_text(tok)
+        return str(path)
+
+    def cli_config(self, profiles, current="prod"):
+        d = self.home / ".aliyun"
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"current": current, "profiles": profiles}, indent=2))
+
+    def ini(self, sections: dict, name="default"):
+        d = self.home / ".alibabacloud"
+        d.mkdir(exist_ok=True)
+        text = "".join(f"[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items()) for sec, kv in sections.items())
+        (d / "credentials.ini").write_text(text)
+
+    def config(self, name="ossyncd"):
+        return write_config(self.tmp / f"{name}.toml", self.emu, state=self.tmp / f"{name}.db",
+                            credentials=self.creds)
+
+    def run(self, *args, timeout=60):
+        r = ossyncd(*args, env=self.env, timeout=timeout)
+        self.outputs += [r.stdout, r.stderr]
+        return r
+
+    def upload(self, key, size=300 * 1024, seed=1):
+        f = self.tmp / "out" / key
+        data = random_file(f, size, seed)
+        r = self.run("upload", "-c", self.config(), f)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert object_bytes(self.emu, key) == data
+        return r
+
+    def resolved(self, r) -> str:
+        for line in r.stderr.splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("event") == "credentials.chain_resolved":
+                return e["link"]
+        raise AssertionError(f"no credentials.chain_resolved event in: {r.stderr[-2000:]}")
+
+    def secrets(self) -> dict[str, str]:
+        out = {"root secret": self.emu.root.secret, "user secret": self.emu.user.secret}
+        for i, s in enumerate(issued_secrets(self.emu)):
+            out[f"issued #{i}"] = s
+        for i, t in enumerate(self.oidc_tokens):
+            out[f"oidc token #{i}"] = t
+        return out
+
+    def assert_no_secrets(self, *more: str):
+        blob = "\n".join(self.outputs + list(more))
+        for what, secret in self.secrets().items():
+            assert secret not in blob and secret[:20] not in blob, f"{what} found in the output"
+
+
+@pytest.fixture
+def chain(tmp_path, emulator, sts_credentials):
+    return Chain(tmp_path, emulator, sts_credentials)
+
+
+def external_script(chain, doc) -> str:
+    script = chain.tmp / "get-creds.py"
+    script.write_text("import json, sys\n"
+                      "sys.stderr.write('fetching credentials\\n')\n"
+                      f"print(json.dumps({json.dumps({'mode': 'StsToken', **doc})}))\n")
+    return f"{sys.executable} {script}"
+
+
+def imds_doc(chain):
+    c = chain.assume(duration=900)
+    return {"Code": "Success", "AccessKeyId": c["AccessKeyId"], "AccessKeySecret": c["AccessKeySecret"],
+            "SecurityToken": c["SecurityToken"], "Expiration": c["Expiration"], "LastUpdated": "x"}
+
+
+# --------------------------------------------------------------------------- 1. each link uploads
+
+def _setup(link, chain, local):
+    """Prepare one link; returns (expected description, expected emulator ok-counts or {})."""
+    emu = chain.emu
+    if link == "env-alibaba":
+        chain.env.update(ALIBABA_CLOUD_ACCESS_KEY_ID=emu.root.id, ALIBABA_CLOUD_ACCESS_KEY_SECRET=emu.root.secret)
+        return "default: environment ALIBABA_CLOUD_ACCESS_KEY_ID", {}
+    if link == "env-oss":
+        s = chain.sts()
+        chain.env.update(OSS_ACCESS_KEY_ID=s["access_key_id"], OSS_ACCESS_KEY_SECRET=s["access_key_secret"],
+                         OSS_SESSION_TOKEN=s["sts_token"])
+        return "default: environment OSS_ACCESS_KEY_ID", {}
+    if link == "oidc-env":
+        chain.env.update(ALIBABA_CLOUD_ROLE_ARN=emu.role_arn, ALIBABA_CLOUD_OIDC_PROVIDER_ARN=emu.oidc.provider_arn,
+                         ALIBABA_CLOUD_OIDC_TOKEN_FILE=chain.token_file())
+        return "default: OIDC token file", {"AssumeRoleWithOIDC": 1}
+    prod = {"name": "prod"}
+    if link == "cli-AK":
+        chain.cli_config([{**prod, "mode": "AK", **chain.root()}])
+    elif link == "cli-StsToken":
+        chain.cli_config([{**prod, "mode": "StsToken", **chain.sts()}])
+    elif link == "cli-RamRoleArn":
+        chain.cli_config([{**prod, "mode": "RamRoleArn", **chain.user(), "ram_role_arn": emu.role_arn,
+                           "expired_seconds": 900}])
+        return 'default: profile "prod" in ~/.aliyun/config.json, mode RamRoleArn', {"AssumeRole": 1}
+    elif link == "cli-ChainableRamRoleArn":
+        chain.cli_config([{"name": "base", "mode": "RamRoleArn", **chain.user(), "ram_role_arn": emu.relay_role_arn},
+                          {**prod, "mode": "ChainableRamRoleArn", "source_profile": "base",
+                           "ram_role_arn": emu.role_arn}])
+        return ('default: profile "prod" in ~/.aliyun/config.json, mode ChainableRamRoleArn (source_profile "base")',
+                {"AssumeRole": 2})
+    elif link == "cli-EcsRamRole":
+        srv = local()
+        srv.doc = imds_doc(chain)
+        chain.creds["ecs_metadata_url"] = srv.url + "/latest/meta-data/ram/security-credentials/"
+        chain.cli_config([{**prod, "mode": "EcsRamRole", "ram_role_name": srv.role}])
+    elif link == "cli-OIDC":
+        chain.cli_config([{**prod, "mode": "OIDC", "ram_role_arn": emu.role_arn,
+                           "oidc_provider_arn": emu.oidc.provider_arn, "oidc_token_file": chain.token_file()}])
+        return 'default: profile "prod" in ~/.aliyun/config.json, mode OIDC', {"AssumeRoleWithOIDC": 1}
+    elif link == "cli-External":
+        chain.cli_config([{**prod, "mode": "External", "process_command": external_script(chain, chain.sts())}])
+    if link.startswith("cli-"):
+        return f'default: profile "prod" in ~/.aliyun/config.json, mode {link[4:]}', {}
+    if link == "ini-access_key":
+        chain.ini({"default": {"type": "access_key", **chain.root()}})
+    elif link == "ini-ram_role_arn":
+        chain.ini({"default": {"type": "ram_role_arn", **chain.user(), "role_arn": emu.role_arn}})
+        return "default: profile [default] in ~/.alibabacloud/credentials.ini, type ram_role_arn", {"AssumeRole": 1}
+    elif link == "ini-oidc_role_arn":
+        chain.ini({"default": {"type": "oidc_role_arn", "role_arn": emu.role_arn,
+                               "oidc_provider_arn": emu.oidc.provider_arn,
+                               "oidc_token_file_path": chain.token_file()}})
+        return ("default: profile [default] in ~/.alibabacloud/credentials.ini, type oidc_role_arn",
+                {"AssumeRoleWithOIDC": 1})
+    elif link == "ini-ecs_ram_role":
+        srv = local()
+        srv.doc = imds_doc(chain)
+        chain.creds["ecs_metadata_url"] = srv.url + "/latest/meta-data/ram/security-credentials/"
+        chain.ini({"default": {"type": "ecs_ram_role", "role_name": srv.role}})
+    if link.startswith("ini-"):
+        return f"default: profile [default] in ~/.alibabacloud/credentials.ini, type {link[4:]}", {}
+    if link == "imds":
+        srv = local()
+        srv.doc = imds_doc(chain)
+        chain.creds["ecs_metadata_url"] = srv.url + "/latest/meta-data/ram/security-credentials/"
+        chain.env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = ""
+        chain.imds = srv
+        return "default: ECS instance metadata", {}
+    if link == "uri":
+        srv = local()
+        srv.doc = imds_doc(chain)
+        chain.env["ALIBABA_CLOUD_CREDENTIALS_URI"] = srv.url + "/creds"
+        return "default: credentials URI (ALIBABA_CLOUD_CREDENTIALS_URI)", {}
+    raise AssertionError(link)
+
+
+LINKS = ["env-alibaba", "env-oss", "oidc-env", "cli-AK", "cli-StsToken", "cli-RamRoleArn",
+         "cli-ChainableRamRoleArn", "cli-EcsRamRole", "cli-OIDC", "cli-External", "ini-access_key",
+         "ini-ram_role_arn", "ini-oidc_role_arn", "ini-ecs_ram_role", "imds", "uri"]
+
+
+@pytest.mark.parametrize("link", LINKS)
+def test_each_link_uploads_byte_equal(chain, local, link):
+    """`ossyncd upload` (the daemon's stack) with only this link present: the file lands
+    byte-equal, the log names the link, the STS calls are the link's, and no secret is printed."""
+    expected, calls = _setup(link, chain, local)
+    chain.emu.reset_stats()
+    r = chain.upload(f"{link}.bin")
+    assert chain.resolved(r).startswith(expected), chain.resolved(r)
+    ok = chain.emu.stats()["ok"]
+    for op, n in calls.items():
+        assert ok.get(op, 0) == n, ok
+    if not calls:
+        assert not ok.get("AssumeRole") and not ok.get("AssumeRoleWithOIDC"), ok
+    if link == "imds":   # IMDSv2: the session token came first
+        first = chain.imds.requests[0]
+        assert (first[0], first[1]) == ("PUT", "/latest/api/token")
+    chain.assert_no_secrets()
