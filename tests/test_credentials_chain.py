@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import jwt
 import pytest
 
-from tests.helpers import object_bytes, ossyncd, random_file, write_config
-from tests.test_sts_rotation import issued_secrets
+from tests.helpers import events, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
+from tests.test_sts_rotation import auth_errors, issued_secrets
 
 # every variable the chain reads: cleared for each run, so the host's own never leak in
 CHAIN_VARS = (
@@ -302,4 +304,218 @@ def test_each_link_uploads_byte_equal(chain, local, link):
     if link == "imds":   # IMDSv2: the session token came first
         first = chain.imds.requests[0]
         assert (first[0], first[1]) == ("PUT", "/latest/api/token")
+    chain.assert_no_secrets()
+
+
+# --------------------------------------------------------------------------- 2. precedence
+
+def test_precedence_follows_the_official_order_and_check_config_names_the_link(chain, local):
+    """With every link present, check-config names the first in the official order; taking
+    that one away names the next (env -> OIDC -> config.json -> credentials.ini -> URI)."""
+    emu = chain.emu
+    _setup("env-alibaba", chain, local)
+    _setup("oidc-env", chain, local)
+    _setup("cli-AK", chain, local)
+    _setup("ini-access_key", chain, local)
+    _setup("uri", chain, local)
+    steps = [
+        ("default: environment ALIBABA_CLOUD_ACCESS_KEY_ID", ("ALIBABA_CLOUD_ACCESS_KEY_ID", "")),
+        ("default: OIDC token file", ("ALIBABA_CLOUD_OIDC_TOKEN_FILE", "")),
+        ('default: profile "prod" in ~/.aliyun/config.json, mode AK', ("ALIBABA_CLOUD_CLI_PROFILE_DISABLED", "true")),
+        ("default: profile [default] in ~/.alibabacloud/credentials.ini, type access_key",
+         ("ALIBABA_CLOUD_CREDENTIALS_FILE", str(chain.tmp / "no-such.ini"))),
+    ]
+    cfg = chain.config()
+    for expected, (var, value) in steps:
+        r = chain.run("check-config", "-c", cfg)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"credentials ({expected}" in r.stdout, r.stdout
+        chain.env[var] = value
+    # a named INI file that does not exist is an error, as the official provider makes it; the
+    # URI answers after it
+    r = chain.run("check-config", "-c", cfg)
+    assert r.returncode == 0 and "credentials (default: credentials URI (ALIBABA_CLOUD_CREDENTIALS_URI)): ok" \
+        in r.stdout, r.stdout + r.stderr
+    assert emu.stats()["ok"].get("AssumeRoleWithOIDC") == 1   # the OIDC step, once
+    chain.assert_no_secrets()
+
+
+# --------------------------------------------------------------------------- 3. errors: one line, never for good
+
+def _one_line(text: str, *needles: str) -> str:
+    lines = [ln for ln in text.splitlines() if all(n in ln for n in needles)]
+    assert lines, f"no line with {needles} in:\n{text}"
+    return lines[0]
+
+
+def test_errors_are_one_actionable_line_and_nothing_fails_for_good(chain, local, daemon_factory):
+    """One daemon, the chain's sources broken in turn (a URI answering 500, then malformed JSON;
+    a config.json with broken JSON, a missing profile, an External command exiting non-zero or
+    hanging, an unreadable OIDC token file): each gives a one-line message naming the file or
+    variable in check-config and in status, the queued file waits, and once the profile is fixed it
+    uploads byte-equal with no failure recorded."""
+    emu = chain.emu
+    srv = local()
+    chain.env["ALIBABA_CLOUD_CREDENTIALS_URI"] = srv.url + "/creds"
+    chain.creds["timeout_seconds"] = 1.5
+    watch = chain.tmp / "watch"
+    watch.mkdir()
+    d = daemon_factory([{"path": str(watch), "prefix": "w/", "settle_seconds": 0.2}], credentials=chain.creds,
+                       upload=fast_upload(file_retry_delay=0.5, file_retry_delay_max=1.0))
+    data = random_file(watch / "a.bin", 200 * 1024, seed=7)
+    d.start(env=chain.env)
+    helper = chain.tmp / "helper.py"
+    helper_mode = chain.tmp / "helper.mode"
+
+    def status_line():
+        r = chain.run("status", "-c", d.config)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def expect(*needles, cc_needles=None):
+        """check-config fails with a one-line message, and the daemon's status shows it."""
+        r = chain.run("check-config", "-c", d.config)
+        assert r.returncode != 0, r.stdout
+        line = _one_line(r.stdout + r.stderr, *(cc_needles or needles))
+        assert len(line) < 400, line
+        wait_until(lambda: all(n in status_line() for n in needles), 20, interval=0.3,
+                   what=f"status showing {needles} (log {d.log_path})")
+        assert d.proc.poll() is None, d.output()[-3000:]
+        return line
+
+    srv.status, srv.body = 500, b"{}"
+    expect("credentials URI", "HTTP 500", "ALIBABA_CLOUD_CREDENTIALS_URI")
+    srv.status, srv.body = 200, b"<html>nope</html>"
+    expect("credentials URI", "did not return JSON")
+
+    cli = chain.home / ".aliyun"
+    cli.mkdir()
+    (cli / "config.json").write_text('{\n  "current": "prod",\n  "profiles": [\n    {"name": "prod",,}\n  ]\n}\n')
+    expect("~/.aliyun/config.json is not valid JSON at line 4")
+    chain.cli_config([{"name": "other", "mode": "AK", **chain.root()}])
+    expect("profile 'prod' is not in ~/.aliyun/config.json (profiles: other)", "ALIBABA_CLOUD_PROFILE")
+
+    helper.write_text("import json, sys, time, pathlib\n"
+                      f"mode = pathlib.Path({str(helper_mode)!r}).read_text()\n"
+                      "if mode == 'fail':\n"
+                      "    sys.stderr.write('boom: secret LTAIsecretsecretsecret123\\n'); sys.exit(3)\n"
+                      "time.sleep(30)\n")
+    helper_mode.write_text("fail")
+    chain.cli_config([{"name": "prod", "mode": "External", "process_command": f"{sys.executable} {helper}"}])
+    line = expect("credentials command", "exited with status 3")
+    assert "LTAIsecretsecretsecret123" not in line and "boom" in line
+    helper_mode.write_text("hang")
+    expect("credentials command", "did not finish within 1.5s")
+
+    tokdir = chain.tmp / "token-is-a-dir"
+    tokdir.mkdir()
+    chain.cli_config([{"name": "prod", "mode": "OIDC", "ram_role_arn": emu.role_arn,
+                       "oidc_provider_arn": emu.oidc.provider_arn, "oidc_token_file": str(tokdir)}])
+    expect(f"OIDC token file {tokdir} is unreadable")
+
+    assert d.status()["counts"].get("failed", 0) == 0
+    chain.cli_config([{"name": "prod", "mode": "AK", **chain.root()}])
+    d.wait_states({"done": 1}, 30)
+    assert object_bytes(emu, "w/a.bin") == data
+    st = d.status()
+    assert st["credentials"]["link"] == 'default: profile "prod" in ~/.aliyun/config.json, mode AK'
+    assert st["credentials"]["error"] is None
+    (row,) = d.files()
+    assert row["state"] == "done" and not row["error"]
+    assert "LTAIsecretsecretsecret123" not in d.output()
+    d.stop()
+    chain.assert_no_secrets(d.output(), json.dumps(st), json.dumps(d.files()))
+
+
+# --------------------------------------------------------------------------- 4. RRSA: 3-second tokens, token file rotated
+
+def test_rrsa_3s_tokens_over_a_long_multipart_upload_with_the_token_file_rewritten(chain, daemon_factory):
+    """The daemon on ACK-style RRSA (the three ALIBABA_CLOUD_* variables only), 3-second STS
+    tokens, a ~25 s multipart upload (each part held 1 s by the server). Mid-run the test writes a
+    new JWT into the token file and lets the old one expire: the upload completes byte-equal, no
+    request is refused for authorization, no AssumeRoleWithOIDC fails, and the calls after the
+    old token's expiry used the new token."""
+    emu = chain.emu
+    token_file = chain.tmp / "rrsa-token"
+    old = emu.oidc.token(ttl=12)
+    chain.oidc_tokens.append(old)
+    token_file.write_text(old)
+    old_jti, old_exp = (jwt.decode(old, options={"verify_signature": False})[k] for k in ("jti", "exp"))
+    chain.env.update(ALIBABA_CLOUD_ROLE_ARN=emu.role_arn, ALIBABA_CLOUD_OIDC_PROVIDER_ARN=emu.oidc.provider_arn,
+                     ALIBABA_CLOUD_OIDC_TOKEN_FILE=str(token_file))
+    chain.creds["duration_seconds"] = 3
+    watch = chain.tmp / "rrsa"
+    watch.mkdir()
+    d = daemon_factory([{"path": str(watch), "prefix": "rrsa/", "settle_seconds": 0.2}], credentials=chain.creds,
+                       upload=fast_upload(part_size="256KiB", parallel_parts=1, max_files_in_flight=1))
+    emu.set_faults([{"op": "UploadPart", "delay_ms": 1000}])
+    t0 = time.monotonic()
+    d.start(env=chain.env)
+    data = random_file(watch / "long.bin", 24 * 256 * 1024, seed=3)
+    wait_until(lambda: emu.stats()["parts_received"] >= 4, 20, interval=0.2, what="four parts")
+    new = emu.oidc.token(ttl=600)
+    chain.oidc_tokens.append(new)
+    (chain.tmp / "rrsa-token.new").write_text(new)
+    (chain.tmp / "rrsa-token.new").replace(token_file)     # as the kubelet swaps it: atomically
+    new_jti = jwt.decode(new, options={"verify_signature": False})["jti"]
+    wait_until(lambda: time.time() > old_exp + 1, 20, what="the old token's expiry")
+    after_expiry = emu.stats()["oidc_tokens"].get(new_jti, 0)
+    d.wait_states({"done": 1}, 60)
+    elapsed = time.monotonic() - t0
+    stats = emu.stats()
+    print(f"\n[rrsa] {elapsed:.1f}s, AssumeRoleWithOIDC by token {stats['oidc_tokens']}, "
+          f"UploadPart {stats['requests'].get('UploadPart')}, auth errors {auth_errors(stats)}")
+    assert object_bytes(emu, "rrsa/long.bin") == data
+    assert auth_errors(stats) == {}, stats["errors"]
+    assert "AssumeRoleWithOIDC" not in stats["errors"], stats["errors"]
+    assert stats["oidc_tokens"].get(old_jti, 0) >= 2, stats["oidc_tokens"]
+    assert stats["oidc_tokens"][new_jti] > after_expiry >= 1, stats["oidc_tokens"]
+    assert stats["requests"]["UploadPart"] == 24, "a part was sent twice"
+    assert not stats["ok"].get("AssumeRole"), "no signed AssumeRole on RRSA"
+    assert events(d, "credentials.chain_resolved")[0]["link"].startswith("default: OIDC token file")
+    d.stop()
+    chain.assert_no_secrets(d.output(), json.dumps(d.files()))
+
+
+# --------------------------------------------------------------------------- 5. explicit sources
+
+@pytest.mark.parametrize("source", ["profile-json", "profile-ini", "oidc", "process", "uri", "process+role_arn"])
+def test_explicit_sources_upload_byte_equal(chain, local, source):
+    """source = "profile" / "oidc" / "process" / "uri": one link only, named in the config (and
+    role_arn turning a process's long-term key into AssumeRole tokens)."""
+    emu = chain.emu
+    c = {"sts_endpoint": emu.sts_url, "duration_seconds": 900}
+    calls = {}
+    if source == "profile-json":
+        path = chain.tmp / "cli.json"
+        path.write_text(json.dumps({"current": "x", "profiles": [
+            {"name": "x", "mode": "AK", **chain.user()},
+            {"name": "up", "mode": "RamRoleArn", **chain.user(), "ram_role_arn": emu.role_arn}]}))
+        c.update(source="profile", profile="up", file=str(path))
+        calls = {"AssumeRole": 1}
+    elif source == "profile-ini":
+        path = chain.tmp / "creds.ini"
+        path.write_text(f"[up]\ntype = access_key  # the root key\naccess_key_id = {emu.root.id}\n"
+                        f"access_key_secret = {emu.root.secret}\n")
+        c.update(source="profile", profile="up", file=str(path))
+    elif source == "oidc":
+        c.update(source="oidc", role_arn=emu.role_arn, oidc_provider_arn=emu.oidc.provider_arn,
+                 oidc_token_file=chain.token_file())
+        calls = {"AssumeRoleWithOIDC": 1}
+    elif source == "process":
+        c.update(source="process", command=external_script(chain, chain.sts()).split(" "))
+    elif source == "process+role_arn":
+        script = external_script(chain, {**chain.user(), "mode": "AK"})
+        c.update(source="process", command=script.split(" "), role_arn=emu.role_arn)
+        calls = {"AssumeRole": 1}
+    else:
+        srv = local()
+        srv.doc = imds_doc(chain)
+        c.update(source="uri", url=srv.url + "/creds")
+    chain.creds = c
+    emu.reset_stats()
+    chain.upload(f"{source}.bin")
+    ok = emu.stats()["ok"]
+    assert {op: ok.get(op, 0) for op in ("AssumeRole", "AssumeRoleWithOIDC")} == \
+        {"AssumeRole": calls.get("AssumeRole", 0), "AssumeRoleWithOIDC": calls.get("AssumeRoleWithOIDC", 0)}, ok
     chain.assert_no_secrets()
