@@ -519,3 +519,19 @@ def test_explicit_sources_upload_byte_equal(chain, local, source):
     assert {op: ok.get(op, 0) for op in ("AssumeRole", "AssumeRoleWithOIDC")} == \
         {"AssumeRole": calls.get("AssumeRole", 0), "AssumeRoleWithOIDC": calls.get("AssumeRoleWithOIDC", 0)}, ok
     chain.assert_no_secrets()
+
+
+# --------------------------------------------------------------------------- 6. ossyncd policy --rrsa
+
+def test_policy_rrsa_prints_the_trust_policy_and_names_bad_options():
+    arn = "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c0ffee"
+    iss = "https://oidc-ack-cn-hangzhou.oss-cn-hangzhou.aliyuncs.com/c0ffee"
+    r = ossyncd("policy", "--rrsa", "--oidc-provider-arn", arn, "--oidc-issuer", iss, "--namespace", "media",
+                "--service-account", "uploader")
+    assert r.returncode == 0, r.stderr
+    (st,) = json.loads(r.stdout)["Statement"]
+    assert st["Action"] == "sts:AssumeRole" and st["Principal"] == {"Federated": [arn]}
+    assert st["Condition"]["StringEquals"] == {"oidc:aud": "sts.aliyuncs.com", "oidc:iss": iss,
+                                               "oidc:sub": "system:serviceaccount:media:uploader"}
+    r = ossyncd("policy", "--rrsa", "--oidc-provider-arn", "nope", "--oidc-issuer", iss)
+    assert r.returncode != 0 and "--oidc-provider-arn 'nope'" in r.stderr + r.stdout, r.stderr

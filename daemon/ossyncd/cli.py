@@ -182,9 +182,23 @@ def retry(config_path, path):
 
 @main.command()
 @config_option
-def policy(config_path):
-    """Print the least-privilege RAM policy for this bucket and these prefixes."""
-    from ossyncd.policy import upload_policy
+@click.option("--rrsa", is_flag=True, help="print the RAM role's trust policy for ACK RRSA instead")
+@click.option("--oidc-provider-arn", default="", help="with --rrsa: the cluster's OIDC provider ARN")
+@click.option("--oidc-issuer", default="", help="with --rrsa: the cluster's OIDC issuer URL")
+@click.option("--namespace", default="default", show_default=True, help="with --rrsa: the pod's namespace")
+@click.option("--service-account", default="ossyncd", show_default=True,
+              help="with --rrsa: the pod's service account")
+def policy(config_path, rrsa, oidc_provider_arn, oidc_issuer, namespace, service_account):
+    """Print the least-privilege RAM policy for this bucket and these prefixes (or, with --rrsa,
+    the trust policy that lets a pod's service account assume the role)."""
+    from ossyncd.policy import rrsa_trust_policy, upload_policy
+    if rrsa:
+        if not (oidc_provider_arn and oidc_issuer):
+            raise click.UsageError("--rrsa needs --oidc-provider-arn and --oidc-issuer (the cluster's RRSA "
+                                   "settings in the ACK console)")
+        click.echo(json.dumps(rrsa_trust_policy(oidc_provider_arn, oidc_issuer, namespace, service_account),
+                              indent=2))
+        return
     cfg = _load(config_path)
     click.echo(json.dumps(upload_policy(cfg.oss.bucket, cfg.prefixes), indent=2))
 

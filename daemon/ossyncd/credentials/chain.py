@@ -74,7 +74,7 @@ class DefaultChainSource(SourceBase):
         self._link: Link | None = None
 
     def describe(self) -> str:
-        return f"default: {self._link.description}" if self._link else "default: no link has answered yet"
+        return f"default: {self._link.description}" if self._link else "default chain"
 
     def fetch(self) -> Snapshot:
         """The remembered link's credentials; before one worked, each configured link in order

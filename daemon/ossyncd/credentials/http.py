@@ -141,6 +141,10 @@ class EcsRamRoleSource(HttpJsonSource):
         self._token_url = f"{parts.scheme}://{parts.netloc}/latest/api/token"
         self._imds_token: str | None = None
         self._token_first = token_first   # IMDSv2: a session token before the first GET
+        if token_first:
+            # the chain's probe: the link-local service is never behind a proxy, and a proxy
+            # answering for it would pass for "no role attached"
+            self._session.trust_env = False
 
     def _put_token(self) -> bool:
         try:
