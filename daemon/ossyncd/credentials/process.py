@@ -11,7 +11,9 @@ a key or token replaced."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 
 from .base import REDACTED, Snapshot, SourceBase, ci_get, parse_expiration
@@ -37,25 +39,41 @@ class ProcessSource(SourceBase):
     def _secrets(self):
         return self._seen
 
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        try:
+            proc.communicate(timeout=2)
+        except subprocess.TimeoutExpired:   # pragma: no cover - a grandchild escaped its group
+            pass
+
     def fetch(self) -> Snapshot:
         """One run. CredentialsError, transient for a timeout or a non-zero exit (the helper may
         recover), permanent for a command that cannot start or prints unusable JSON."""
         prog = self.command[0]
         try:
-            r = subprocess.run(self.command, capture_output=True, timeout=self.timeout, shell=False,
-                               stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise self._err(f"credentials command {prog} ({self.where}) did not finish within "
-                            f"{self.timeout:g}s and was killed; will retry", transient=True, code="Timeout") from None
+            # its own process group, so a timeout also ends what it started (that would keep
+            # the pipes open and communicate() waiting)
+            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, shell=False, start_new_session=True)
         except OSError as e:
             raise self._err(f"credentials command {prog} ({self.where}) cannot be run: {e.strerror}; "
                             "fix the path or permissions", transient=False, code="NotRunnable") from None
-        if r.returncode != 0:
-            tail = redact_text(r.stderr.decode("utf-8", "replace"))
-            raise self._err(f"credentials command {prog} ({self.where}) exited with status {r.returncode}"
+        try:
+            out, err = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            raise self._err(f"credentials command {prog} ({self.where}) did not finish within "
+                            f"{self.timeout:g}s and was killed; will retry", transient=True, code="Timeout") from None
+        if proc.returncode != 0:
+            tail = redact_text(err.decode("utf-8", "replace"))
+            raise self._err(f"credentials command {prog} ({self.where}) exited with status {proc.returncode}"
                             f"{': ' + tail if tail else ''}; will retry", transient=True, code="ExitStatus")
         try:
-            doc = json.loads(r.stdout.decode("utf-8"))
+            doc = json.loads(out.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
             raise self._err(f"credentials command {prog} ({self.where}) printed no valid JSON{where}; it must "

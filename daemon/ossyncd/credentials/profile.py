@@ -119,7 +119,8 @@ def _cli_link(ctx: LinkContext, path: Path, profiles: dict, name: str, seen: tup
         _need(p, ("access_key_id", "access_key_secret", "ram_role_arn"), where)
         src = StsSource(access_key_id=p["access_key_id"], access_key_secret=p["access_key_secret"],
                         role_arn=p["ram_role_arn"], endpoint=endpoint, session_name=session,
-                        duration_seconds=duration, policy=p.get("policy") or ctx.policy, timeout=ctx.timeout)
+                        duration_seconds=duration, policy=p.get("policy") or ctx.policy, timeout=ctx.timeout,
+                        key_from=f"profile {name!r} in {shown}")
     elif mode == "ChainableRamRoleArn":
         _need(p, ("source_profile", "ram_role_arn"), where)
         base = _cli_link(ctx, path, profiles, p["source_profile"], seen + (name,))
@@ -181,7 +182,7 @@ def ini_profile(ctx: LinkContext, *, name: str = "", path: Path | None = None) -
                         role_arn=s["role_arn"], endpoint=endpoint,
                         session_name=s.get("role_session_name") or ctx.session_name,
                         duration_seconds=ctx.duration_seconds, policy=s.get("policy") or ctx.policy,
-                        timeout=ctx.timeout)
+                        timeout=ctx.timeout, key_from=f"profile [{name}] in {shown}")
     elif kind == "oidc_role_arn":
         _need(s, ("role_arn", "oidc_provider_arn", "oidc_token_file_path"), where)
         src = OidcSource(role_arn=s["role_arn"], oidc_provider_arn=s["oidc_provider_arn"],

@@ -225,7 +225,7 @@ class RotatingCredentials:
     def describe(self) -> str:
         """Where the credentials come from, for check-config and status (never a secret)."""
         describe = getattr(self._source, "describe", None)
-        return describe() if callable(describe) else self._source.name
+        return (describe() if callable(describe) else None) or self._source.name
 
     def retry_at(self) -> float | None:
         """After a failed fetch, when the next one is due (epoch seconds); None when healthy.

@@ -59,14 +59,18 @@ class StsSource(SourceBase):
 
     def __init__(self, *, role_arn: str, endpoint: str, access_key_id: str = "", access_key_secret: str = "",
                  session_name: str = "ossyncd", duration_seconds: int = 3600, region: str = "cn-hangzhou",
-                 policy: str | None = None, timeout: float = 10.0, base: Source | None = None):
+                 policy: str | None = None, timeout: float = 10.0, base: Source | None = None,
+                 key_from: str = ""):
         """Arguments as validated by config.CredentialsConfig: ``endpoint`` is an http(s) URL.
         ``base``: the source of the caller's keys (a profile, the environment, another role for
-        ChainableRamRoleArn), fetched at every AssumeRole; else the fixed access_key_id/secret."""
+        ChainableRamRoleArn), fetched at every AssumeRole; else the fixed access_key_id/secret.
+        ``key_from`` names where those keys live (a profile), for the messages."""
         from aliyunsdkcore.client import AcsClient  # the only aliyunsdkcore importer
 
         self._base = base
         self._base_snap: Snapshot | None = None
+        # what an operator fixes when STS refuses the caller's key (messages name it)
+        self._key_from = key_from
         parts = urlsplit(endpoint)
         self._scheme = parts.scheme
         self._hostport = parts.netloc.rsplit("@", 1)[-1]
@@ -87,6 +91,31 @@ class StsSource(SourceBase):
         self._client = None if base is not None else AcsClient(
             self._ak, self._sk, self.region, auto_retry=False, connect_timeout=self.timeout,
             timeout=self.timeout, proxy=proxies)
+
+    def describe(self) -> str | None:
+        """With a base source: where its keys come from and the role they assume."""
+        if self._base is None:
+            return None
+        return f"{self._keys_from()}, then AssumeRole {self.role_arn}"
+
+    def _keys_from(self) -> str:
+        """Where the caller's keys live, for messages: a profile, the chain's link (asked at
+        error time: the chain knows its link only once it answered), or "" for the config."""
+        if self._key_from or self._base is None:
+            return self._key_from
+        describe = getattr(self._base, "describe", None)
+        return describe() if callable(describe) else self._base.name
+
+    @property
+    def _id_hint(self) -> str:
+        where = self._keys_from()
+        return f"the access_key_id of {where}" if where else "credentials.access_key_id or OSSYNCD_ACCESS_KEY_ID"
+
+    @property
+    def _secret_hint(self) -> str:
+        where = self._keys_from()
+        return (f"the access_key_secret of {where}" if where
+                else "credentials.access_key_secret or OSSYNCD_ACCESS_KEY_SECRET")
 
     def _secrets(self):
         b = self._base_snap
@@ -141,7 +170,7 @@ class StsSource(SourceBase):
             # aliyunsdkcore splits a SignatureDoesNotMatch message on ':' and crashes when there is none.
             raise self._err(
                 f"{where}: SignatureDoesNotMatch: the request signature was rejected, usually a wrong "
-                "AccessKey secret; check credentials.access_key_secret or OSSYNCD_ACCESS_KEY_SECRET",
+                f"AccessKey secret; check {self._secret_hint}",
                 transient=False, code="SignatureDoesNotMatch") from None
         except requests.exceptions.RequestException as e:  # pragma: no cover - SDK wraps these
             raise self._err(f"STS endpoint {self.endpoint} unreachable: {net_reason(e, self.timeout)}",
@@ -167,13 +196,11 @@ class StsSource(SourceBase):
 
         if code == "InvalidAccessKeyId.Inactive":
             return perm(f"the AccessKey {key_id} is disabled; enable it in RAM or configure "
-                        "another key in credentials.access_key_id / OSSYNCD_ACCESS_KEY_ID")
+                        f"another key in {self._id_hint}")
         if code.startswith("InvalidAccessKeyId"):
-            return perm(f"the AccessKey ID {key_id} is not known to STS; check "
-                        "credentials.access_key_id or OSSYNCD_ACCESS_KEY_ID")
+            return perm(f"the AccessKey ID {key_id} is not known to STS; check {self._id_hint}")
         if code in ("InvalidAccessKeySecret", "SignatureDoesNotMatch", "IncompleteSignature"):
-            return perm("the AccessKey secret is wrong; check credentials.access_key_secret or "
-                        "OSSYNCD_ACCESS_KEY_SECRET")
+            return perm(f"the AccessKey secret is wrong; check {self._secret_hint}")
         if code.startswith("InvalidTimeStamp") or code == "RequestTimeTooSkewed":
             return perm("the local clock is too far off; synchronise the system time (NTP)")
         if code.startswith("EntityNotExist"):
@@ -183,7 +210,7 @@ class StsSource(SourceBase):
                         "sts:AssumeRole on it for the user and trust the user's account in the "
                         "role's trust policy, or fix credentials.role_arn")
         if code in ("MissingSecurityToken",) or code.startswith("InvalidSecurityToken"):
-            return perm("credentials.access_key_id is an STS key; AssumeRole needs a RAM user's "
+            return perm(f"{self._id_hint} is an STS key; AssumeRole needs a RAM user's "
                         "long-term AccessKey")
         if code.startswith("InvalidParameter") or code.startswith("MissingParameter") or \
                 code.startswith("InvalidRoleArn") or code.startswith("MissingRole"):
