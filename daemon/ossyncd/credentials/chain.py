@@ -45,7 +45,7 @@ def _links(ctx: LinkContext) -> list[tuple[str, Callable[[], Link]]]:
     out: list[tuple[str, Callable[[], Link]]] = []
     env = EnvSource(ctx.environ)  # type: ignore[arg-type]
     if env.family():
-        out.append(("env", lambda: Link(env, env.describe())))
+        out.append(("env", lambda: Link(env, env.link_description())))
     if all(ctx.env(v) for v in OIDC_VARS):
         out.append(("oidc", lambda: env_oidc(ctx)))
     if not ctx.flag("ALIBABA_CLOUD_CLI_PROFILE_DISABLED") and cli_config_path(ctx).exists():

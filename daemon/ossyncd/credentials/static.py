@@ -30,7 +30,8 @@ class EnvSource(SourceBase):
                 return fam
         return None
 
-    def describe(self) -> str:
+    def link_description(self) -> str:
+        """The chain's name for this link (an explicit `env` source keeps the label "env")."""
         fam = self.family()
         return f"environment {fam[0]}" if fam else "environment"
 
