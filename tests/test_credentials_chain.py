@@ -16,6 +16,7 @@ import jwt
 import pytest
 
 from tests.helpers import events, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
+from tests.ossemu.oidc import TestIssuer
 from tests.test_sts_rotation import auth_errors, issued_secrets
 
 # every variable the chain reads: cleared for each run, so the host's own never leak in
@@ -351,7 +352,7 @@ def _one_line(text: str, *needles: str) -> str:
 def test_errors_are_one_actionable_line_and_nothing_fails_for_good(chain, local, daemon_factory):
     """One daemon, the chain's sources broken in turn (a URI answering 500, then malformed JSON;
     a config.json with broken JSON, a missing profile, an External command exiting non-zero or
-    hanging, an unreadable OIDC token file): each gives a one-line message naming the file or
+    hanging, an unreadable OIDC token file, an OIDC token STS rejects): each gives a one-line message naming the file or
     variable in check-config and in status, the queued file waits, and once the profile is fixed it
     uploads byte-equal with no failure recorded."""
     emu = chain.emu
@@ -412,6 +413,12 @@ def test_errors_are_one_actionable_line_and_nothing_fails_for_good(chain, local,
     chain.cli_config([{"name": "prod", "mode": "OIDC", "ram_role_arn": emu.role_arn,
                        "oidc_provider_arn": emu.oidc.provider_arn, "oidc_token_file": str(tokdir)}])
     expect(f"OIDC token file {tokdir} is unreadable")
+    foreign = chain.tmp / "foreign-token"
+    foreign.write_text(TestIssuer(issuer=emu.oidc.issuer).token())    # signed by another cluster's key
+    chain.oidc_tokens.append(foreign.read_text())
+    chain.cli_config([{"name": "prod", "mode": "OIDC", "ram_role_arn": emu.role_arn,
+                       "oidc_provider_arn": emu.oidc.provider_arn, "oidc_token_file": str(foreign)}])
+    expect("AuthenticationFail.OIDCToken.Invalid", f"{foreign} does not hold a token signed by the OIDC provider")
 
     assert d.status()["counts"].get("failed", 0) == 0
     chain.cli_config([{"name": "prod", "mode": "AK", **chain.root()}])
