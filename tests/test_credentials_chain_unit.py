@@ -180,3 +180,25 @@ def test_wrapped_source_names_the_profile_when_sts_refuses_its_key(tmp_path, emu
     assert src.describe() == (f'profile "prod" in ~/.aliyun/config.json, mode AK, then AssumeRole '
                               f'{emulator.role_arn}')
     fails(src.fetch, "check the access_key_secret of profile \"prod\" in ~/.aliyun/config.json", transient=False)
+
+
+@pytest.mark.parametrize("creds, needle", [
+    ({"source": "oidc", "role_arn": "acs:ram::1:role/r"}, "credentials.oidc_provider_arn: required with source = \"oidc\""),
+    ({"source": "process"}, "credentials.command: required with source = \"process\""),
+    ({"source": "uri"}, "credentials.url: required with source = \"uri\""),
+    ({"source": "uri", "url": "ftp://x"}, "credentials.url: 'ftp://x' is not an http(s) URL"),
+    ({"source": "default", "policy": "{not json"}, "credentials.policy: is not valid JSON"),
+])
+def test_new_source_keys_are_checked(tmp_path, creds, needle):
+    from ossyncd.errors import ConfigError
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"oss": {"endpoint": "http://127.0.0.1:1", "bucket": "drop", "region": "cn-hangzhou"},
+                      "credentials": creds, "state": {"path": str(tmp_path / "s.db")}})
+    assert needle in str(ei.value), str(ei.value)
+
+
+def test_left_out_credentials_mean_the_default_chain(tmp_path):
+    cfg = parse_config({"oss": {"endpoint": "http://127.0.0.1:1", "bucket": "drop", "region": "cn-hangzhou"},
+                        "state": {"path": str(tmp_path / "s.db")}})
+    assert cfg.credentials.source == "default"
+    assert isinstance(build_source(cfg.credentials, bucket="drop", prefixes=[""]), DefaultChainSource)

@@ -87,6 +87,10 @@ class OssConfig(_Section):
         return self
 
 
+# the sources that may call AssumeRole / AssumeRoleWithOIDC with credentials.policy
+_STS_CALLERS = ("sts", "oidc", "default", "profile", "process")
+
+
 class CredentialsConfig(_Section):
     source: Literal["sts", "broker", "ecs-ram-role", "env", "static", "default", "profile", "oidc", "process",
                     "uri"] = "sts"
@@ -130,9 +134,10 @@ class CredentialsConfig(_Section):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str, info: ValidationInfo) -> str:
-        """Compacted, since AssumeRole limits the Policy parameter's length; only sts sends it."""
+        """Compacted, since AssumeRole limits the Policy parameter's length; only the sources
+        that call STS send it."""
         v = v.strip()
-        if not v or info.data.get("source") != "sts":
+        if not v or info.data.get("source") not in _STS_CALLERS:
             return v
         try:
             v = json.dumps(json.loads(v), separators=(",", ":"))
@@ -326,7 +331,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _scoped_policy_fits(self) -> "Config":
-        if self.credentials.source == "sts" and self.credentials.scope_policy_to_prefixes:
+        if self.credentials.source in _STS_CALLERS and self.credentials.scope_policy_to_prefixes:
             try:
                 _policy.inline_policy_json(self.oss.bucket, self.prefixes)
             except _policy.PolicyError as e:
