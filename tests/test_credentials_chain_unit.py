@@ -122,10 +122,10 @@ def test_process_limits(tmp_path):
 
 def test_chain_messages_and_memory(tmp_path):
     ctx = ctx_for(tmp_path)
-    fails(DefaultChainSource(ctx).fetch, "default chain: no credentials found", "ALIBABA_CLOUD_ACCESS_KEY_ID")
+    fails(DefaultChainSource(ctx).fetch, "no credentials found in the default chain", "ALIBABA_CLOUD_ACCESS_KEY_ID")
     write_cli(ctx, {"current": "prod", "profiles": [{"name": "dev", "mode": "AK"}]})
     ctx2 = ctx_for(tmp_path, ALIBABA_CLOUD_CREDENTIALS_URI="http://127.0.0.1:1/creds")
-    e = fails(DefaultChainSource(ctx2).fetch, "default chain, cli-profile: profile 'prod' is not in",
+    e = fails(DefaultChainSource(ctx2).fetch, "cli-profile link: profile 'prod' is not in",
               "(also tried: uri)", transient=True)
     assert e.code == "Profile"
     write_cli(ctx, {"current": "prod", "profiles": [{"name": "prod", "mode": "AK", "access_key_id": "LTAIc",

@@ -98,11 +98,11 @@ class DefaultChainSource(SourceBase):
             return snap
         if not errors:
             raise self._err(
-                "default chain: no credentials found; set ALIBABA_CLOUD_ACCESS_KEY_ID and "
+                "no credentials found in the default chain; set ALIBABA_CLOUD_ACCESS_KEY_ID and "
                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET, or the RRSA variables, or create ~/.aliyun/config.json "
                 "(`aliyun configure`), or set credentials.source (see README Credentials)",
                 transient=False, code="NoCredentials")
         first_name, first = errors[0]
         others = f" (also tried: {', '.join(n for n, _ in errors[1:])})" if len(errors) > 1 else ""
-        raise self._err(f"default chain, {first_name}: {first}{others}",
+        raise self._err(f"{first_name} link: {first}{others}",
                         transient=any(e.transient for _, e in errors), code=first.code)
