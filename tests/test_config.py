@@ -315,7 +315,8 @@ def creds_config(tmp_path, monkeypatch, prefixes=("incoming/",), **kw):
     (dict(source="static", access_key_id=""), "credentials.access_key_id/access_key_secret: required with "
                                               "source = \"static\"; set them or OSSYNCD_ACCESS_KEY_ID"),
     (dict(source="static", access_key_secret=""), "OSSYNCD_ACCESS_KEY_SECRET"),
-    (dict(source="kerberos"), "credentials.source: Input should be 'sts', 'broker', 'ecs-ram-role', 'env' or 'static'"),
+    (dict(source="kerberos"), "credentials.source: Input should be 'sts', 'broker', 'ecs-ram-role', 'env', 'static', 'default', "
+                                 "'profile', 'oidc', 'process' or 'uri'"),
 ])
 def test_credentials_errors_name_the_key_and_the_fix(tmp_path, monkeypatch, kw, needle):
     with pytest.raises(ConfigError) as ei:

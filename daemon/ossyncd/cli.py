@@ -182,9 +182,23 @@ def retry(config_path, path):
 
 @main.command()
 @config_option
-def policy(config_path):
-    """Print the least-privilege RAM policy for this bucket and these prefixes."""
-    from ossyncd.policy import upload_policy
+@click.option("--rrsa", is_flag=True, help="print the RAM role's trust policy for ACK RRSA instead")
+@click.option("--oidc-provider-arn", default="", help="with --rrsa: the cluster's OIDC provider ARN")
+@click.option("--oidc-issuer", default="", help="with --rrsa: the cluster's OIDC issuer URL")
+@click.option("--namespace", default="default", show_default=True, help="with --rrsa: the pod's namespace")
+@click.option("--service-account", default="ossyncd", show_default=True,
+              help="with --rrsa: the pod's service account")
+def policy(config_path, rrsa, oidc_provider_arn, oidc_issuer, namespace, service_account):
+    """Print the least-privilege RAM policy for this bucket and these prefixes (or, with --rrsa,
+    the trust policy that lets a pod's service account assume the role)."""
+    from ossyncd.policy import rrsa_trust_policy, upload_policy
+    if rrsa:
+        if not (oidc_provider_arn and oidc_issuer):
+            raise click.UsageError("--rrsa needs --oidc-provider-arn and --oidc-issuer (the cluster's RRSA "
+                                   "settings in the ACK console)")
+        click.echo(json.dumps(rrsa_trust_policy(oidc_provider_arn, oidc_issuer, namespace, service_account),
+                              indent=2))
+        return
     cfg = _load(config_path)
     click.echo(json.dumps(upload_policy(cfg.oss.bucket, cfg.prefixes, **cfg.policy_features), indent=2))
 
@@ -204,7 +218,7 @@ def check_config(config_path):
     try:
         creds = build_credentials(cfg)
         snap = creds.current()
-        click.echo(f"credentials ({cfg.credentials.source}): ok"
+        click.echo(f"credentials ({creds.describe()}): ok"
                    + (f", expire {creds.status().get('expires_at')}" if snap.expires_at else ""))
         store = build_store(cfg, creds)
         store.list_uploads(cfg.prefixes[0])
@@ -224,7 +238,7 @@ def check_config(config_path):
         click.echo("uploads allowed under prefix(es) " + ", ".join(repr(p) for p in cfg.prefixes)
                    + " (probe: InitiateMultipartUpload + AbortMultipartUpload)")
     except CredentialsError as e:
-        raise CommandFailed(f"credentials ({cfg.credentials.source})", str(e), e.exit_code) from None
+        raise CommandFailed(f"credentials ({creds.describe()})", str(e), e.exit_code) from None
     except StoreError as e:
         raise CommandFailed(f"endpoint {cfg.oss.endpoint}", str(e), e.exit_code) from None
 

@@ -88,8 +88,13 @@ class OssConfig(_Section):
         return self
 
 
+# the sources that may call AssumeRole / AssumeRoleWithOIDC with credentials.policy
+_STS_CALLERS = ("sts", "oidc", "default", "profile", "process")
+
+
 class CredentialsConfig(_Section):
-    source: Literal["sts", "broker", "ecs-ram-role", "env", "static"] = "sts"
+    source: Literal["sts", "broker", "ecs-ram-role", "env", "static", "default", "profile", "oidc", "process",
+                    "uri"] = "sts"
     access_key_id: str = ""
     access_key_secret: str = Field("", repr=False)
     security_token: str = Field("", repr=False)
@@ -105,6 +110,12 @@ class CredentialsConfig(_Section):
     broker_headers: dict[str, str] = Field(default_factory=dict, repr=False)
     ecs_role_name: str = ""
     ecs_metadata_url: str = "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
+    profile: str = ""                              # profile: the profile name (else ALIBABA_CLOUD_PROFILE)
+    file: str = ""                                 # profile: config.json (*.json) or credentials.ini
+    oidc_provider_arn: str = ""
+    oidc_token_file: str = ""
+    command: tuple[str, ...] = ()                  # process: argv, run without a shell
+    url: str = ""                                  # uri: the credentials URI
     timeout_seconds: float = Field(10.0, gt=0)
     retry_backoff: float = Field(1.0, gt=0)        # first wait after a failed credentials fetch
     retry_backoff_max: float = Field(60.0, gt=0)   # longest wait between fetch attempts
@@ -124,9 +135,10 @@ class CredentialsConfig(_Section):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str, info: ValidationInfo) -> str:
-        """Compacted, since AssumeRole limits the Policy parameter's length; only sts sends it."""
+        """Compacted, since AssumeRole limits the Policy parameter's length; only the sources
+        that call STS send it."""
         v = v.strip()
-        if not v or info.data.get("source") != "sts":
+        if not v or info.data.get("source") not in _STS_CALLERS:
             return v
         try:
             v = json.dumps(json.loads(v), separators=(",", ":"))
@@ -157,6 +169,19 @@ class CredentialsConfig(_Section):
         if self.source == "ecs-ram-role":
             default = CredentialsConfig.model_fields["ecs_metadata_url"].default
             _check_url("ecs_metadata_url", self.ecs_metadata_url, f"write e.g. {default} or remove the key")
+        if self.source == "oidc":
+            missing = [k for k in ("role_arn", "oidc_provider_arn", "oidc_token_file") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"{missing[0]}: required with source = \"oidc\"; set role_arn, "
+                                 "oidc_provider_arn and oidc_token_file (the RRSA values of the pod)")
+        if self.source == "process" and not (self.command and self.command[0]):
+            raise ValueError("command: required with source = \"process\"; write the argv as a list, "
+                             "e.g. [\"/usr/local/bin/get-creds\", \"--json\"]")
+        if self.source == "uri":
+            if not self.url:
+                raise ValueError("url: required with source = \"uri\"")
+            _check_url("url", self.url, "write the http(s) URL that answers {\"Code\": \"Success\", "
+                       "\"AccessKeyId\", ...}")
         if self.source == "static" and not (self.access_key_id and self.access_key_secret):
             raise ValueError("access_key_id/access_key_secret: required with source = \"static\"; "
                              "set them or OSSYNCD_ACCESS_KEY_ID / OSSYNCD_ACCESS_KEY_SECRET")
@@ -405,7 +430,7 @@ class MetricsConfig(_Section):
 
 class Config(_Section):
     oss: OssConfig
-    credentials: CredentialsConfig = CredentialsConfig(source="env")
+    credentials: CredentialsConfig = CredentialsConfig(source="default")   # [credentials] left out
     upload: UploadConfig = UploadConfig()
     object: ObjectSpec = ObjectSpec()       # [upload]'s object keys: for files outside every watch
     state: StateConfig = StateConfig()
@@ -416,7 +441,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _scoped_policy_fits(self) -> "Config":
-        if self.credentials.source == "sts" and self.credentials.scope_policy_to_prefixes:
+        if self.credentials.source in _STS_CALLERS and self.credentials.scope_policy_to_prefixes:
             try:
                 _policy.inline_policy_json(self.oss.bucket, self.prefixes, **self.policy_features)
             except _policy.PolicyError as e:

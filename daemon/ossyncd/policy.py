@@ -13,12 +13,15 @@ Resources:
   * ``oss:ListMultipartUploads`` is a bucket-level action, so it is granted on
     ``acs:oss:*:*:{bucket}``.
 
+``rrsa_trust_policy`` is the role trust policy for ACK RRSA (``ossyncd policy --rrsa``).
+
 This module depends only on errors.py, so that the CLI can import it cheaply.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterable
 
 from ossyncd.errors import PolicyError, PolicyTooLong
@@ -36,6 +39,7 @@ __all__ = [
     "object_resources",
     "upload_policy",
     "inline_policy_json",
+    "rrsa_trust_policy",
 ]
 
 #: The eight actions the upload path uses (docs/architecture.md §4), in a stable order.
@@ -146,3 +150,34 @@ def inline_policy_json(bucket: str, prefixes: Iterable[str], *, tagging: bool = 
             "the role's own policy instead"
         )
     return text
+
+
+_PROVIDER_ARN_RE = re.compile(r"^acs:ram::\d+:oidc-provider/[A-Za-z0-9._-]+$")
+_K8S_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def rrsa_trust_policy(provider_arn: str, issuer: str, namespace: str, service_account: str) -> dict:
+    """The trust policy of the RAM role an ACK pod assumes with RRSA (AssumeRoleWithOIDC): only
+    tokens of this OIDC provider, for STS, for this namespace's service account. PolicyError
+    names the bad option."""
+    if not _PROVIDER_ARN_RE.match(provider_arn):
+        raise PolicyError(f"--oidc-provider-arn {provider_arn!r} is not acs:ram::<account>:oidc-provider/<name>; "
+                          "copy it from the cluster's RRSA settings (ack-rrsa-<cluster id>)")
+    if not issuer.startswith("https://"):
+        raise PolicyError(f"--oidc-issuer {issuer!r} is not an https URL; copy the cluster's issuer URL")
+    for opt, value in (("--namespace", namespace), ("--service-account", service_account)):
+        if not _K8S_NAME_RE.match(value):
+            raise PolicyError(f"{opt} {value!r} is not a Kubernetes name (lower-case a-z, 0-9, '-', '.')")
+    return {
+        "Version": "1",
+        "Statement": [{
+            "Effect": "Allow",
+            "Action": "sts:AssumeRole",
+            "Principal": {"Federated": [provider_arn]},
+            "Condition": {"StringEquals": {
+                "oidc:aud": "sts.aliyuncs.com",
+                "oidc:iss": issuer,
+                "oidc:sub": f"system:serviceaccount:{namespace}:{service_account}",
+            }},
+        }],
+    }

@@ -62,7 +62,8 @@ def status_dict(cfg: Config, state: State | None) -> dict:
         "counts": counts,
         "in_flight": in_flight,
         "failures": failures,
-        "credentials": {"source": cfg.credentials.source, "expires_at": creds.get("expires_at"),
+        "credentials": {"source": cfg.credentials.source, "link": creds.get("link"),
+                        "expires_at": creds.get("expires_at"),
                         "error": creds.get("last_error"), "next_attempt_at": creds.get("next_attempt_at")},
         "verification": verification,   # {"mode": crc64|md5, "detected_at"}; null until the first upload
         "throughput_mib_s": json.loads(state.get_meta("throughput") or "null") if state is not None else None,
@@ -106,7 +107,7 @@ def render_status(d: dict, console: Console) -> None:
         console.print(styled((f"the daemon's loop has not ticked for {dm['heartbeat_age_s']:.0f} s", "red"),
                              "; see its log (journalctl -u ossyncd)"))
     c = d["credentials"]
-    line = styled(f"credentials: {c['source']}")
+    line = styled(f"credentials: {c.get('link') or c['source']}")
     if c.get("expires_at"):
         line.append(f", expires {c['expires_at']}")
     if c.get("error"):

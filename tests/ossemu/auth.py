@@ -207,8 +207,11 @@ class Authority:
         self.user = Principal("user", USER_ID, USER_SECRET)
         self.static = {p.id: p for p in (self.root, self.user)}
         self.role_arn = f"acs:ram::{account_id}:role/uploader"
+        # a second role whose sessions may assume `uploader` (role chaining, ChainableRamRoleArn)
+        self.relay_role_arn = f"acs:ram::{account_id}:role/relay"
         self.full_role_arn = f"acs:ram::{account_id}:role/uploader-full"
-        self.roles = {self.role_arn: ROLE_POLICY, self.full_role_arn: FULL_ROLE_POLICY}
+        self.roles = {self.role_arn: ROLE_POLICY, self.full_role_arn: FULL_ROLE_POLICY,
+                      self.relay_role_arn: ROLE_POLICY}
         self._lock = threading.Lock()
         self._by_token = {}
         self._by_ak = {}
@@ -223,6 +226,14 @@ class Authority:
         with self._lock:
             self._by_token[token] = s
             self._by_ak[ak] = s
+        return s
+
+    def session(self, ak, token):
+        """The live session holding this AccessKeyId and token, or None."""
+        with self._lock:
+            s = self._by_token.get(token)
+        if s is None or s.access_key_id != ak or s.expires_at <= self.clock():
+            return None
         return s
 
     def expire_all(self):

@@ -6,6 +6,7 @@ from . import server
 from .auth import Authority
 from .faults import FaultEngine, Stats
 from .hosts import Endpoints
+from .oidc import TestIssuer
 from .storage import Storage
 from .sts import AssumeRole
 
@@ -20,7 +21,7 @@ class Emulator:
     """
 
     def __init__(self, data_dir, buckets=("drop",), host="127.0.0.1", port=0, sts_port=0,
-                 min_duration=900, region="cn-hangzhou", verbose=False, crc64=True):
+                 min_duration=900, region="cn-hangzhou", verbose=False, crc64=True, oidc_issuer=None):
         self.data_dir = data_dir
         self.crc64 = crc64   # False: omit x-oss-hash-crc64ecma (and HashCrc64ecma in ListParts)
         self.region = region
@@ -30,7 +31,9 @@ class Emulator:
         self.storage = Storage(data_dir, list(buckets) or ["drop"])
         self.authority = Authority(region)
         self.endpoints = Endpoints(region)
-        self.assume_role = AssumeRole(self.authority, min_duration=min_duration)
+        # the RRSA issuer AssumeRoleWithOIDC trusts; emu.oidc.token(ttl=3) mints a service-account JWT
+        self.oidc = oidc_issuer or TestIssuer()
+        self.assume_role = AssumeRole(self.authority, min_duration=min_duration, issuer=self.oidc)
         self.faults = FaultEngine()
         self.counters = Stats()
         self.oss_url = self.sts_url = None
@@ -90,6 +93,10 @@ class Emulator:
         return self.authority.full_role_arn
 
     @property
+    def relay_role_arn(self):
+        return self.authority.relay_role_arn
+
+    @property
     def oss_endpoint(self):
         """The real endpoint name; reachable through the OSS port as a forward proxy (hosts.py)."""
         return f"http://{self.endpoints.oss[0]}"
@@ -107,7 +114,8 @@ class Emulator:
                 "proxy": self.oss_url, "oss_endpoint": self.oss_endpoint, "sts_endpoint": self.sts_endpoint,
                 "root": {"id": self.root.id, "secret": self.root.secret},
                 "user": {"id": self.user.id, "secret": self.user.secret},
-                "role_arn": self.role_arn, "full_role_arn": self.full_role_arn}
+                "role_arn": self.role_arn, "full_role_arn": self.full_role_arn,
+                "oidc": {"issuer": self.oidc.issuer, "provider_arn": self.oidc.provider_arn}}
 
     # ------------------------------------------------------------ control
     def stats(self):

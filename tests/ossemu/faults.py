@@ -130,6 +130,7 @@ class Stats:
             self.uploads_initiated = 0
             self.uploads_completed = 0
             self.uploads_aborted = 0
+            self.oidc_tokens = defaultdict(int)   # jti -> accepted AssumeRoleWithOIDC calls
 
     def request(self, op):
         with self._lock:
@@ -152,6 +153,10 @@ class Stats:
             self.bytes_received += n
             self.bytes_by_op[op] += n
 
+    def oidc_token(self, jti):
+        with self._lock:
+            self.oidc_tokens[str(jti)] += 1
+
     def add(self, name, n=1):
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
@@ -170,4 +175,5 @@ class Stats:
                 "uploads_initiated": self.uploads_initiated,
                 "uploads_completed": self.uploads_completed,
                 "uploads_aborted": self.uploads_aborted,
+                "oidc_tokens": dict(self.oidc_tokens),
             }

@@ -254,11 +254,13 @@ class _BaseHandler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------- STS (own port, or sts.* host via the proxy)
     def _serve_sts(self, req):
         emu = self.server.emu
-        emu.counters.request("AssumeRole")
-        fault = emu.faults.pick("AssumeRole")
+        # the SDKs put Action in the query; AssumeRoleWithOIDC counts (and faults) on its own
+        op = "AssumeRoleWithOIDC" if req.qdict.get("Action") == "AssumeRoleWithOIDC" else "AssumeRole"
+        emu.counters.request(op)
+        fault = emu.faults.pick(op)
         try:
             if fault is not None:
-                emu.counters.fault("AssumeRole")
+                emu.counters.fault(op)
                 req.body.fault = fault
             body = b""
             while True:
@@ -276,20 +278,24 @@ class _BaseHandler(BaseHTTPRequestHandler):
                 fault.sleep()
                 if fault.status:
                     raise StsError(int(fault.status), fault.code, fault.message)
-            result = emu.assume_role.handle(req.method, params)
+            if params.get("Action") == "AssumeRoleWithOIDC":
+                result, jti = emu.assume_role.handle_oidc(params)
+                emu.counters.oidc_token(jti)
+            else:
+                result = emu.assume_role.handle(req.method, params)
             emu.counters.add("sts_issued")
-            emu.counters.success("AssumeRole")
+            emu.counters.success(op)
             self._json(200, result)
         except StsError as e:
-            emu.counters.error("AssumeRole", e.code)
+            emu.counters.error(op, e.code)
             self._send(e.status, [("Content-Type", "application/json;charset=utf-8")],
                        error_json(e, req.request_id))
         except ConnectionAbort:
-            emu.counters.error("AssumeRole", "ConnectionReset")
+            emu.counters.error(op, "ConnectionReset")
             self._abort()
         except Exception:
             traceback.print_exc()
-            emu.counters.error("AssumeRole", "InternalError")
+            emu.counters.error(op, "InternalError")
             self._send(500, [("Content-Type", "application/json")],
                        error_json(StsError(500, "InternalError", "internal error"), req.request_id))
 

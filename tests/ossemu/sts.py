@@ -8,9 +8,20 @@ Error codes (JSON `{"RequestId","HostId","Code","Message","Recommend"}`):
   400 SignatureNonceUsed               replayed SignatureNonce
   400 Missing<Param>                   a required parameter is absent
   400 InvalidParameter.RoleArn         RoleArn not of the form acs:ram::<digits>:role/<name>
-  404 EntityNotExist.Role              well-formed RoleArn other than the emulator's two roles
-  403 NoPermission                     caller is not allowed to assume the role (STS credentials)
+  404 EntityNotExist.Role              well-formed RoleArn other than the emulator's roles
+  403 NoPermission                     caller is not allowed to assume the role (STS credentials,
+                                       except a `relay` role session assuming `uploader`: role chaining)
+  403 InvalidSecurityToken.Expired     STS caller whose SecurityToken is unknown or expired
   400 InvalidParameter.RoleSessionName / .DurationSeconds / .PolicyGrammar
+
+AssumeRoleWithOIDC (anonymous: no AccessKeyId, no Signature; RRSA), checked against the
+TestIssuer the emulator trusts (oidc.py):
+  400 Missing<Param>                               RoleArn, OIDCProviderArn, OIDCToken, RoleSessionName
+  404 EntityNotExist.OIDCProvider                  OIDCProviderArn other than the trusted provider's
+  400 AuthenticationFail.OIDCToken.Invalid         not a JWT, bad signature, no sub
+  400 AuthenticationFail.OIDCToken.IssuerInvalid   iss is not the provider's issuer URL
+  400 AuthenticationFail.OIDCToken.AudienceInvalid aud does not hold sts.aliyuncs.com
+  400 AuthenticationFail.OIDCToken.Expired         exp has passed
 """
 
 import base64
@@ -24,7 +35,8 @@ import uuid
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-from .auth import SKEW_SECONDS, parse_policy
+from . import oidc
+from .auth import SKEW_SECONDS, Principal, parse_policy
 from .errors import StsError
 
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9.@_-]{2,64}$")
@@ -62,8 +74,9 @@ def parse_timestamp(value):
 
 
 class AssumeRole:
-    def __init__(self, authority, min_duration=900, clock=time.time):
+    def __init__(self, authority, min_duration=900, clock=time.time, issuer=None):
         self.authority = authority
+        self.issuer = issuer    # oidc.TestIssuer trusted by AssumeRoleWithOIDC
         self.min_duration = min_duration
         self.clock = clock
         self._nonces = {}
@@ -97,6 +110,11 @@ class AssumeRole:
             raise StsError(400, "InvalidSignatureMethod", "Specified signature method is not supported.")
         ak = params["AccessKeyId"]
         principal = self.authority.static.get(ak)
+        if principal is None and ak.startswith("STS.") and params.get("SecurityToken"):
+            session = self.authority.session(ak, params["SecurityToken"])
+            if session is None:
+                raise StsError(403, "InvalidSecurityToken.Expired", "Specified SecurityToken is expired.")
+            principal = Principal("sts", session.access_key_id, session.secret, session)
         if principal is None:
             raise StsError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
         now = self.clock()
@@ -117,9 +135,31 @@ class AssumeRole:
             raise StsError(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
         if arn not in self.authority.roles:
             raise StsError(404, "EntityNotExist.Role", f"The role not exists: {arn}.")
-        if principal.kind not in ("user", "root"):
+        chained = (principal.kind == "sts" and arn == self.authority.role_arn
+                   and getattr(principal.session, "caller", None) == "relay")
+        if principal.kind not in ("user", "root") and not chained:
             raise StsError(403, "NoPermission", "You are not authorized to do this action. "
                                                 "You should be authorized by RAM.")
+        return self._issue("relay" if arn == self.authority.relay_role_arn else principal.kind, arn, params)
+
+    def handle_oidc(self, params):
+        """AssumeRoleWithOIDC: (the success dict, the accepted token's jti)."""
+        if params.get("Version") != "2015-04-01":
+            raise StsError(400, "InvalidVersion", "Specified parameter Version is not valid.")
+        for name in ("RoleArn", "OIDCProviderArn", "OIDCToken"):
+            self._require(params, name)
+        if self.issuer is None or params["OIDCProviderArn"] != self.issuer.provider_arn:
+            raise StsError(404, "EntityNotExist.OIDCProvider",
+                           f"The OIDC provider not exists: {params['OIDCProviderArn']}.")
+        arn = params["RoleArn"]
+        if not ROLE_ARN_RE.match(arn):
+            raise StsError(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
+        claims = oidc.verify(params["OIDCToken"], self.issuer, clock=self.clock)
+        if arn != self.authority.role_arn:
+            raise StsError(404, "EntityNotExist.Role", f"The role not exists: {arn}.")
+        return self._issue("oidc", arn, params), claims.get("jti", "")
+
+    def _issue(self, caller, arn, params):
         name = self._require(params, "RoleSessionName")
         if not SESSION_NAME_RE.match(name):
             raise StsError(400, "InvalidParameter.RoleSessionName", "The parameter RoleSessionName is wrongly formed.")
@@ -142,7 +182,7 @@ class AssumeRole:
                 raise StsError(400, "InvalidParameter.PolicyGrammar",
                                "The parameter Policy has not passed grammar check.")
 
-        s = self.authority.issue(principal.kind, name, duration, policy, role_policy=self.authority.roles[arn])
+        s = self.authority.issue(caller, name, duration, policy, role_policy=self.authority.roles[arn])
         role_id = "3" + str(int(hashlib.sha1(arn.encode()).hexdigest(), 16) % 10 ** 17).zfill(17)
         return {
             "RequestId": str(uuid.uuid4()).upper(),

@@ -9,6 +9,11 @@ return an immutable ``Snapshot`` or raise ``CredentialsError`` whose
   * ``ecs-ram-role`` the ECS instance metadata service
   * ``env``          OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET / OSS_SESSION_TOKEN
   * ``static``       keys from the config file
+  * ``default``      the official alibabacloud-credentials chain (chain.py; docs/credentials.md)
+  * ``profile``      one profile of ~/.aliyun/config.json or credentials.ini (profile.py)
+  * ``oidc``         RRSA: STS AssumeRoleWithOIDC with a token file (sts.py)
+  * ``process``      an external command printing JSON (process.py)
+  * ``uri``          a credentials URI answering {"Code": "Success", ...} (http.py)
 
 ``RotatingCredentials`` caches the current snapshot, refreshes it at
 ``refresh_fraction`` of its lifetime (``tick(now)`` + a thin thread loop), keeps
@@ -30,11 +35,13 @@ reprs or ``status()``: every message built here goes through the source's
 from ossyncd.errors import CredentialsError
 
 from .base import Snapshot, Source, parse_expiration
+from .chain import DefaultChainSource
 from .factory import build_source
-from .http import BrokerSource, EcsRamRoleSource
+from .http import BrokerSource, EcsRamRoleSource, UriSource
+from .process import ProcessSource
 from .rotating import RotatingCredentials
 from .static import EnvSource, StaticSource
-from .sts import StsSource
+from .sts import OidcSource, StsSource
 
 __all__ = [
     "CredentialsError",
@@ -45,6 +52,10 @@ __all__ = [
     "EcsRamRoleSource",
     "EnvSource",
     "StaticSource",
+    "DefaultChainSource",
+    "UriSource",
+    "ProcessSource",
+    "OidcSource",
     "build_source",
     "RotatingCredentials",
     "parse_expiration",

@@ -128,7 +128,8 @@ class EcsRamRoleSource(HttpJsonSource):
     _unreachable_hint = ("is this an ECS instance with a RAM role? check credentials.ecs_metadata_url "
                          "(will retry)")
 
-    def __init__(self, *, metadata_url: str, role_name: str = "", timeout: float = 10.0):
+    def __init__(self, *, metadata_url: str, role_name: str = "", timeout: float = 10.0,
+                 token_first: bool = False):
         """``metadata_url`` is an http(s) URL (config.CredentialsConfig checks
         credentials.ecs_metadata_url and owns its default)."""
         super().__init__(timeout)
@@ -139,23 +140,37 @@ class EcsRamRoleSource(HttpJsonSource):
         self.role_name = role_name.strip("/")
         self._token_url = f"{parts.scheme}://{parts.netloc}/latest/api/token"
         self._imds_token: str | None = None
+        self._token_first = token_first   # IMDSv2: a session token before the first GET
+        if token_first:
+            # the chain's probe: the link-local service is never behind a proxy, and a proxy
+            # answering for it would pass for "no role attached"
+            self._session.trust_env = False
+
+    def _put_token(self) -> bool:
+        try:
+            t = self._session.put(self._token_url, timeout=(self.timeout, self.timeout),
+                                  headers={"X-aliyun-ecs-metadata-token-ttl-seconds": "21600"})
+        except requests.exceptions.RequestException as e:
+            if self._token_first:
+                raise self._err(f"instance metadata service {self._token_url} unreachable: "
+                                f"{net_reason(e, self.timeout)}; {self._unreachable_hint}",
+                                transient=True, code="Unreachable") from None
+            return False
+        if t.status_code == 200 and t.text.strip():
+            self._imds_token = t.text.strip()
+            return True
+        return False
 
     def _secrets(self):
         return (self._imds_token or "",)
 
     def _imds_get(self, url: str) -> requests.Response:
+        if self._token_first and not self._imds_token:
+            self._put_token()
         headers = {"X-aliyun-ecs-metadata-token": self._imds_token} if self._imds_token else {}
         r = self._get(url, "instance metadata service", headers)
-        if r.status_code in (401, 403):  # hardened mode: get a session token and retry once
-            try:
-                t = self._session.put(self._token_url, timeout=(self.timeout, self.timeout),
-                                      headers={"X-aliyun-ecs-metadata-token-ttl-seconds": "21600"})
-            except requests.exceptions.RequestException:
-                return r
-            if t.status_code == 200 and t.text.strip():
-                self._imds_token = t.text.strip()
-                r = self._get(url, "instance metadata service",
-                              {"X-aliyun-ecs-metadata-token": self._imds_token})
+        if r.status_code in (401, 403) and self._put_token():  # hardened mode, or the token expired
+            r = self._get(url, "instance metadata service", {"X-aliyun-ecs-metadata-token": self._imds_token})
         return r
 
     def _check(self, r: requests.Response, url: str, what: str) -> None:
@@ -204,3 +219,35 @@ class EcsRamRoleSource(HttpJsonSource):
                             "will retry", transient=True, code=str(code))
         return self._snapshot(doc, f"instance metadata service {url}", transient=True)
 
+
+
+# --- uri ----------------------------------------------------------------------------------
+
+
+class UriSource(HttpJsonSource):
+    """A credentials URI (ALIBABA_CLOUD_CREDENTIALS_URI / credentials.url) answering, at the top
+    level, {"Code": "Success", "AccessKeyId", "AccessKeySecret", "SecurityToken", "Expiration"}
+    (the alibabacloud-credentials URLCredentialsProvider shape; docs/credentials.md)."""
+
+    name = "uri"
+
+    def __init__(self, *, url: str, timeout: float = 10.0, where: str = "credentials.url"):
+        super().__init__(timeout)
+        self.url = url
+        self.where = where
+        self._unreachable_hint = f"check {where} and the network (will retry)"
+
+    def fetch(self) -> Snapshot:
+        """One GET. Every failure is transient (the service is ours and recovers), each message
+        naming the URL's key and what was wrong."""
+        what = f"credentials URI {self.url} ({self.where})"
+        r = self._get(self.url, "credentials URI", {"Accept": "application/json"})
+        if r.status_code != 200:
+            raise self._err(f"{what} answered {_status_text(r)}; will retry", transient=True,
+                            code=f"HTTP{r.status_code}")
+        doc = self._json(r, what, "it must answer JSON; will retry", transient=True)
+        if not isinstance(doc, dict) or doc.get("Code") != "Success":
+            code = doc.get("Code") if isinstance(doc, dict) else None
+            raise self._err(f"{what} answered Code={code!r}, not \"Success\"; will retry", transient=True,
+                            code="BadResponse")
+        return self._snapshot(doc, what, transient=True)

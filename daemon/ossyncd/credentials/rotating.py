@@ -222,6 +222,11 @@ class RotatingCredentials:
         with self._cond:
             return self._next_attempt
 
+    def describe(self) -> str:
+        """Where the credentials come from, for check-config and status (never a secret)."""
+        describe = getattr(self._source, "describe", None)
+        return (describe() if callable(describe) else None) or self._source.name
+
     def retry_at(self) -> float | None:
         """After a failed fetch, when the next one is due (epoch seconds); None when healthy.
         Work waiting for credentials should come back then, not sooner (it would fail at once)."""
@@ -236,6 +241,7 @@ class RotatingCredentials:
             snap = self._snap
             return {
                 "source": self._source.name,
+                "link": self.describe(),
                 "expires_at": iso8601(snap.expires_at) if snap else None,
                 "last_refresh_at": iso8601(self._last_refresh_at),
                 "last_error": str(self._last_error) if self._last_error else None,

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from urllib.parse import urlsplit
 
 import requests
 
 from ossyncd.errors import CredentialsError
 
-from .base import Snapshot, SourceBase, mask_key_id, net_reason, snapshot_from_doc
+from .base import Snapshot, Source, SourceBase, mask_key_id, net_reason, snapshot_from_doc
 
 
 # aliyunsdkcore logs every response body at DEBUG, which for AssumeRole holds the
@@ -55,12 +57,20 @@ class StsSource(SourceBase):
 
     name = "sts"
 
-    def __init__(self, *, access_key_id: str, access_key_secret: str, role_arn: str, endpoint: str,
+    def __init__(self, *, role_arn: str, endpoint: str, access_key_id: str = "", access_key_secret: str = "",
                  session_name: str = "ossyncd", duration_seconds: int = 3600, region: str = "cn-hangzhou",
-                 policy: str | None = None, timeout: float = 10.0):
-        """Arguments as validated by config.CredentialsConfig: ``endpoint`` is an http(s) URL."""
+                 policy: str | None = None, timeout: float = 10.0, base: Source | None = None,
+                 key_from: str = ""):
+        """Arguments as validated by config.CredentialsConfig: ``endpoint`` is an http(s) URL.
+        ``base``: the source of the caller's keys (a profile, the environment, another role for
+        ChainableRamRoleArn), fetched at every AssumeRole; else the fixed access_key_id/secret.
+        ``key_from`` names where those keys live (a profile), for the messages."""
         from aliyunsdkcore.client import AcsClient  # the only aliyunsdkcore importer
 
+        self._base = base
+        self._base_snap: Snapshot | None = None
+        # what an operator fixes when STS refuses the caller's key (messages name it)
+        self._key_from = key_from
         parts = urlsplit(endpoint)
         self._scheme = parts.scheme
         self._hostport = parts.netloc.rsplit("@", 1)[-1]
@@ -77,11 +87,52 @@ class StsSource(SourceBase):
         # HttpResponse passes `proxies=` explicitly, which bypasses NO_PROXY; decide here.
         no_proxy: dict[str, str | None] = {"http": None, "https": None}
         proxies = requests.utils.get_environ_proxies(self.endpoint + "/") or no_proxy
-        self._client = AcsClient(self._ak, self._sk, self.region, auto_retry=False,
-                                 connect_timeout=self.timeout, timeout=self.timeout, proxy=proxies)
+        self._proxies = proxies
+        self._client = None if base is not None else AcsClient(
+            self._ak, self._sk, self.region, auto_retry=False, connect_timeout=self.timeout,
+            timeout=self.timeout, proxy=proxies)
+
+    def describe(self) -> str | None:
+        """With a base source: where its keys come from and the role they assume."""
+        if self._base is None:
+            return None
+        return f"{self._keys_from()}, then AssumeRole {self.role_arn}"
+
+    def _keys_from(self) -> str:
+        """Where the caller's keys live, for messages: a profile, the chain's link (asked at
+        error time: the chain knows its link only once it answered), or "" for the config."""
+        if self._key_from or self._base is None:
+            return self._key_from
+        describe = getattr(self._base, "describe", None)
+        return describe() if callable(describe) else self._base.name
+
+    @property
+    def _id_hint(self) -> str:
+        where = self._keys_from()
+        return f"the access_key_id of {where}" if where else "credentials.access_key_id or OSSYNCD_ACCESS_KEY_ID"
+
+    @property
+    def _secret_hint(self) -> str:
+        where = self._keys_from()
+        return (f"the access_key_secret of {where}" if where
+                else "credentials.access_key_secret or OSSYNCD_ACCESS_KEY_SECRET")
 
     def _secrets(self):
-        return (self._sk,)
+        b = self._base_snap
+        return (self._sk, *((b.access_key_secret, b.security_token or "") if b else ()))
+
+    def _client_for_base(self):
+        """An AcsClient signing with the base source's current keys (one fetch per AssumeRole)."""
+        from aliyunsdkcore.auth.credentials import AccessKeyCredential, StsTokenCredential
+        from aliyunsdkcore.client import AcsClient
+
+        assert self._base is not None
+        snap = self._base_snap = self._base.fetch()
+        self._ak = snap.access_key_id
+        cred = (StsTokenCredential(snap.access_key_id, snap.access_key_secret, snap.security_token)
+                if snap.security_token else AccessKeyCredential(snap.access_key_id, snap.access_key_secret))
+        return AcsClient(region_id=self.region, credential=cred, auto_retry=False,
+                         connect_timeout=self.timeout, timeout=self.timeout, proxy=self._proxies)
 
     def _request(self):
         from aliyunsdksts.request.v20150401.AssumeRoleRequest import AssumeRoleRequest
@@ -102,8 +153,9 @@ class StsSource(SourceBase):
         from aliyunsdkcore.acs_exception.exceptions import ClientException, ServerException
 
         where = f"AssumeRole on {self.endpoint} failed"
+        client = self._client if self._client is not None else self._client_for_base()
         try:
-            body = self._client.do_action_with_exception(self._request())
+            body = client.do_action_with_exception(self._request())
         except ServerException as e:
             raise self._map_server_error(e) from None
         except ClientException as e:
@@ -118,7 +170,7 @@ class StsSource(SourceBase):
             # aliyunsdkcore splits a SignatureDoesNotMatch message on ':' and crashes when there is none.
             raise self._err(
                 f"{where}: SignatureDoesNotMatch: the request signature was rejected, usually a wrong "
-                "AccessKey secret; check credentials.access_key_secret or OSSYNCD_ACCESS_KEY_SECRET",
+                f"AccessKey secret; check {self._secret_hint}",
                 transient=False, code="SignatureDoesNotMatch") from None
         except requests.exceptions.RequestException as e:  # pragma: no cover - SDK wraps these
             raise self._err(f"STS endpoint {self.endpoint} unreachable: {net_reason(e, self.timeout)}",
@@ -144,13 +196,11 @@ class StsSource(SourceBase):
 
         if code == "InvalidAccessKeyId.Inactive":
             return perm(f"the AccessKey {key_id} is disabled; enable it in RAM or configure "
-                        "another key in credentials.access_key_id / OSSYNCD_ACCESS_KEY_ID")
+                        f"another key in {self._id_hint}")
         if code.startswith("InvalidAccessKeyId"):
-            return perm(f"the AccessKey ID {key_id} is not known to STS; check "
-                        "credentials.access_key_id or OSSYNCD_ACCESS_KEY_ID")
+            return perm(f"the AccessKey ID {key_id} is not known to STS; check {self._id_hint}")
         if code in ("InvalidAccessKeySecret", "SignatureDoesNotMatch", "IncompleteSignature"):
-            return perm("the AccessKey secret is wrong; check credentials.access_key_secret or "
-                        "OSSYNCD_ACCESS_KEY_SECRET")
+            return perm(f"the AccessKey secret is wrong; check {self._secret_hint}")
         if code.startswith("InvalidTimeStamp") or code == "RequestTimeTooSkewed":
             return perm("the local clock is too far off; synchronise the system time (NTP)")
         if code.startswith("EntityNotExist"):
@@ -160,7 +210,7 @@ class StsSource(SourceBase):
                         "sts:AssumeRole on it for the user and trust the user's account in the "
                         "role's trust policy, or fix credentials.role_arn")
         if code in ("MissingSecurityToken",) or code.startswith("InvalidSecurityToken"):
-            return perm("credentials.access_key_id is an STS key; AssumeRole needs a RAM user's "
+            return perm(f"{self._id_hint} is an STS key; AssumeRole needs a RAM user's "
                         "long-term AccessKey")
         if code.startswith("InvalidParameter") or code.startswith("MissingParameter") or \
                 code.startswith("InvalidRoleArn") or code.startswith("MissingRole"):
@@ -183,3 +233,114 @@ class StsSource(SourceBase):
                              f"(HTTP {status}); will retry", transient=True, code=code)
         return perm(f"HTTP {status}: {msg}")
 
+
+
+# --- AssumeRoleWithOIDC (RRSA) -------------------------------------------------------------
+
+_OIDC_FIXES = {
+    "AuthenticationFail.OIDCToken.Expired": "the token in {file} has expired; the cluster renews it "
+                                            "(check the pod's service-account token projection)",
+    "AuthenticationFail.OIDCToken.Invalid": "{file} does not hold a token signed by the OIDC provider",
+    "AuthenticationFail.OIDCToken.IssuerInvalid": "the token's issuer is not the OIDC provider's; check "
+                                                  "oidc_provider_arn / ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+    "AuthenticationFail.OIDCToken.AudienceInvalid": "the token's audience must be sts.aliyuncs.com; "
+                                                    "enable RRSA for the pod",
+    "EntityNotExist.OIDCProvider": "check oidc_provider_arn / ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+    "EntityNotExist.Role": "check role_arn / ALIBABA_CLOUD_ROLE_ARN",
+}
+
+
+class OidcSource(SourceBase):
+    """STS AssumeRoleWithOIDC, anonymous, with the token file read afresh at every fetch (the
+    cluster rotates it; it is never cached). Sent with requests: aliyunsdkcore signs every call."""
+
+    name = "oidc"
+
+    def __init__(self, *, role_arn: str, oidc_provider_arn: str, oidc_token_file: str, endpoint: str,
+                 session_name: str = "ossyncd", duration_seconds: int = 3600, policy: str | None = None,
+                 timeout: float = 10.0):
+        self.role_arn = role_arn
+        self.provider_arn = oidc_provider_arn
+        self.token_file = oidc_token_file
+        self.endpoint = endpoint.rstrip("/")
+        self.session_name = session_name
+        self.duration_seconds = duration_seconds
+        self.policy = policy or None
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._token = ""
+
+    def _secrets(self):
+        return (self._token,)
+
+    def _read_token(self) -> str:
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except FileNotFoundError:
+            # a projected token appears shortly after the pod starts: wait for it
+            raise self._err(f"OIDC token file {self.token_file} does not exist; check oidc_token_file / "
+                            "ALIBABA_CLOUD_OIDC_TOKEN_FILE (will retry)", transient=True, code="TokenFile") from None
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise self._err(f"OIDC token file {self.token_file} is unreadable ({reason}); let the daemon's "
+                            "user read it (will retry)", transient=True, code="TokenFile") from None
+        if not token:
+            raise self._err(f"OIDC token file {self.token_file} is empty (will retry)", transient=True,
+                            code="TokenFile")
+        return token
+
+    def fetch(self) -> Snapshot:
+        """One AssumeRoleWithOIDC call. Transient: token file missing/unreadable (the cluster writes
+        it), network, 5xx, an expired token (renewed by the cluster); permanent: other STS errors."""
+        self._token = token = self._read_token()
+        form = {"Format": "JSON", "Version": "2015-04-01", "RoleArn": self.role_arn,
+                "OIDCProviderArn": self.provider_arn, "OIDCToken": token,
+                "RoleSessionName": self.session_name, "DurationSeconds": str(self.duration_seconds),
+                "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.policy:
+            form["Policy"] = self.policy
+        where = f"AssumeRoleWithOIDC on {self.endpoint} failed"
+        try:
+            # the token goes in the body, not the URL (URLs end up in proxy logs)
+            r = self._session.post(self.endpoint + "/?Action=AssumeRoleWithOIDC", data=form,
+                                   timeout=(self.timeout, self.timeout))
+        except requests.exceptions.RequestException as e:
+            raise self._err(f"STS endpoint {self.endpoint} unreachable: {net_reason(e, self.timeout)}; "
+                            "check sts_endpoint / ALIBABA_CLOUD_STS_ENDPOINT and the network (will retry)",
+                            transient=True, code="SDK.HttpError") from None
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = None
+        if r.status_code != 200 or not isinstance(doc, dict):
+            code = str(doc.get("Code", "")) if isinstance(doc, dict) else ""
+            if r.status_code >= 500 or code in _STS_TRANSIENT_CODES or code.startswith("Throttling") or not code:
+                raise self._err(f"{where}: {code or 'HTTP ' + str(r.status_code)}; will retry",
+                                transient=True, code=code or f"HTTP{r.status_code}")
+            fix = _OIDC_FIXES.get(code, "check role_arn, oidc_provider_arn and the role's trust policy "
+                                        "(`ossyncd policy --rrsa`)").format(file=self.token_file)
+            raise self._err(f"{where}: {code}: {fix}", transient=code.endswith(".Expired"), code=code)
+        try:
+            return snapshot_from_doc(doc["Credentials"])
+        except (ValueError, KeyError, TypeError):
+            raise self._err(f"{where}: the response is not an AssumeRoleWithOIDC result; check sts_endpoint",
+                            transient=True, code="BadResponse") from None
+
+
+def sts_endpoint(configured: str | None, *, region: str | None = None, vpc: bool | None = None,
+                 environ=None) -> str:
+    """The STS endpoint a chain link calls, as alibabacloud-credentials chooses it
+    (docs/credentials.md): credentials.sts_endpoint, else ALIBABA_CLOUD_STS_ENDPOINT, else
+    sts[-vpc].<region>.aliyuncs.com from the link's or ALIBABA_CLOUD_STS_REGION /
+    ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED, else sts.aliyuncs.com."""
+    env = os.environ if environ is None else environ
+    url = configured or env.get("ALIBABA_CLOUD_STS_ENDPOINT", "").strip()
+    if url:
+        return url if "://" in url else "https://" + url
+    region = region or env.get("ALIBABA_CLOUD_STS_REGION", "").strip()
+    if vpc is None:
+        vpc = env.get("ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED", "").strip().lower() == "true"
+    if region:
+        return f"https://sts{'-vpc' if vpc else ''}.{region}.aliyuncs.com"
+    return "https://sts.aliyuncs.com"
