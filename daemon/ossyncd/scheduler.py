@@ -367,10 +367,12 @@ class Scheduler:
             if done:
                 del self.rescans[root]
 
-    def scan_root(self, root: str, now: float) -> None:
-        """Reconcile one root with state at once (rescan.Rescan)."""
+    def scan_root(self, root: str, now: float) -> Rescan:
+        """Reconcile one root with state at once; the Rescan says what it held."""
         self.rescans.pop(root, None)
-        Rescan(self, root).run(now)
+        scan = Rescan(self, root)
+        scan.run(now)
+        return scan
 
     def _gone(self, path: str, reason: str) -> None:
         row = self.state.get(path)
