@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import sqlite_utils
-import structlog
 
 from ossyncd.errors import StateError
+from ossyncd.log import get_logger
 from ossyncd.model import Identity, PartRow
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 R = TypeVar("R")
 STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone")
