@@ -163,7 +163,8 @@ class Scheduler:
                 self._wait_backoff(stop, self._trouble(e, state=False))
                 continue
             self._healthy()
-            self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
+            if not self.rescans:   # a rescan in progress goes on at once: its slices bound the tick
+                self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
             self.wake.clear()
 
     def _trouble(self, e: Exception, *, state: bool) -> float:
