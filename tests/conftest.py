@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,19 @@ def daemon_factory(tmp_path, request):
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+# ---------------------------------------------------------------- big trees
+@pytest.fixture
+def big_dir(tmp_path):
+    """A fresh folder for a big tree, on tmpfs when there is one (removed afterwards)."""
+    # Creating 100k files is disk-bound (and slow when the disk is shared);
+    # the scan's own cost is what this measures, so prefer tmpfs for setup.
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="ossyncd-bigtree-", dir="/dev/shm"))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path

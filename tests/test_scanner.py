@@ -1,10 +1,8 @@
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -290,20 +288,6 @@ def test_files_vanishing_and_root_missing(tmp_path):
     assert e.kind == "skipped" and "No such file" in e.reason
     assert stat_entry(make_watch(tmp_path), tmp_path / "gone.txt") is None
     assert stat_entry(make_watch(tmp_path), "/etc/passwd") is None  # outside the root
-
-
-@pytest.fixture
-def big_dir(tmp_path):
-    # Creating 100k files is disk-bound (and slow when the disk is shared);
-    # the scan's own cost is what this measures, so prefer tmpfs for setup.
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        d = Path(tempfile.mkdtemp(prefix="ossyncd-scan100k-", dir="/dev/shm"))
-        try:
-            yield d
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 @pytest.mark.timeout(120)

@@ -31,6 +31,9 @@ def _open_state(cfg: Config, *, readonly: bool):
     return State(cfg.state.path, readonly=readonly)
 
 
+_NO_SDK = {"status", "list", "policy"}
+
+
 class _Main(click.Group):
     def invoke(self, ctx):
         try:
@@ -46,8 +49,10 @@ def main() -> None:
     """ossyncd: upload finished files from drop folders to Alibaba Cloud OSS."""
     # stdout is each command's answer (`url --sign | xargs curl`) and each command reports its
     # own outcome in one line, so the library's log lines stay quiet; `run` (to stdout, for
-    # journald) and `upload` configure their own logging.
-    logsetup.configure("critical", "auto", stream=sys.stderr)
+    # journald) and `upload` configure their own logging. The read-only commands load no SDK
+    # and leave structlog unimported until something logs (log.get_logger: the same quiet setup).
+    if click.get_current_context().invoked_subcommand not in _NO_SDK:
+        logsetup.configure("critical", "auto", stream=sys.stderr)
 
 
 @main.command()

@@ -1,14 +1,38 @@
-"""structlog setup: JSON lines for journald/pipes, console for a TTY; secrets redacted."""
+"""structlog setup: JSON lines for journald/pipes, console for a TTY; secrets redacted.
+
+structlog is imported when a command configures it or a module first logs (`get_logger`):
+it costs about 0.1 s of start-up, which `status` and `list` do without (README "Quick start").
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable, MutableMapping
-
-import structlog
+from typing import Any, Iterable, MutableMapping
 
 _secrets: set[str] = set()
+_configured = False
+
+
+class _LazyLogger:
+    """structlog.get_logger(name), resolved at the first log call; a process that never
+    configured logging gets the quiet default (`critical`, to stderr) then."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._log: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._log is None:
+            import structlog
+            if not _configured:
+                configure("critical", "auto", stream=sys.stderr)
+            self._log = structlog.get_logger(self._name)
+        return getattr(self._log, attr)
+
+
+def get_logger(name: str) -> Any:
+    return _LazyLogger(name)
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -29,6 +53,9 @@ def _redact(_, __, event: MutableMapping) -> MutableMapping:
 
 
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+    global _configured
+    import structlog
+    _configured = True
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"

@@ -148,6 +148,27 @@ def scan_root(watch, *, with_temp: bool = False) -> Iterator[Entry]:
 
 def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iterator[Entry]:
     """Like scan_root, but starting at ``top`` (a directory inside the root)."""
+    for group in scan_dirs(watch, top, with_temp=with_temp):
+        if group.self_entry is not None:
+            yield group.self_entry
+        yield from group.entries
+
+
+@dataclass(slots=True)
+class DirGroup:
+    """One directory of a walk: what it holds, and which of its child folders the walk
+    enters later (each comes as its own group). ``self_entry`` is set when the folder
+    itself is skipped (unreadable, a symlink not followed as a folder): then it has no
+    entries. ``entries`` is empty too for a folder that vanished while the walk ran."""
+    path: str
+    entries: list[Entry]
+    subdirs: set[str]
+    self_entry: Entry | None = None
+
+
+def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iterator[DirGroup]:
+    """The walk behind scan_tree, one directory at a time, so a caller holds one folder's
+    entries at once, never the tree's (the rescan merge, docs/architecture.md §3)."""
     r = _Rules(watch)
     top = os.path.normpath(os.fspath(top))
     try:
@@ -155,7 +176,7 @@ def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
         top_st = os.stat(top)
     except (ValueError, OSError) as e:
         reason = getattr(e, "strerror", None) or str(e)
-        yield r.skipped(top, "", f"directory not scannable: {reason}")
+        yield DirGroup(top, [], set(), r.skipped(top, "", f"directory not scannable: {reason}"))
         return
     if top_rel and r.in_skip_dir(top):
         return
@@ -177,7 +198,7 @@ def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
                     reason = f"symlink loop (points to the enclosing folder {target}) - not followed"
                 else:
                     reason = f"symlink to a directory already scanned ({target}) - not followed"
-                yield r.skipped(path, relpath, reason)
+                yield DirGroup(path, [], set(), r.skipped(path, relpath, reason))
             else:
                 visited.add(ident)
                 stack.append((path, relpath + "/"))
@@ -186,11 +207,15 @@ def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
         try:
             it = os.scandir(dpath)
         except FileNotFoundError:
-            continue  # vanished since it was listed
+            yield DirGroup(dpath, [], set())   # vanished since it was listed
+            continue
         except OSError as e:
-            yield r.skipped(dpath, drel.rstrip("/"), f"directory not readable: {e.strerror}; its files are not uploaded")
+            reason = f"directory not readable: {e.strerror}; its files are not uploaded"
+            yield DirGroup(dpath, [], set(), r.skipped(dpath, drel.rstrip("/"), reason))
             continue
         base = dpath if dpath.endswith("/") else dpath + "/"
+        entries: list[Entry] = []
+        subdirs: set[str] = set()
         with it:
             for de in it:
                 name = de.name
@@ -207,29 +232,32 @@ def scan_tree(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
                         if ident not in visited:  # bind-mount loops
                             visited.add(ident)
                             stack.append((path, relpath + "/"))
+                            subdirs.add(name)
                         continue
                     if r.match is not None and r.excluded(name, relpath):
                         continue
                     rule = temp_rule(name, r.temp_rules)
                     if rule is not None:
                         if with_temp and de.is_file(follow_symlinks=False):
-                            yield r.temp(path, relpath, de.stat(follow_symlinks=False), rule)
+                            entries.append(r.temp(path, relpath, de.stat(follow_symlinks=False), rule))
                         continue
                     if de.is_file(follow_symlinks=False):
-                        yield r.file(path, relpath, de.stat(follow_symlinks=False))
+                        entries.append(r.file(path, relpath, de.stat(follow_symlinks=False)))
                     elif de.is_symlink():
                         if not r.follow:
-                            yield r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)")
+                            entries.append(r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)"))
                             continue
                         entry, dir_st = r.follow_link(path, relpath)
                         if entry is not None:
-                            yield entry
+                            entries.append(entry)
                         elif r.recursive and dir_st is not None:
                             links.append((path, relpath, (dir_st.st_dev, dir_st.st_ino)))
+                            subdirs.add(name)   # its group comes later: walked, or skipped as a duplicate
                     else:
-                        yield r.skipped(path, relpath, _special_reason(de.stat(follow_symlinks=False).st_mode))
+                        entries.append(r.skipped(path, relpath, _special_reason(de.stat(follow_symlinks=False).st_mode)))
                 except FileNotFoundError:
                     continue  # removed while we looked
+        yield DirGroup(dpath, entries, subdirs)
 
 
 def stat_entry(watch, path: str | os.PathLike, *, with_temp: bool = False) -> Entry | None:

@@ -27,7 +27,9 @@ from ossyncd.config import Config, WatchConfig
 from ossyncd.errors import StateError
 from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
-from ossyncd.scanner import scan_root, stat_entry
+from ossyncd.rescan import Rescan
+from ossyncd.rescan import stamp as _stamp
+from ossyncd.scanner import stat_entry
 from ossyncd.settle import SettleTracker
 from ossyncd.state import FileRow, State, printable_path
 from ossyncd.uploader import CancelScope, Outcome, Uploader
@@ -38,6 +40,7 @@ STATUS_EVERY = 1.0
 STATE_BACKOFF_MIN, STATE_BACKOFF_MAX = 1.0, 30.0   # seconds between retries of an unusable state DB
 FILE_CHECK_EVERY = 2.0                              # seconds between checks that state.db is still ours
 ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exists
+RESCAN_SLICE = 0.05      # seconds of rescan work per tick: intake, settle and dispatch run between slices
 
 
 def _dir_ident(path: str) -> tuple[int, int] | None:
@@ -47,12 +50,6 @@ def _dir_ident(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-def _stamp(entry) -> tuple[int, int | None]:
-    """What the settle tracker compares besides the size: the ctime too, so a chmod or a
-    `cp -p` that restores the mtime is a change it does not swallow."""
-    return (entry.mtime_ns, entry.ctime_ns)
 
 
 @dataclass
@@ -86,6 +83,7 @@ class Scheduler:
         self.watches: dict[str, WatchConfig] = {}
         self.trackers: dict[str, SettleTracker] = {}
         self.rescan_due: dict[str, float] = {}
+        self.rescans: dict[str, Rescan] = {}    # root -> its rescan in progress (run in slices)
         self.jobs: dict[int, _Job] = {}
         self.deferred: set[str] = set()         # settled while an older version was uploading
         self.file_pool = ThreadPoolExecutor(cfg.upload.max_files_in_flight, thread_name_prefix="file")
@@ -119,6 +117,7 @@ class Scheduler:
         self.watches[root] = w
         self.trackers[root] = SettleTracker(w.settle_seconds)
         self.rescan_due[root] = 0.0   # scan at once
+        self.rescans.pop(root, None)  # a fresh tracker: any rescan in progress starts over
         self.health[root] = {"state": "ok", "since": time.time(), "ident": _dir_ident(root)}
         self._health_dirty = True
 
@@ -127,6 +126,7 @@ class Scheduler:
         self.watches.pop(root, None)
         self.trackers.pop(root, None)
         self.rescan_due.pop(root, None)
+        self.rescans.pop(root, None)
         self.health.pop(root, None)
         self._health_dirty = True
 
@@ -163,7 +163,8 @@ class Scheduler:
                 self._wait_backoff(stop, self._trouble(e, state=False))
                 continue
             self._healthy()
-            self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
+            if not self.rescans:   # a rescan in progress goes on at once: its slices bound the tick
+                self.wake.wait(max(0.01, min(0.5, self.next_wakeup(now) - time.time())))
             self.wake.clear()
 
     def _trouble(self, e: Exception, *, state: bool) -> float:
@@ -212,6 +213,8 @@ class Scheduler:
             stop.wait(min(0.5, max(0.0, end - time.monotonic())))
 
     def next_wakeup(self, now: float) -> float:
+        if self.rescans:
+            return now   # the next slice of a rescan
         times = [now + 0.5]
         for t in self.trackers.values():
             d = t.next_deadline()
@@ -346,56 +349,31 @@ class Scheduler:
                   **({"error": h["error"]} if "error" in h else {})} for r, h in self.health.items()]))
 
     def _rescan(self, now: float) -> None:
+        """Start the rescans that are due, then run those in progress for one slice."""
         for root, due in list(self.rescan_due.items()):
-            if due > now or self.health.get(root, {}).get("state") != "ok":
+            if root in self.rescans or due > now or self.health.get(root, {}).get("state") != "ok":
                 continue
             self.rescan_due[root] = now + self.cfg.daemon.rescan_interval
-            self.scan_root(root, now)
+            self.rescans[root] = Rescan(self, root)
+        deadline = time.monotonic() + RESCAN_SLICE
+        for root, scan in list(self.rescans.items()):
+            if self.health.get(root, {}).get("state") != "ok":
+                del self.rescans[root]   # the root is gone; it is rescanned when it is back
+                continue
+            try:
+                done = scan.step(now, deadline)
+            except BaseException:
+                del self.rescans[root]   # a generator that raised cannot go on; the loop rescans on recovery
+                raise
+            if done:
+                del self.rescans[root]
 
-    def scan_root(self, root: str, now: float) -> None:
-        """Reconcile one root with state: new or changed files settle, vanished ones go."""
-        w = self.watches[root]
-        t0 = time.monotonic()
-        known = self.state.known_identities(root)
-        seen: set[str] = set()
-        tracker = self.trackers[root]
-        unreadable_root = False
-        for entry in scan_root(w, with_temp=True):
-            if entry.kind == "temp":
-                stored = printable_path(entry.path)
-                seen.add(stored)
-                k = known.get(stored)
-                if k and k[0] == "skipped":
-                    self.temp_skipped[entry.path] = root
-                else:
-                    tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
-                continue
-            if entry.kind == "skipped":
-                stored = printable_path(entry.path)   # how state keys a non-UTF-8 name
-                seen.add(stored)
-                if entry.path == root:
-                    unreadable_root = True
-                k = known.get(stored)
-                if not (k and k[0] == "skipped"):
-                    self.state.mark_skipped(entry.path, root, entry.reason)
-                    log.warning("skipped", path=entry.path, reason=entry.reason)
-                continue
-            seen.add(entry.path)
-            k = known.get(entry.path)
-            if k is not None and k[1] == entry.identity and k[0] not in ("gone", "skipped"):
-                if k[0] == "settling":
-                    tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
-                continue
-            tracker.observe(entry.path, entry.size, _stamp(entry), now, False)
-        if unreadable_root:
-            return
-        in_flight = {j.row.path for j in self.jobs.values()}
-        for path, (st, _) in known.items():
-            if path in seen or path in in_flight or st in ("done", "gone"):
-                continue
-            tracker.forget(path)
-            self._gone(path, "vanished before it was uploaded")
-        log.info("rescan", root=root, files=len(seen), seconds=round(time.monotonic() - t0, 3))
+    def scan_root(self, root: str, now: float) -> Rescan:
+        """Reconcile one root with state at once; the Rescan says what it held."""
+        self.rescans.pop(root, None)
+        scan = Rescan(self, root)
+        scan.run(now)
+        return scan
 
     def _gone(self, path: str, reason: str) -> None:
         row = self.state.get(path)

@@ -16,15 +16,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import sqlite_utils
-import structlog
 
 from ossyncd.errors import StateError
+from ossyncd.log import get_logger
 from ossyncd.model import Identity, PartRow
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 R = TypeVar("R")
 # exists: overwrite = "skip" met an object at the key that is not ours; not retried (docs/architecture.md §3)
@@ -82,6 +82,19 @@ class UploadRow:
     @property
     def identity(self) -> Identity:
         return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
+
+
+ROW_PAGE = 500   # rows the rescan holds at once (State.child_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRow:
+    """What the rescan compares with the disk: a row's path, state and identity. A
+    `subdir` marker names a child folder that holds rows (its other fields are empty)."""
+    path: str
+    state: str
+    identity: Identity
+    subdir: bool = False
 
 
 def printable_path(path: str) -> str:
@@ -572,10 +585,42 @@ class State:
             f"SELECT {_FILE_COLS} FROM files WHERE state IN ('failed', 'retry_wait', 'skipped', 'exists')"
             " ORDER BY updated_at DESC LIMIT ?", [limit])]
 
-    def known_identities(self, watch: str) -> dict[str, tuple[str, Identity]]:
-        """path -> (state, identity) for one watch root, for a fast rescan."""
-        return {p: (s, Identity(z, m, i, c)) for p, s, z, m, i, c in self._all(
-            "SELECT path, state, size, mtime_ns, inode, ctime_ns FROM files WHERE watch=?", [watch])}
+    def child_rows(self, watch: str, directory: str, *, page: int = ROW_PAGE) -> Iterator[list[KnownRow]]:
+        """The rows of the files directly in `directory`, in path order, a page at a time: the
+        rescan's sorted cursor (docs/architecture.md §8). Rows further down come as one
+        `subdir` marker per child folder, whose block is then skipped over. A short read per
+        page on the UNIQUE(path) index: the lock is not held between pages."""
+        base = directory.rstrip("/") + "/"
+        return self._pages(watch, base, page, children=True)
+
+    def rows_under(self, watch: str, directory: str, *, page: int = ROW_PAGE) -> Iterator[list[KnownRow]]:
+        """Every row below `directory`, in path order, a page at a time."""
+        return self._pages(watch, directory.rstrip("/") + "/", page, children=False)
+
+    def _pages(self, watch: str, base: str, page: int, *, children: bool) -> Iterator[list[KnownRow]]:
+        # "/" is 0x2F and "0" 0x30: every path that starts with P + "/" sorts in [P/, P0)
+        hi = base[:-1] + "0"
+        lo, inclusive = base, True
+        while True:
+            rows = self._all(
+                "SELECT path, state, size, mtime_ns, inode, ctime_ns FROM files"
+                f" WHERE path {'>=' if inclusive else '>'} ? AND path < ? AND watch=? ORDER BY path LIMIT ?",
+                [lo, hi, watch, page])
+            out: list[KnownRow] = []
+            jumped = False
+            for p, s, z, m, i, c in rows:
+                sub = p.find("/", len(base)) if children else -1
+                if sub >= 0:   # the first row in a child folder: mark it, skip the folder's block
+                    out.append(KnownRow(p[:sub], "", Identity(0, 0, 0, None), subdir=True))
+                    lo, inclusive, jumped = p[:sub] + "0", True, True
+                    break
+                out.append(KnownRow(p, s, Identity(z, m, i, c)))
+            if out:
+                yield out
+            if not jumped:
+                if len(rows) < page:
+                    return
+                lo, inclusive = rows[-1][0], False
 
     # -- multipart uploads -----------------------------------------------------------------
 

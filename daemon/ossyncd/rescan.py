@@ -1,0 +1,142 @@
+"""One reconciliation of a watch root with the state DB, streamed (docs/architecture.md §3).
+
+The walk comes a directory at a time (`scanner.scan_dirs`); each folder's entries are
+sorted the way SQLite orders paths and merged with a paged cursor over that folder's rows
+(`State.child_rows`). So a rescan holds one folder's entries and one page of rows, never
+the tree or the table. The scheduler runs it in slices between its other stages
+(`step`), so uploads and detection go on while a big tree is walked.
+"""
+
+from __future__ import annotations
+
+import time
+from operator import itemgetter
+from typing import TYPE_CHECKING, Iterator
+
+import structlog
+
+from ossyncd.scanner import DirGroup, Entry, scan_dirs
+from ossyncd.state import KnownRow, printable_path
+
+if TYPE_CHECKING:
+    from ossyncd.scheduler import Scheduler
+
+log = structlog.get_logger(__name__)
+_KEY = itemgetter(0)
+
+
+def stamp(entry: Entry) -> tuple[int, int | None]:
+    """What the settle tracker compares besides the size: the ctime too, so a chmod or a
+    `cp -p` that restores the mtime is a change it does not swallow."""
+    return (entry.mtime_ns, entry.ctime_ns)
+
+
+class Rescan:
+    """New or changed files settle, rows whose file vanished go, identical `done` files cost
+    nothing. `rows_held` and `entries_held` are the most of each held at once."""
+
+    def __init__(self, sched: Scheduler, root: str):
+        self.sched = sched
+        self.root = root
+        self.now = 0.0
+        self.files = 0
+        self.rows_held = 0
+        self.entries_held = 0
+        self.t0 = time.monotonic()
+        self._pending: dict[str, KnownRow] = {}   # rows named like a folder the walk enters later
+        self._steps = self._run()
+
+    def step(self, now: float, deadline: float) -> bool:
+        """Merge folders until `deadline` (monotonic; at least one folder). True when done."""
+        self.now = now
+        for _ in self._steps:
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
+    def run(self, now: float) -> None:
+        """The whole rescan at once."""
+        self.now = now
+        for _ in self._steps:
+            pass
+
+    # -- the merge -------------------------------------------------------------------------
+
+    def _run(self) -> Iterator[None]:
+        s = self.sched
+        for group in scan_dirs(s.watches[self.root], self.root, with_temp=True):
+            if group.path == self.root and group.self_entry is not None:
+                # an unreadable root: say so, and decide nothing about the rows under it
+                row = s.state.get(printable_path(self.root))
+                self._entry(group.self_entry, KnownRow(row.path, row.state, row.identity) if row else None)
+                return
+            self._merge(group)
+            yield   # one folder's scandir and merge run together: no row is added in between
+        log.info("rescan", root=self.root, files=self.files, seconds=round(time.monotonic() - self.t0, 3),
+                 rows_held=self.rows_held, entries_held=self.entries_held)
+
+    def _merge(self, group: DirGroup) -> None:
+        state = self.sched.state
+        stored_dir = printable_path(group.path)
+        mine = self._pending.pop(stored_dir, None)   # the row named like this folder, if any
+        if group.self_entry is not None:
+            self._entry(group.self_entry, mine)
+        elif mine is not None:
+            self._unseen(mine)
+        entries = sorted(((printable_path(e.path), e) for e in group.entries), key=_KEY)
+        self.entries_held = max(self.entries_held, len(entries))
+        subdirs = {printable_path(n) for n in group.subdirs}
+        skip = len(stored_dir.rstrip("/")) + 1
+        i = 0
+        for page in state.child_rows(self.root, stored_dir):
+            self.rows_held = max(self.rows_held, len(page))
+            for row in page:
+                if row.subdir:
+                    if row.path[skip:] not in subdirs:   # nothing walks it: every row under it is unseen
+                        for rows in state.rows_under(self.root, row.path):
+                            self.rows_held = max(self.rows_held, len(rows))
+                            for r in rows:
+                                self._unseen(r)
+                    continue
+                while i < len(entries) and entries[i][0] < row.path:
+                    self._entry(entries[i][1], None)
+                    i += 1
+                if i < len(entries) and entries[i][0] == row.path:
+                    self._entry(entries[i][1], row)
+                    i += 1
+                elif row.path[skip:] in subdirs:
+                    self._pending[row.path] = row   # decided when that folder's group comes
+                else:
+                    self._unseen(row)
+        for _, e in entries[i:]:
+            self._entry(e, None)
+
+    def _entry(self, e: Entry, k: KnownRow | None) -> None:
+        """One thing on disk, with its row (None when state has none)."""
+        s = self.sched
+        self.files += 1
+        tracker = s.trackers[self.root]
+        if e.kind == "temp":
+            if k is not None and k.state == "skipped":
+                s.temp_skipped[e.path] = self.root
+            else:
+                tracker.observe(e.path, e.size, stamp(e), self.now, False)
+            return
+        if e.kind == "skipped":
+            if not (k is not None and k.state == "skipped"):
+                s.state.mark_skipped(e.path, self.root, e.reason)
+                log.warning("skipped", path=e.path, reason=e.reason)
+            return
+        if k is not None and k.identity == e.identity and k.state not in ("gone", "skipped"):
+            if k.state == "settling":
+                tracker.observe(e.path, e.size, stamp(e), self.now, False)
+            return
+        tracker.observe(e.path, e.size, stamp(e), self.now, False)
+
+    def _unseen(self, k: KnownRow) -> None:
+        """A row whose file the walk did not find."""
+        s = self.sched
+        if k.state in ("done", "gone") or any(j.row.path == k.path for j in s.jobs.values()):
+            return
+        s.trackers[self.root].forget(k.path)
+        s._gone(k.path, "vanished before it was uploaded")
