@@ -242,6 +242,13 @@ class UploadConfig(_Section):
         return v
 
 
+def _one_of(v: str, allowed: tuple[str, ...] | list[str], what: str) -> str:
+    if v and v not in allowed:
+        raise ValueError(f"{v!r} is not {what}; write one of " + ", ".join(f'"{c}"' for c in allowed)
+                         + ", or remove the key")
+    return v
+
+
 class ObjectSpec(_Section):
     """What each object gets (objectspec.py renders it). Set in [upload] as defaults; a [[watch]]
     overrides any key, and its tables (content_type, metadata, tags) are laid over the defaults'."""
@@ -299,18 +306,12 @@ class ObjectSpec(_Section):
     @field_validator("storage_class")
     @classmethod
     def _class(cls, v: str) -> str:
-        if v and v not in _spec.STORAGE_CLASSES:
-            raise ValueError(f"{v!r} is not an OSS storage class; write one of "
-                             + ", ".join(f'"{c}"' for c in _spec.STORAGE_CLASSES) + ", or remove the key")
-        return v
+        return _one_of(v, _spec.STORAGE_CLASSES, "an OSS storage class")
 
     @field_validator("server_side_encryption")
     @classmethod
     def _sse(cls, v: str) -> str:
-        if v and v not in _spec.SSE_VALUES:
-            raise ValueError(f"{v!r} is not an OSS encryption; write one of "
-                             + ", ".join(f'"{c}"' for c in _spec.SSE_VALUES) + ", or remove the key")
-        return v
+        return _one_of(v, _spec.SSE_VALUES, "an OSS encryption")
 
     @field_validator("tags")
     @classmethod
