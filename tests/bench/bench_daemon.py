@@ -54,6 +54,19 @@ def start_daemon(cfg: Path, log: Path) -> subprocess.Popen:
                             env={**os.environ, "NO_PROXY": "127.0.0.1"})
 
 
+def start_until_rescan(cfg: Path, log: Path) -> tuple[subprocess.Popen, dict]:
+    """Start the daemon at log level info and wait for its first `rescan` line: (process, line)."""
+    cfg.write_text(cfg.read_text().replace('log_level = "warning"', 'log_level = "info"'))
+    proc = start_daemon(cfg, log)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-2000:])
+        for x in log.read_text().splitlines():
+            if '"rescan"' in x:
+                return proc, json.loads(x)
+        time.sleep(0.02)
+
+
 def done_count(cfg: Path) -> int:
     sys.path.insert(0, str(ROOT / "daemon"))
     from ossyncd.state import State
@@ -139,18 +152,8 @@ def bench_rescan(tmp: Path, info: dict, n: int) -> tuple[float, float, int]:
     state.close()
     uploads = ("PutObject", "InitiateMultipartUpload", "UploadPart", "CompleteMultipartUpload")
     before = sum(stats(info)["requests"].get(op, 0) for op in uploads)
-    log = tmp / "rescan.log"
     t0 = time.perf_counter()
-    cfg.write_text(cfg.read_text().replace('log_level = "warning"', 'log_level = "info"'))
-    proc = start_daemon(cfg, log)
-    line = None
-    while line is None:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-2000:])
-        for x in log.read_text().splitlines():
-            if '"rescan"' in x:
-                line = json.loads(x)
-        time.sleep(0.05)
+    proc, line = start_until_rescan(cfg, tmp / "rescan.log")
     wall = time.perf_counter() - t0
     time.sleep(SETTLE + 1)
     sent = sum(stats(info)["requests"].get(op, 0) for op in uploads) - before

@@ -10,13 +10,12 @@ Sizes: OSSYNCD_BENCH_SCALE (comma-separated, default 10,100000,1000000); trees g
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_daemon import config, start_daemon
+from tests.bench.bench_daemon import config, start_until_rescan
 from tests.bench.bench_put import start_emulator
 from tests.test_rescan_stream import make_done_tree
 
@@ -45,19 +44,9 @@ def peak_rss_mib(pid: int) -> float:
 def daemon_rescan(tmp: Path, info: dict, drop: Path, n: int) -> tuple[float, float, float]:
     """(start to rescan done, the rescan's own seconds, peak RSS MiB) for a tree of n done files."""
     cfg = config(tmp, info, drop)
-    cfg.write_text(cfg.read_text().replace('log_level = "warning"', 'log_level = "info"'))
-    log = tmp / "daemon.log"
     t0 = time.perf_counter()
-    proc = start_daemon(cfg, log)
+    proc, line = start_until_rescan(cfg, tmp / "daemon.log")
     try:
-        line = None
-        while line is None:
-            if proc.poll() is not None:
-                raise RuntimeError(log.read_text()[-2000:])
-            for x in log.read_text().splitlines():
-                if '"rescan"' in x:
-                    line = json.loads(x)
-            time.sleep(0.02)
         wall = time.perf_counter() - t0
         time.sleep(1.0)   # the watcher's setup may finish after the rescan
         rss = peak_rss_mib(proc.pid)
