@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,14 +94,13 @@ def base_config(emu, watches=None, **upload) -> str:
     credentials.env, state in the StateDirectory."""
     creds = sts_credentials(emu)
     del creds["access_key_id"], creds["access_key_secret"]
-    tmp = Path("/tmp") / f"ossyncd-systemd-test-{id(emu)}.toml"
     watches = watches if watches is not None else [{"path": DROP, "prefix": P, "settle_seconds": 0.5}]
-    write_config(tmp, emu, state=Path("/var/lib/ossyncd/state.db"), credentials=creds, watches=watches,
-                 upload=fast_upload(part_size="1MiB", multipart_threshold=1 * MiB, parallel_parts=4, **upload),
-                 daemon={"rescan_interval": 5.0})
-    text = tmp.read_text()
-    tmp.unlink()
-    return text
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / "ossyncd.toml"
+        write_config(tmp, emu, state=Path("/var/lib/ossyncd/state.db"), credentials=creds, watches=watches,
+                     upload=fast_upload(part_size="1MiB", multipart_threshold=1 * MiB, parallel_parts=4, **upload),
+                     daemon={"rescan_interval": 5.0})
+        return tmp.read_text()
 
 
 def put_config(c: ct.Container, text: str) -> None:
