@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test soak bench demo lint venv clean
+.PHONY: test test-systemd soak bench demo lint venv clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q
+
+# The shipped unit under a real systemd (a booted Debian container; root, mmdebstrap,
+# systemd-container). The rootfs is cached in .cache/systemd/.
+test-systemd: $(STAMP)
+	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -s -m systemd -o addopts='' tests/systemd
 
 soak: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -m soak -o addopts=''

@@ -317,3 +317,28 @@ def test_metrics_listen_is_validated(tmp_path, emulator):
     cfg = write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db", metrics={"listen": "9464"})
     r = ossyncd("check-config", "-c", cfg)
     assert r.returncode == 2 and "metrics.listen" in r.stderr and "HOST:PORT" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_state_commands_work_without_the_key_pair_the_service_gets_from_its_environment(tmp_path, emulator,
+                                                                                        daemon_factory):
+    """Under systemd the key pair is in credentials.env, which only the service reads: status,
+    list, pause, resume and retry, run as the service user, must not need it; check-config does."""
+    from tests.helpers import sts_credentials
+
+    creds = sts_credentials(emulator)
+    keys = {"OSSYNCD_ACCESS_KEY_ID": creds.pop("access_key_id"), "OSSYNCD_ACCESS_KEY_SECRET": creds.pop("access_key_secret")}
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}], credentials=creds)
+    d.start(env=keys)
+    data = random_file(drop / "a.txt", 2000, seed=1)
+    d.wait_states({"done": 1}, 30)
+    assert object_bytes(emulator, "a.txt") == data
+    for args in (["status", "--json"], ["list", "--json"], ["pause"], ["resume"], ["retry"]):
+        r = ossyncd(*args, "-c", d.config)
+        assert r.returncode == 0, (args, r.stderr)
+    assert json.loads(ossyncd("status", "-c", d.config, "--json").stdout)["counts"]["done"] == 1
+    r = ossyncd("check-config", "-c", d.config)
+    assert r.returncode == 2 and "credentials.access_key_id/access_key_secret: required" in r.stderr, r.stderr
+    assert d.stop() == 0

@@ -20,8 +20,13 @@ config_option = click.option("-c", "--config", "config_path", metavar="PATH",
                              help="config file (default: $OSSYNCD_CONFIG, then /etc/ossyncd/ossyncd.toml)")
 
 
-def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Config:
-    return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist)
+def _load(config_path: str | None, *, watch_dirs_must_exist: bool = True, credentials_needed: bool = True) -> Config:
+    return load_config(config_path, watch_dirs_must_exist=watch_dirs_must_exist, credentials_needed=credentials_needed)
+
+
+def _load_local(config_path: str | None, *, watch_dirs_must_exist: bool = True) -> Config:
+    """For commands on the state DB alone, run as the service user: no credentials needed."""
+    return _load(config_path, watch_dirs_must_exist=watch_dirs_must_exist, credentials_needed=False)
 
 
 def _open_state(cfg: Config, *, readonly: bool):
@@ -148,7 +153,7 @@ def url(config_path, sign, expires, path):
 def status(config_path, as_json):
     """What the daemon is doing: counts, uploads in flight, failures, credentials."""
     from ossyncd.status import render_status, status_dict
-    cfg = _load(config_path, watch_dirs_must_exist=False)   # a vanished watch folder is what it must show
+    cfg = _load_local(config_path, watch_dirs_must_exist=False)   # a vanished watch folder is what it must show
     state = _open_state(cfg, readonly=True)
     d = status_dict(cfg, state)
     if as_json:
@@ -165,7 +170,7 @@ def list_files(config_path, state_filter, as_json):
     """Files with their state, size, key, URL or error. Piped, one tab-separated line per file
     under a header, with whole values (tabs and line breaks in names written as \\t, \\n)."""
     from ossyncd.status import file_json, render_list
-    cfg = _load(config_path, watch_dirs_must_exist=False)
+    cfg = _load_local(config_path, watch_dirs_must_exist=False)
     state = _open_state(cfg, readonly=True)
     files = state.files(state_filter) if state else []
     if as_json:
@@ -179,7 +184,7 @@ def list_files(config_path, state_filter, as_json):
 @click.argument("path", required=False, type=click.Path())
 def retry(config_path, path):
     """Move failed files (or one PATH) back to the queue."""
-    cfg = _load(config_path)
+    cfg = _load_local(config_path)
     state = _open_state(cfg, readonly=False)
     n = state.requeue(os.path.abspath(path) if path else None)
     click.echo(f"{n} file(s) queued again")
@@ -257,7 +262,7 @@ def run(config_path):
 
 
 def _set_paused(config_path, paused: bool) -> None:
-    cfg = _load(config_path)
+    cfg = _load_local(config_path)
     state = _open_state(cfg, readonly=False)
     state.set_meta("paused", "1" if paused else None)
     running = state.lock_holder(cfg.state.path) is not None

@@ -151,11 +151,14 @@ class CredentialsConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _required(self) -> "CredentialsConfig":
+    def _required(self, info: ValidationInfo) -> "CredentialsConfig":
+        # the key pair usually comes from credentials.env, which only the service gets: commands
+        # that work on the state DB alone (status, list, pause, resume, retry) do without it
+        keys_needed = (info.context or {}).get("credentials_needed", True)
         if self.source == "sts":
             if not self.role_arn:
                 raise ValueError("role_arn: required with source = \"sts\"; set the uploader role's ARN")
-            if not (self.access_key_id and self.access_key_secret):
+            if keys_needed and not (self.access_key_id and self.access_key_secret):
                 raise ValueError("access_key_id/access_key_secret: required with source = \"sts\"; "
                                  "set them or OSSYNCD_ACCESS_KEY_ID / OSSYNCD_ACCESS_KEY_SECRET")
             if self.policy and self.scope_policy_to_prefixes:
@@ -182,7 +185,7 @@ class CredentialsConfig(_Section):
                 raise ValueError("url: required with source = \"uri\"")
             _check_url("url", self.url, "write the http(s) URL that answers {\"Code\": \"Success\", "
                        "\"AccessKeyId\", ...}")
-        if self.source == "static" and not (self.access_key_id and self.access_key_secret):
+        if self.source == "static" and keys_needed and not (self.access_key_id and self.access_key_secret):
             raise ValueError("access_key_id/access_key_secret: required with source = \"static\"; "
                              "set them or OSSYNCD_ACCESS_KEY_ID / OSSYNCD_ACCESS_KEY_SECRET")
         return self
@@ -500,7 +503,8 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must_exist: bool = True) -> Config:
+def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must_exist: bool = True,
+                 credentials_needed: bool = True) -> Config:
     data = dict(data)
     creds = dict(data.get("credentials") or {})
     for key, env in (("access_key_id", "OSSYNCD_ACCESS_KEY_ID"), ("access_key_secret", "OSSYNCD_ACCESS_KEY_SECRET")):
@@ -515,7 +519,7 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
     _resolve_object_specs(data)
     data["source_path"] = source_path
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, context={"credentials_needed": credentials_needed})
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
     _check_paths(cfg, watch_dirs_must_exist)
@@ -623,9 +627,11 @@ def require_watches(cfg: Config) -> None:
                           f"with path and prefix (see config/ossyncd.example.toml), or use `ossyncd upload FILE...`")
 
 
-def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist: bool = True) -> Config:
+def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist: bool = True,
+                credentials_needed: bool = True) -> Config:
     """``watch_dirs_must_exist=False`` for read-only views (`status`, `list`): they must work
-    exactly when a watch folder has vanished."""
+    exactly when a watch folder has vanished. ``credentials_needed=False`` for commands that
+    only touch the state DB: they run as the service user, without credentials.env."""
     p = find_config_path(path)
     try:
         raw = p.read_bytes()
@@ -638,7 +644,8 @@ def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_config(data, source_path=p.resolve(), watch_dirs_must_exist=watch_dirs_must_exist)
+    return parse_config(data, source_path=p.resolve(), watch_dirs_must_exist=watch_dirs_must_exist,
+                        credentials_needed=credentials_needed)
 
 
 def secret_file_warning(cfg: Config) -> str | None:

@@ -283,7 +283,7 @@ class State:
         except OSError as e:
             why = _write_problem(self.path.parent) or e.strerror
             raise StateError(f"state DB {self.path}: cannot open it for writing: {why}; "
-                             f"{_unwritable_fix(self.path.parent)}") from None
+                             f"{_unwritable_fix(self.path.parent)}, or change state.path") from None
         os.close(fd)
         if new:
             os.chmod(self.path, 0o600)
