@@ -24,7 +24,7 @@ from ossyncd.errors import ConfigError
 from ossyncd.events import route
 from ossyncd.model import Identity
 from ossyncd.state import State
-from tests.helpers import object_bytes, ossyncd, random_file, sts_credentials, toml_value, wait_until
+from tests.helpers import events, object_bytes, ossyncd, random_file, scrape, sts_credentials, toml_value, wait_until
 
 SECRET = "s3cret-for-tests"
 
@@ -251,6 +251,7 @@ def test_every_upload_reaches_the_webhook_and_the_command_once_through_an_outage
         e0 = next(e for e in ex if e["OSSYNCD_PATH"] == by_path["d0/f0.bin"]["path"])
         assert e0["OSSYNCD_KEY"] == "in/d0/f0.bin" and e0["OSSYNCD_CRC64"] == str(crc64(files["d0/f0.bin"]))
         assert e0["OSSYNCD_STATE"] == "done" and e0["OSSYNCD_WATCH"] == str(drop)
+        assert not events(d, "event delivery crashed") and events(d, "event delivery failed; retrying")
         assert d.stop() == 0
     finally:
         r.close()
@@ -299,7 +300,7 @@ def test_access_denied_fires_one_failed_event_and_an_sts_outage_none(tmp_path, e
                          {"op": "PutObject", "key_prefix": "bad", "status": 403, "code": "AccessDenied"}])
     creds = sts_credentials(emulator, retry_backoff=0.2, retry_backoff_max=0.5)
     d = daemon_factory([{"path": str(drop), "settle_seconds": 0.2}], credentials=creds,
-                       daemon={"rescan_interval": 1.0})
+                       daemon={"rescan_interval": 1.0}, metrics={"listen": "127.0.0.1:0"})
     add_hooks(d, [webhook(receiver.url, on=["uploaded", "failed", "skipped", "gone"])])
     d.start()
     for i in range(50):
@@ -320,6 +321,10 @@ def test_access_denied_fires_one_failed_event_and_an_sts_outage_none(tmp_path, e
     assert len(failed) == 1 and failed[0]["path"] == str(drop / "bad.bin")
     assert "AccessDenied" in failed[0]["error"] and failed[0]["attempts"] == 1
     assert len(receiver.events("uploaded")) == 50 and len(receiver.events()) == 51
+    m = scrape(events(d, "metrics listening")[0]["url"])
+    assert m['ossyncd_events_delivered_total{hook="hook[0]"}'] == 51
+    assert m['ossyncd_events{state="pending"}'] == 0 and m['ossyncd_events{state="delivered"}'] == 51
+    assert m["ossyncd_events_oldest_pending_age_seconds"] == 0
     assert d.stop() == 0
 
 
@@ -350,6 +355,10 @@ def test_a_hanging_hook_goes_dead_and_never_holds_uploads(tmp_path, emulator, da
     assert r.returncode == 0 and "1 event" in r.stdout, r.stderr
     assert any(e["id"] == dead["id"] and e["state"] == "pending" for e in outbox(d)) or \
         any(e["id"] == dead["id"] for e in outbox(d, "dead"))   # may already have gone dead again
+    r = ossyncd("events", "-c", d.config, "--state", "dead")   # piped: a header, then one row per delivery
+    lines = r.stdout.splitlines()
+    assert lines[0].split("\t") == ["id", "event", "hook", "kind", "state", "attempts", "path", "error"]
+    assert all(line.split("\t")[4] == "dead" for line in lines[1:]) and len(lines) >= 2
     r = ossyncd("events", "retry", "999999", "-c", d.config)
     assert r.returncode == 1 and "event 999999" in r.stderr
     assert d.stop() == 0

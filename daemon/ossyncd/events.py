@@ -177,7 +177,7 @@ class Deliverer:
                 self._failed(hook, row, str(e))
             else:
                 self.state.event_delivered(row.id)
-                log.info("event delivered", hook=hook.name, event=row.kind, id=row.event_id, path=row.path)
+                log.info("event delivered", hook=hook.name, kind=row.kind, id=row.event_id, path=row.path)
                 if self.on_result is not None:
                     self.on_result(hook.name, True)
         except StateError as e:   # stays pending: delivered again later (at least once)
@@ -198,7 +198,7 @@ class Deliverer:
             at = None
         self.state.event_failed(row.id, reason, next_attempt_at=at)
         if at is None:
-            log.error("event dead: max_age reached", hook=hook.name, event=row.kind, id=row.event_id,
+            log.error("event dead: max_age reached", hook=hook.name, kind=row.kind, id=row.event_id,
                       path=row.path, error=reason, attempts=row.attempts + 1,
                       hint="fix the hook, then `ossyncd events retry`")
         else:
