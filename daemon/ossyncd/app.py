@@ -19,6 +19,7 @@ import structlog
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
 from ossyncd.errors import ConfigError, OssyncdError, StateError
+from ossyncd.events import Deliverer
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
 from ossyncd.stack import Hooks, Stack, build_source, restart_only
@@ -82,7 +83,8 @@ class Daemon:
         logsetup.configure(cfg.daemon.log_level, cfg.daemon.log_format)
         threading.excepthook = _log_thread_crash
         c = cfg.credentials
-        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token])
+        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token,
+                                   *(h.secret for h in cfg.hook)])
 
     def run(self) -> int:
         try:
@@ -120,6 +122,7 @@ class Daemon:
                                            on_rearm=self.watcher.add,        # a root deleted and recreated
                                            source_alive=self.watcher.alive)  # a root whose event thread died
         self.sweeper = Sweeper(stack.store, stack.state, cfg, on_abort=m.on_orphan_aborted if m else None)
+        self.deliverer = Deliverer(stack.state, cfg, on_result=m.on_event_result if m else None)
         if m is not None:
             self._start_metrics(m, cfg)
         for w in cfg.watch:
@@ -132,13 +135,15 @@ class Daemon:
         loop.start()
         sweep = threading.Thread(target=self.sweeper.run, args=(self.stop,), name="sweeper", daemon=True)
         sweep.start()
+        deliver = threading.Thread(target=self.deliverer.run, args=(self.stop,), name="events", daemon=True)
+        deliver.start()
         log.info("started", watches=[str(w.path) for w in cfg.watch], bucket=cfg.oss.bucket,
                  state=str(cfg.state.path), resumed=interrupted)
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
         self._supervise()
-        return self._shutdown(loop, sweep)
+        return self._shutdown(loop, sweep, deliver)
 
-    def _shutdown(self, loop: threading.Thread, sweep: threading.Thread) -> int:
+    def _shutdown(self, loop: threading.Thread, sweep: threading.Thread, deliver: threading.Thread) -> int:
         """Stop within SHUTDOWN_BUDGET (below the unit's TimeoutStopSec=30), then close the DB;
         anything still running after that is abandoned (its checkpoints stay valid, and a closed
         State refuses every later write)."""
@@ -155,6 +160,8 @@ class Daemon:
         loop.join(left(5))
         self.scheduler.shutdown(timeout=left(8))
         sweep.join(left(2))
+        deliver.join(left(1))
+        self.deliverer.shutdown()   # a hook still running is abandoned; its event stays pending
         if self.metrics is not None:
             _bounded(self.metrics.close, left(2))
         _bounded(self.stack.credentials.stop, left(3))
@@ -234,7 +241,7 @@ class Daemon:
             self._setup_logging(new)
         if source is not None:
             logsetup.register_secrets([new.credentials.access_key_secret, new.credentials.security_token,
-                                       new.credentials.broker_token])
+                                       new.credentials.broker_token, *(h.secret for h in new.hook)])
             self.stack.apply_credentials(new, source)
             log.info("credentials replaced", source=new.credentials.source)
         old = {str(w.path): w for w in self.cfg.watch}
@@ -253,6 +260,7 @@ class Daemon:
             self.sweeper.cfg = new
             self.stack.apply_upload_settings(new.upload)
             self.stack.use_config(new)
+            self.deliverer.use_config(new)
         self.scheduler.call_soon(apply)
         self.cfg = new
         log.info("config reloaded", watches=list(fresh))

@@ -190,6 +190,40 @@ def retry(config_path, path):
     click.echo(f"{n} file(s) queued again")
 
 
+@main.group(invoke_without_command=True)
+@config_option
+@click.option("--state", "state_filter", type=click.Choice(["pending", "dead", "delivered"]), default=None,
+              help="only deliveries in this state")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def events(ctx, config_path, state_filter, as_json):
+    """Hook deliveries from the outbox: one line per event and hook (id, event id, state,
+    attempts, last error). `ossyncd events retry [ID]` re-queues dead ones."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ossyncd.status import event_json, render_events
+    cfg = _load(config_path, watch_dirs_must_exist=False)
+    state = _open_state(cfg, readonly=True)
+    rows = state.events(state_filter) if state else []
+    if as_json:
+        click.echo(json.dumps([event_json(e) for e in rows], indent=2))
+    else:
+        render_events(rows, out)
+
+
+@events.command(name="retry")
+@config_option
+@click.argument("row_id", metavar="[ID]", required=False, type=int)
+def events_retry(config_path, row_id):
+    """Re-queue dead deliveries (all, or the one with ID from `ossyncd events`), with a fresh max_age."""
+    cfg = _load(config_path, watch_dirs_must_exist=False)
+    state = _open_state(cfg, readonly=False)
+    n = state.retry_events(row_id)
+    if row_id is not None and n == 0:
+        raise CommandFailed(f"event {row_id}", "no dead delivery with this id; see `ossyncd events --state dead`")
+    click.echo(f"{n} event delivery(ies) queued again")
+
+
 @main.command()
 @config_option
 @click.option("--rrsa", is_flag=True, help="print the RAM role's trust policy for ACK RRSA instead")

@@ -432,6 +432,59 @@ class MetricsConfig(_Section):
         return v.strip()
 
 
+EVENT_KINDS = ("uploaded", "failed", "skipped", "gone")   # state.EVENT_OF_STATE's values
+
+
+class HookConfig(_Section):
+    """One [[hook]]: which events (on, watch, match) go where (command or url). README
+    "Events and hooks"; delivery in events.py."""
+
+    index: int = 0
+    name: str = ""                           # default hook[INDEX]; names the deliveries in `ossyncd events`
+    on: tuple[str, ...]
+    watch: Path | None = None
+    match: str = ""                          # a glob on the path relative to its watch root
+    command: tuple[str, ...] = ()
+    url: str = ""
+    secret: str = Field("", repr=False)
+    timeout: float = Field(10.0, gt=0)
+    max_age: float = Field(86400.0, gt=0)    # seconds from the event to `dead`
+    retry_backoff: float = Field(1.0, gt=0)
+    retry_backoff_max: float = Field(300.0, gt=0)
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [k for k in v if k not in EVENT_KINDS]
+        if bad or not v:
+            raise ValueError(f"{', '.join(map(repr, bad)) or 'empty'}: list one or more of "
+                             f"{', '.join(EVENT_KINDS)}, e.g. on = [\"uploaded\"]")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> "HookConfig":
+        if bool(self.command) == bool(self.url):
+            raise ValueError("command/url: set exactly one: command = [\"/path/to/prog\", \"arg\"] (run "
+                             "without a shell) or url = \"https://...\" (a JSON POST)")
+        if self.url:
+            _check_url("url", self.url, "write the http(s) URL that receives the JSON POST")
+        if self.secret and not self.url:
+            raise ValueError("secret: only used with url (it signs the POST); remove it")
+        if self.command and not os.path.isabs(self.command[0]):
+            raise ValueError(f"command: {self.command[0]!r} is not an absolute path; write the program's full "
+                             f"path (no shell and no PATH search)")
+        if self.watch is not None and not self.watch.is_absolute():
+            raise ValueError(f"watch: {self.watch} is not absolute; write a [[watch]] path as configured")
+        if not self.name:
+            return self.model_copy(update={"name": f"hook[{self.index}]"})
+        return self
+
+
+class EventsConfig(_Section):
+    concurrency: int = Field(4, ge=1, le=64)   # deliveries running at once, across every hook
+    keep_delivered: float = Field(86400.0, ge=0)   # seconds a delivered event stays listed
+
+
 class Config(_Section):
     oss: OssConfig
     credentials: CredentialsConfig = CredentialsConfig(source="default")   # [credentials] left out
@@ -441,6 +494,8 @@ class Config(_Section):
     watch: tuple[WatchConfig, ...] = ()
     daemon: DaemonConfig = DaemonConfig()
     metrics: MetricsConfig = MetricsConfig()
+    hook: tuple[HookConfig, ...] = ()
+    events: EventsConfig = EventsConfig()
     source_path: Path | None = None
 
     @model_validator(mode="after")
@@ -517,6 +572,10 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
         raise ConfigError("watch: must be an array of tables; write [[watch]] sections")
     data["watch"] = [dict(w, index=i) if isinstance(w, dict) else w for i, w in enumerate(watches)]
     _resolve_object_specs(data)
+    hooks = data.get("hook") or []
+    if not isinstance(hooks, list):
+        raise ConfigError("hook: must be an array of tables; write [[hook]] sections")
+    data["hook"] = [dict(h, index=i) if isinstance(h, dict) else h for i, h in enumerate(hooks)]
     data["source_path"] = source_path
     try:
         cfg = Config.model_validate(data, context={"credentials_needed": credentials_needed})
@@ -564,11 +623,25 @@ def _check_paths(cfg: Config, watch_dirs_must_exist: bool = True) -> None:
             raise ConfigError(f"{where}.move_to: {w.move_to} is not absolute; write the full path")
     _check_roots(cfg.watch)
     _check_prefixes(cfg.watch)
+    _check_hooks(cfg)
     parent = cfg.state.path.parent
     if not cfg.state.path.is_absolute():
         raise ConfigError(f"state.path: {cfg.state.path} is not absolute; write the full path")
     if not parent.is_dir():
         raise ConfigError(f"state.path: directory {parent} does not exist; create it (systemd's StateDirectory= does)")
+
+
+def _check_hooks(cfg: Config) -> None:
+    roots = {str(w.path) for w in cfg.watch}
+    names: dict[str, int] = {}
+    for h in cfg.hook:
+        if h.watch is not None and str(h.watch) not in roots:
+            raise ConfigError(f"hook[{h.index}].watch: {h.watch} is not a [[watch]] path; write one of "
+                              f"{', '.join(sorted(roots)) or '(no watch configured)'} or remove the key")
+        if h.name in names:
+            raise ConfigError(f"hook[{h.index}].name: {h.name!r} is already used by hook[{names[h.name]}]; "
+                              f"give each hook its own name")
+        names[h.name] = h.index
 
 
 def _inside(path: str, folder: str) -> bool:

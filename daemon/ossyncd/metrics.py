@@ -17,6 +17,10 @@ default process/GC collectors: /proc/stat is hidden by the unit's ProcSubset=pid
     ossyncd_orphan_uploads_aborted_total           counter  multipart uploads aborted by the orphan sweep
     ossyncd_credentials_expiry_timestamp_seconds   gauge    when the current credentials expire
     ossyncd_last_upload_timestamp_seconds          gauge    last verified upload by this process
+    ossyncd_events_delivered_total{hook}           counter  hook deliveries that succeeded
+    ossyncd_events_failed_total{hook}              counter  hook delivery attempts that failed
+    ossyncd_events{state}                          gauge    outbox rows per state: pending, delivered, dead
+    ossyncd_events_oldest_pending_age_seconds      gauge    age of the oldest undelivered event (0: none)
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from ossyncd.config import parse_listen
 from ossyncd.errors import StateError
 from ossyncd.model import CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
-from ossyncd.state import STATES
+from ossyncd.state import DELIVERY_STATES, STATES
 
 if TYPE_CHECKING:
     from ossyncd.body import Body
@@ -64,6 +68,19 @@ class _StateCollector:
                                     value=counts.get("queued", 0) + counts.get("retry_wait", 0))
             yield GaugeMetricFamily("ossyncd_paused", "1 while uploads are paused (ossyncd pause)",
                                     value=1 if paused else 0)
+        try:
+            ev = state.event_counts() if state is not None else None
+            oldest = state.oldest_pending_event() if state is not None else None
+        except StateError:
+            ev = None
+        if ev is not None:
+            events = GaugeMetricFamily("ossyncd_events", "Hook deliveries per state (the outbox)", labels=["state"])
+            for s in DELIVERY_STATES:
+                events.add_metric([s], ev.get(s, 0))
+            yield events
+            yield GaugeMetricFamily("ossyncd_events_oldest_pending_age_seconds",
+                                    "Age of the oldest event not yet delivered (0: none pending)",
+                                    value=max(0.0, time.time() - oldest) if oldest is not None else 0.0)
         if credentials is not None:
             expires = credentials.status().get("expires_at")
             if expires:
@@ -89,6 +106,10 @@ class Metrics:
                                registry=r)
         self.last_upload = Gauge("ossyncd_last_upload_timestamp_seconds",
                                  "Unix time of the last verified upload by this process", registry=r)
+        self.events_delivered = Counter("ossyncd_events_delivered", "Hook deliveries that succeeded", ["hook"],
+                                        registry=r)
+        self.events_failed = Counter("ossyncd_events_failed", "Hook delivery attempts that failed", ["hook"],
+                                     registry=r)
         r.register(_StateCollector(self))
         self._server = None
 
@@ -105,6 +126,9 @@ class Metrics:
             self.last_upload.set(time.time())
         elif outcome.state == "failed":
             self.failed.inc()
+
+    def on_event_result(self, hook: str, ok: bool) -> None:
+        (self.events_delivered if ok else self.events_failed).labels(hook).inc()
 
     def on_retry(self, op: str, exc: Exception) -> None:
         self.retries.labels(op).inc()

@@ -19,6 +19,7 @@ from ossyncd.config import Config, ObjectSpec, OssConfig, UploadConfig, WatchCon
 from ossyncd.credentials import CredentialsError, RotatingCredentials
 from ossyncd.credentials import build_source as _source_for
 from ossyncd.errors import ConfigError, FileGone, FileUnreadable
+from ossyncd.events import route
 from ossyncd.model import Identity
 from ossyncd.objectspec import FileFacts, class_warning, object_key_for
 from ossyncd.paths import check_key
@@ -93,6 +94,7 @@ class Stack:
     def __init__(self, cfg: Config, hooks: Hooks = Hooks()):
         self.cfg = cfg
         self.state = State(cfg.state.path)
+        self.state.router = route(cfg)   # [[hook]]s: which state changes are written to the outbox
         self._creds_lock = threading.Lock()
         self.credentials = build_credentials(cfg, on_change=self.publish_credentials)
         up = cfg.upload
@@ -141,6 +143,7 @@ class Stack:
 
     def use_config(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.state.router = route(cfg)
 
     def watch_for(self, path: str) -> WatchConfig | None:
         p = Path(path)

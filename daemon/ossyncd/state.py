@@ -13,10 +13,11 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import sqlite_utils
 
@@ -29,6 +30,13 @@ log = get_logger(__name__)
 R = TypeVar("R")
 # exists: overwrite = "skip" met an object at the key that is not ours; not retried (docs/architecture.md §3)
 STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone", "exists")
+# the file states that are events (docs/architecture.md §8, outbox); `done` is announced as `uploaded`
+# `exists` (overwrite = "skip" met another writer's object) is a `skipped` event too
+EVENT_OF_STATE = {"done": "uploaded", "failed": "failed", "skipped": "skipped", "gone": "gone", "exists": "skipped"}
+EVENT_KINDS = tuple(dict.fromkeys(EVENT_OF_STATE.values()))
+DELIVERY_STATES = ("pending", "delivered", "dead")
+# (kind, watch, path) -> the names of the hooks that want this event; none: nothing is written
+Router = Callable[[str, str, str], list[str]]
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,53 @@ def _migration_stored_key(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN stored_key TEXT")
 
 
-MIGRATIONS = [_migration_1, _migration_2, _migration_verification, _migration_ctime, _migration_stored_key]
+
+
+def _migration_events(db: sqlite_utils.Database) -> None:
+    """The outbox: one row per event and hook, written in the transaction of the file's state
+    change; `event_id` is the same for every hook, so receivers can de-duplicate."""
+    db.execute("""
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            event_id TEXT NOT NULL,
+            hook TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            path TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            error TEXT,
+            created_at REAL NOT NULL,
+            delivered_at REAL
+        )""")
+    db.execute("CREATE INDEX events_due ON events(state, next_attempt_at)")
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_verification, _migration_ctime, _migration_stored_key,
+              _migration_events]
 _IDENTITY_SQL = " AND size=? AND mtime_ns=? AND inode=? AND ctime_ns IS ?"
 _FILE_COLS = ", ".join(f.name for f in fields(FileRow))
 _UPLOAD_COLS = ", ".join(f.name for f in fields(UploadRow))
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    event_id: str
+    hook: str
+    kind: str
+    path: str
+    payload: str      # JSON: the event as delivered (events.py)
+    state: str        # pending | delivered | dead
+    attempts: int
+    next_attempt_at: float
+    error: str | None
+    created_at: float
+    delivered_at: float | None
+
+
+_EVENT_COLS = ", ".join(f.name for f in fields(EventRow))
 
 
 def _identity_params(i: Identity) -> list:
@@ -251,6 +302,7 @@ class State:
         self._health: int | None = None
         self._health_failed = False
         self._closed = False
+        self.router: Router | None = None    # set by the daemon from its [[hook]] sections
         if self.path.is_dir():
             raise StateError(f"state.path {self.path} is a directory; set state.path to a file in it, "
                              f"e.g. {self.path / 'state.db'}")
@@ -492,11 +544,15 @@ class State:
     def mark_skipped(self, path: str, watch: str, reason: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
         path = printable_path(path)
-        self._write(
-            "INSERT INTO files (path, watch, state, error, updated_at) VALUES (?, ?, 'skipped', ?, ?)"
-            " ON CONFLICT(path) DO UPDATE SET state='skipped', error=excluded.error, updated_at=excluded.updated_at"
-            " WHERE files.state != 'skipped' OR files.error IS NOT excluded.error",
-            [path, watch, reason, now])
+        with self._guard(write=True):
+            old = self.get(path)
+            n = self.db.execute(
+                "INSERT INTO files (path, watch, state, error, updated_at) VALUES (?, ?, 'skipped', ?, ?)"
+                " ON CONFLICT(path) DO UPDATE SET state='skipped', error=excluded.error, updated_at=excluded.updated_at"
+                " WHERE files.state != 'skipped' OR files.error IS NOT excluded.error",
+                [path, watch, reason, now]).rowcount
+            if n and (old is None or old.state != "skipped"):
+                self._emit(self.get(path), now)
 
     def transition(self, file_id: int, state: str, *, error: str | None = None,
                    next_attempt_at: float | None = None, count_attempt: bool = False,
@@ -510,7 +566,13 @@ class State:
         if identity is not None:
             sql += _IDENTITY_SQL
             params += _identity_params(identity)
-        return self._write(sql, params).rowcount == 1
+        with self._guard(write=True):
+            before = self._one("SELECT state FROM files WHERE id=?", [file_id]) if state in EVENT_OF_STATE else None
+            if self.db.execute(sql, params).rowcount != 1:
+                return False
+            if before is not None and before[0] != state:   # a state change, never a repeat of one
+                self._emit(self.get_by_id(file_id), now)
+            return True
 
     def mark_unchanged(self, file_id: int, identity: Identity, *, now: float | None = None) -> bool:
         """Only the ctime moved and the CRC64 still matches the object: done again, with
@@ -535,6 +597,7 @@ class State:
                  *_identity_params(identity)]).rowcount
             if n:
                 self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
+                self._emit(self.get_by_id(file_id), now)
             return n == 1
 
     def set_progress(self, file_id: int, bytes_done: int) -> None:
@@ -664,6 +727,94 @@ class State:
 
     def owned_upload_ids(self) -> set[str]:
         return {r[0] for r in self._all("SELECT upload_id FROM uploads")}
+
+    # -- events: the outbox (docs/architecture.md §8) ---------------------------------------
+
+    def _emit(self, row: FileRow | None, now: float) -> None:
+        """Inside the transaction of a state change: one outbox row per hook that wants it.
+        Only the states of EVENT_OF_STATE are events; retry_wait (a transient error, waiting
+        for credentials) never is, so an outage fires nothing."""
+        if row is None or self.router is None or row.state not in EVENT_OF_STATE:
+            return
+        kind = EVENT_OF_STATE[row.state]
+        hooks = self.router(kind, row.watch, row.path)
+        if not hooks:
+            return
+        event_id = uuid.uuid4().hex
+        payload = json.dumps({
+            "id": event_id, "kind": kind, "time": now, "path": row.path, "watch": row.watch, "key": row.object_key,
+            "url": row.url if kind == "uploaded" else None, "size": row.size,
+            "crc64": str(row.crc64) if kind == "uploaded" and row.crc64 is not None else None,
+            "etag": row.etag if kind == "uploaded" else None, "state": row.state,
+            "error": row.error, "attempts": row.attempts})
+        for hook in hooks:
+            self.db.execute("INSERT INTO events (event_id, hook, kind, path, payload, next_attempt_at, created_at)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?)", [event_id, hook, kind, row.path, payload, now, now])
+
+    def emit_event(self, file_id: int, *, now: float | None = None) -> None:
+        """Record the event of a file's current state (for a state change written elsewhere:
+        call it in the same `with state.transaction()` block)."""
+        self._emit(self.get_by_id(file_id), time.time() if now is None else now)
+
+    @contextmanager
+    def transaction(self):
+        """One transaction around several calls (they nest in it)."""
+        with self._guard(write=True):
+            yield
+
+    def events(self, state: str | None = None, *, limit: int | None = None) -> list[EventRow]:
+        sql = f"SELECT {_EVENT_COLS} FROM events"
+        params: list = []
+        if state:
+            sql += " WHERE state=?"
+            params.append(state)
+        sql += " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [EventRow(*r) for r in self._all(sql, params)]
+
+    def due_events(self, now: float, *, exclude: Iterable[int] = (), limit: int = 100) -> list[EventRow]:
+        skip = list(exclude)
+        marks = ",".join("?" * len(skip))
+        sql = f"SELECT {_EVENT_COLS} FROM events WHERE state='pending' AND next_attempt_at <= ?"
+        if skip:
+            sql += f" AND id NOT IN ({marks})"
+        return [EventRow(*r) for r in self._all(sql + " ORDER BY next_attempt_at, id LIMIT ?", [now, *skip, limit])]
+
+    def event_delivered(self, row_id: int, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._write("UPDATE events SET state='delivered', attempts=attempts+1, error=NULL, delivered_at=?"
+                    " WHERE id=? AND state='pending'", [now, row_id])
+
+    def event_failed(self, row_id: int, error: str, *, next_attempt_at: float | None) -> None:
+        """A failed delivery: tried again at `next_attempt_at`, or `dead` when None (past max_age)."""
+        if next_attempt_at is None:
+            self._write("UPDATE events SET state='dead', attempts=attempts+1, error=? WHERE id=? AND state='pending'",
+                        [error, row_id])
+        else:
+            self._write("UPDATE events SET attempts=attempts+1, error=?, next_attempt_at=? WHERE id=? AND"
+                        " state='pending'", [error, next_attempt_at, row_id])
+
+    def retry_events(self, row_id: int | None = None, *, now: float | None = None) -> int:
+        """dead -> pending (all, or one), with a fresh max_age from now. Returns how many moved."""
+        now = time.time() if now is None else now
+        sql = "UPDATE events SET state='pending', attempts=0, next_attempt_at=?, created_at=? WHERE state='dead'"
+        params: list = [now, now]
+        if row_id is not None:
+            sql += " AND id=?"
+            params.append(row_id)
+        return self._write(sql, params).rowcount
+
+    def event_counts(self) -> dict[str, int]:
+        return {s: n for s, n in self._all("SELECT state, count(*) FROM events GROUP BY state")}
+
+    def oldest_pending_event(self) -> float | None:
+        row = self._one("SELECT min(created_at) FROM events WHERE state='pending'")
+        return row[0] if row else None
+
+    def prune_events(self, before: float) -> int:
+        """Forget deliveries that succeeded before `before` (the outbox stays small)."""
+        return self._write("DELETE FROM events WHERE state='delivered' AND delivered_at < ?", [before]).rowcount
 
     # -- meta ------------------------------------------------------------------------------
 

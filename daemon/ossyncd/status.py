@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ossyncd.config import Config
 from ossyncd.output import styled, tsv
-from ossyncd.state import STATES, FileRow, State
+from ossyncd.state import STATES, EventRow, FileRow, State
 
 
 def iso(ts: float | None) -> str | None:
@@ -147,5 +147,27 @@ def render_list(files: list[FileRow], console: Console) -> None:
         return
     t = Table(*LIST_COLUMNS, box=None)
     for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
+EVENT_COLUMNS = ("id", "event", "hook", "kind", "state", "attempts", "path", "error")
+
+
+def event_json(e: EventRow) -> dict:
+    return {"id": e.id, "event_id": e.event_id, "hook": e.hook, "kind": e.kind, "state": e.state,
+            "attempts": e.attempts, "path": e.path, "error": e.error, "created_at": iso(e.created_at),
+            "next_attempt_at": iso(e.next_attempt_at) if e.state == "pending" else None,
+            "delivered_at": iso(e.delivered_at), "event": json.loads(e.payload)}
+
+
+def render_events(rows: list[EventRow], console: Console) -> None:
+    """`ossyncd events`: one line per delivery (an event for one hook)."""
+    lines = [(str(e.id), e.event_id, e.hook, e.kind, e.state, str(e.attempts), e.path, e.error or "") for e in rows]
+    if not console.is_terminal:
+        tsv([EVENT_COLUMNS] + lines, console)
+        return
+    t = Table(*EVENT_COLUMNS, box=None)
+    for row in lines:
         t.add_row(*row)
     console.print(t)
