@@ -24,7 +24,10 @@ def test_cli_prints_json_serves_and_exits_on_sigterm(tmp_path):
     try:
         info = json.loads(proc.stdout.readline())
         assert set(info) == {"oss", "sts", "region", "proxy", "oss_endpoint", "sts_endpoint", "root", "user",
-                             "role_arn"}
+                             "role_arn", "full_role_arn", "oidc"}
+        assert info["full_role_arn"].endswith(":role/uploader-full")
+        assert set(info["oidc"]) == {"issuer", "provider_arn"}
+        assert info["oidc"]["provider_arn"].startswith("acs:ram::")
         assert info["oss"].startswith("http://127.0.0.1:") and info["region"] == "cn-hangzhou"
         assert info["proxy"] == info["oss"] and info["oss_endpoint"] == "http://oss-cn-hangzhou.aliyuncs.com"
         assert info["sts_endpoint"] == "http://sts.cn-hangzhou.aliyuncs.com"
