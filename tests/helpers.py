@@ -8,8 +8,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import oss2
@@ -192,3 +194,20 @@ def fast_upload(**kw):
     return {"multipart_threshold": 1 * MiB, "part_size": "256KiB", "parallel_parts": 4,
             "max_files_in_flight": 4, "retry_backoff": 0.05, "retry_backoff_max": 0.2,
             "file_retry_delay": 1.0, "file_retry_delay_max": 2.0, **kw}
+
+
+class LoopbackServer:
+    """A test's own HTTP server on 127.0.0.1 (port 0: any free one), served from a thread."""
+
+    def __init__(self, handler, port: int = 0):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

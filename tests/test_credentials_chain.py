@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import jwt
 import pytest
 
-from tests.helpers import events, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
+from tests.helpers import LoopbackServer, events, fast_upload, object_bytes, ossyncd, random_file, wait_until, write_config
 from tests.ossemu.oidc import TestIssuer
 from tests.test_sts_rotation import auth_errors, issued_secrets
 
@@ -76,15 +75,11 @@ class LocalServer:
                     return self._reply(outer.status, outer.body or b"{}")
                 self._reply(200, json.dumps(outer.doc).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
+        self.http = LoopbackServer(H)
+        self.url = self.http.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 @pytest.fixture

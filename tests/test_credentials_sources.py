@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from ossyncd import credentials as C
 from ossyncd.config import CredentialsConfig
 from ossyncd.credentials import CredentialsError, RotatingCredentials, Snapshot
+from tests.helpers import LoopbackServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,16 +150,11 @@ class LocalServer:
             def log_message(self, *a):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
+        self.http = LoopbackServer(Handler)
+        self.url = self.http.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,17 @@ from ossyncd.errors import ConfigError
 from ossyncd.events import route
 from ossyncd.model import Identity
 from ossyncd.state import State
-from tests.helpers import events, object_bytes, ossyncd, random_file, scrape, sts_credentials, toml_value, wait_until
+from tests.helpers import (
+    LoopbackServer,
+    events,
+    object_bytes,
+    ossyncd,
+    random_file,
+    scrape,
+    sts_credentials,
+    toml_value,
+    wait_until,
+)
 
 SECRET = "s3cret-for-tests"
 
@@ -63,10 +73,8 @@ class Receiver:
             def log_message(self, *a):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LoopbackServer(Handler, port)
+        self.port = self.http.port
 
     @property
     def url(self) -> str:
@@ -77,8 +85,7 @@ class Receiver:
             return [e for e in self.received if kind is None or e["kind"] == kind]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
