@@ -620,16 +620,19 @@ class State:
         """After a crash: files left `uploading` go back to the queue (checkpoints kept)."""
         return self._write("UPDATE files SET state='queued' WHERE state='uploading'").rowcount
 
-    def files(self, state: str | None = None, *, limit: int | None = None) -> list[FileRow]:
-        sql = f"SELECT {_FILE_COLS} FROM files"
-        params: list = []
+    def _listing(self, select: str, order: str, state: str | None, limit: int | None) -> list:
+        """The rows of ``select`` (all, or in one state), in ``order``, at most ``limit``."""
+        sql, params = select, []
         if state:
             sql += " WHERE state=?"
             params.append(state)
-        sql += " ORDER BY path"
+        sql += f" ORDER BY {order}"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [_file(r) for r in self._all(sql, params)]
+        return self._all(sql, params)
+
+    def files(self, state: str | None = None, *, limit: int | None = None) -> list[FileRow]:
+        return [_file(r) for r in self._listing(f"SELECT {_FILE_COLS} FROM files", "path", state, limit)]
 
     def counts(self) -> dict[str, int]:
         return {s: n for s, n in self._all("SELECT state, count(*) FROM files GROUP BY state")}
@@ -763,15 +766,7 @@ class State:
             yield
 
     def events(self, state: str | None = None, *, limit: int | None = None) -> list[EventRow]:
-        sql = f"SELECT {_EVENT_COLS} FROM events"
-        params: list = []
-        if state:
-            sql += " WHERE state=?"
-            params.append(state)
-        sql += " ORDER BY id"
-        if limit:
-            sql += f" LIMIT {int(limit)}"
-        return [EventRow(*r) for r in self._all(sql, params)]
+        return [EventRow(*r) for r in self._listing(f"SELECT {_EVENT_COLS} FROM events", "id", state, limit)]
 
     def due_events(self, now: float, *, exclude: Iterable[int] = (), limit: int = 100) -> list[EventRow]:
         skip = list(exclude)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
+from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -142,10 +143,15 @@ LIST_COLUMNS = ("path", "state", "size", "key", "url / error")
 def render_list(files: list[FileRow], console: Console) -> None:
     """A table on a terminal; piped, whole values as tab-separated lines under a header."""
     rows = [(f.path, f.state, str(f.size), f.object_key, f.url or f.error or "") for f in files]
+    _render_rows(LIST_COLUMNS, rows, console)
+
+
+def _render_rows(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]], console: Console) -> None:
+    """A table on a terminal; piped, whole values as tab-separated lines under a header."""
     if not console.is_terminal:
-        tsv([LIST_COLUMNS] + rows, console)
+        tsv([columns, *rows], console)
         return
-    t = Table(*LIST_COLUMNS, box=None)
+    t = Table(*columns, box=None)
     for row in rows:
         t.add_row(*row)
     console.print(t)
@@ -164,10 +170,4 @@ def event_json(e: EventRow) -> dict:
 def render_events(rows: list[EventRow], console: Console) -> None:
     """`ossyncd events`: one line per delivery (an event for one hook)."""
     lines = [(str(e.id), e.event_id, e.hook, e.kind, e.state, str(e.attempts), e.path, e.error or "") for e in rows]
-    if not console.is_terminal:
-        tsv([EVENT_COLUMNS] + lines, console)
-        return
-    t = Table(*EVENT_COLUMNS, box=None)
-    for row in lines:
-        t.add_row(*row)
-    console.print(t)
+    _render_rows(EVENT_COLUMNS, lines, console)
