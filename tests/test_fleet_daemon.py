@@ -103,9 +103,15 @@ def _handler(broker: BrokerStandIn):
             self.end_headers()
             self.wfile.write(body)
 
-        def _client(self) -> dict | None:
+        def _route(self) -> tuple[str, str]:
+            """(/v1/credentials or /v1/heartbeat, the token from the header or the path segment)."""
             auth = self.headers.get("Authorization", "")
-            client = broker.clients.get(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+            base, _, tail = self.path.partition("/v1/")
+            what, _, path_token = tail.partition("/")
+            return f"{base}/v1/{what}", path_token or (auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else "")
+
+        def _client(self) -> dict | None:
+            client = broker.clients.get(self._route()[1])
             if client is None:
                 self._answer(401, {"Code": "Unauthorized", "Message": "unknown or missing token"})
                 return None
@@ -117,7 +123,7 @@ def _handler(broker: BrokerStandIn):
             return client
 
         def do_GET(self):
-            if self.path != "/v1/credentials":
+            if self._route()[0] != "/v1/credentials":
                 return self._answer(404, {"Code": "NotFound", "Message": self.path})
             client = self._client()
             if client is None:
@@ -131,7 +137,7 @@ def _handler(broker: BrokerStandIn):
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path != "/v1/heartbeat":
+            if self._route()[0] != "/v1/heartbeat":
                 return self._answer(404, {"Code": "NotFound", "Message": self.path})
             client = self._client()
             if client is None:
@@ -160,16 +166,18 @@ def broker_endpoint(emulator):
 
 
 def broker_host(daemon_factory, broker, tmp_path, *, prefixes=("host1/",), watches=("host1/",), duration=900,
-                name="host1", **credentials):
-    """A host registered at the broker whose config has no [oss] endpoint, bucket or region."""
+                name="host1", token_in_path=False, **credentials):
+    """A host registered at the broker whose config has no [oss] endpoint, bucket or region; its
+    token sent as a bearer header, or (token_in_path) as the URL's last segment."""
     token = broker.register(name, list(prefixes), duration=duration)
+    auth = {"broker_url": f"{broker.url}/{token}"} if token_in_path else {"broker_url": broker.url,
+                                                                           "broker_token": token}
     roots = []
     for i, prefix in enumerate(watches):
         roots.append(tmp_path / f"{name}-drop{i}")
         roots[-1].mkdir()
     d = daemon_factory([{"path": str(r), "prefix": p, "settle_seconds": 0.3} for r, p in zip(roots, watches)],
-                       credentials={"source": "broker", "broker_url": broker.url, "broker_token": token,
-                                    "retry_backoff": 0.2, "retry_backoff_max": 1.0, **credentials},
+                       credentials={"source": "broker", **auth, "retry_backoff": 0.2, "retry_backoff_max": 1.0, **credentials},
                        oss={"endpoint": None, "bucket": None, "region": None})
     return d, token, roots
 
@@ -225,7 +233,13 @@ def test_broker_refusals_carry_the_reason_and_what_to_do(broker_endpoint):
         src.fetch()
     assert e.value.transient and e.value.code == "ServiceUnavailable"
 
+    by_path = BrokerSource(url=f"{b.url}/{token}")   # for clients that cannot send headers
+    with pytest.raises(CredentialsError) as e:
+        by_path.fetch()
+    assert e.value.code == "ServiceUnavailable" and token not in str(e.value) and "<redacted>" in str(e.value)
+
     b.allow("host9")
+    assert by_path.fetch().security_token
     assert src.fetch().security_token
     reg = src.registration
     assert (reg.bucket, reg.region, reg.endpoint, reg.prefixes) == ("drop", b.emu.region, b.emu.oss_url, ("host9/",))
@@ -254,7 +268,8 @@ def uploaded(d, *names: str) -> bool:
 
 def test_host_with_only_broker_url_and_token_uploads_byte_equal(daemon_factory, broker_endpoint, tmp_path, emulator):
     b = broker_endpoint
-    d, token, (drop,) = broker_host(daemon_factory, b, tmp_path, duration=2)   # refreshes every ~1.6 s
+    d, token, (drop,) = broker_host(daemon_factory, b, tmp_path, duration=2,   # refreshes every ~1.6 s
+                                    token_in_path=True)
     oss = tomllib.loads(d.config.read_text())["oss"]
     assert not {"endpoint", "bucket", "region"} & set(oss)
     started(d)
@@ -267,8 +282,9 @@ def test_host_with_only_broker_url_and_token_uploads_byte_equal(daemon_factory, 
     assert st["counts"]["done"] == 2
     assert st["broker"]["registration"] == {"bucket": "drop", "region": emulator.region,
                                             "endpoint": emulator.oss_url, "prefixes": ["host1/"]}
-    # a heartbeat after each refresh, though the interval (60 s) is far off
+    # a heartbeat after each refresh, though the interval (60 s) is far off; its URL keeps the token's form
     wait_until(lambda: len(b.beats("host1")) >= 2, 15, what="a heartbeat per credentials refresh")
+    assert st["broker"]["heartbeat"]["url"] == f"http://127.0.0.1:{b.port}/v1/heartbeat/<token>"
     assert token not in d.output()
 
 

@@ -18,7 +18,7 @@ import structlog
 
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
-from ossyncd.credentials.http import Registration
+from ossyncd.credentials.http import Registration, path_token
 from ossyncd.errors import ConfigError, OssyncdError, StateError
 from ossyncd.events import Deliverer
 from ossyncd.fleet import heartbeat_url, resolve_oss
@@ -86,7 +86,7 @@ class Daemon:
         logsetup.configure(cfg.daemon.log_level, cfg.daemon.log_format)
         threading.excepthook = _log_thread_crash
         c = cfg.credentials
-        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token,
+        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token, path_token(c.broker_url),
                                    *(h.secret for h in cfg.hook)])
 
     def run(self) -> int:
@@ -260,7 +260,8 @@ class Daemon:
             self._setup_logging(new)
         if source is not None:
             logsetup.register_secrets([new.credentials.access_key_secret, new.credentials.security_token,
-                                       new.credentials.broker_token, *(h.secret for h in new.hook)])
+                                       new.credentials.broker_token, path_token(new.credentials.broker_url),
+                                       *(h.secret for h in new.hook)])
             self.stack.apply_credentials(new, source)
             log.info("credentials replaced", source=new.credentials.source)
         old = {str(w.path): w for w in self.cfg.watch}

@@ -96,6 +96,13 @@ def _registration(doc: dict) -> Registration:
     return Registration(text("Bucket"), text("Region"), text("Endpoint"), prefixes)
 
 
+def path_token(url: str) -> str:
+    """The token of a broker URL of the form .../v1/credentials/TOKEN (for clients that cannot send
+    headers), "" for any other form: a secret like broker_token, kept out of every message."""
+    head, sep, tail = urlsplit(url).path.rstrip("/").rpartition("/v1/credentials/")
+    return tail if sep and "/" not in tail else ""
+
+
 def _retry_after(value: str | None) -> float | None:
     """HTTP Retry-After: delay-seconds or an HTTP-date; None when absent or unreadable."""
     if not value:
@@ -142,7 +149,7 @@ class BrokerSource(HttpJsonSource):
         self.registration: Registration | None = None
 
     def _secrets(self):
-        return (self._token, *self._headers.values())
+        return (self._token, *self._headers.values(), path_token(self.url))
 
     def request_headers(self) -> dict[str, str]:
         """The broker's authentication headers (the heartbeat sends the same)."""
