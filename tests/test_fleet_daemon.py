@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import socket
 import time
 import tomllib
@@ -20,9 +21,11 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 import ossyncd
+from ossyncd.config import OssConfig, parse_config
 from ossyncd.credentials import BrokerSource, RotatingCredentials
-from ossyncd.errors import CredentialsError
-from ossyncd.fleet import heartbeat_url
+from ossyncd.credentials.http import Registration
+from ossyncd.errors import ConfigError, CredentialsError
+from ossyncd.fleet import denied_reason, heartbeat_url, resolve_oss, uncovered_watches, watch_key_prefix
 from ossyncd.policy import inline_policy_json
 from tests.helpers import LoopbackServer, MiB, bucket_keys, events, object_bytes, random_file, wait_until
 from tests.helpers import ossyncd as run_ossyncd
@@ -252,6 +255,41 @@ def test_heartbeat_url_is_derived_from_the_broker_url():
     assert heartbeat_url("https://b.example/api/cred", "https://hb.example/x") == "https://hb.example/x"
 
 
+def test_only_the_broker_source_may_leave_oss_out(tmp_path):
+    state = {"path": str(tmp_path / "s.db")}
+    cfg = parse_config({"credentials": {"source": "broker", "broker_url": "https://b.example/v1/credentials"},
+                        "state": state})
+    assert (cfg.oss.endpoint, cfg.oss.bucket, cfg.oss.region) == ("", "", "")
+    with pytest.raises(ConfigError, match=r"oss\.endpoint: required; add it \(only source = \"broker\""):
+        parse_config({"oss": {"bucket": "drop", "region": "r"}, "credentials": {"source": "env"}, "state": state})
+    with pytest.raises(ConfigError, match=r"oss\.bucket: required"):
+        parse_config({"oss": {"endpoint": "http://127.0.0.1:1", "region": "r"}, "state": state})
+
+
+def test_resolve_oss_fills_in_and_refuses_a_different_value():
+    def left_out(**values):
+        return OssConfig.model_validate(values, context={"oss_from_broker": True})
+    reg = Registration("drop", "cn-x", "http://127.0.0.1:9/", ("a/",))
+    oss = resolve_oss(left_out(region="cn-x"), reg, "B")
+    assert (oss.bucket, oss.region, oss.endpoint) == ("drop", "cn-x", "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="oss.region: 'cn-y' differs from 'cn-x', which the credentials broker B"):
+        resolve_oss(oss.model_copy(update={"region": "cn-y"}), reg, "B")
+    with pytest.raises(ConfigError, match="did not send Bucket"):
+        resolve_oss(left_out(), Registration(), "B")
+
+
+def test_watch_key_prefix_and_the_denied_reason(tmp_path):
+    cfg = parse_config({"credentials": {"source": "broker", "broker_url": "https://b.example/v1/credentials"},
+                        "state": {"path": str(tmp_path / "s.db")}, "upload": {},
+                        "watch": [{"path": str(tmp_path), "prefix": "cam", "key_template": "{prefix}{yyyy}/{relpath}"}]})
+    [w] = cfg.watch
+    assert watch_key_prefix(w) == "cam/"
+    assert uncovered_watches(cfg.watch, ("cam/",)) == [] and uncovered_watches(cfg.watch, ("cam/2026/",)) == [(w, "cam/")]
+    assert denied_reason("cam/2026/x", ("cam/",)) is None and denied_reason("cam/x", None) is None
+    assert denied_reason("other/x", ("a/", "b/")).startswith(
+        "key other/x is outside the prefixes this host is registered for at the broker (a/, b/)")
+
+
 # --------------------------------------------------------------------------- the daemon
 # Waits read the daemon's log (cheap); each claim is then checked once with `ossyncd status`/`list`.
 
@@ -285,6 +323,13 @@ def test_host_with_only_broker_url_and_token_uploads_byte_equal(daemon_factory, 
     # a heartbeat after each refresh, though the interval (60 s) is far off; its URL keeps the token's form
     wait_until(lambda: len(b.beats("host1")) >= 2, 15, what="a heartbeat per credentials refresh")
     assert st["broker"]["heartbeat"]["url"] == f"http://127.0.0.1:{b.port}/v1/heartbeat/<token>"
+    shown = run_ossyncd("status", "-c", d.config).stdout
+    assert "broker registration: bucket drop, prefixes host1/" in shown and "<token>" in shown
+    # a reload keeps the broker's [oss] values: nothing to "restart to apply"
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: events(d, "config reloaded"), 15, interval=0.1, what="the reload")
+    assert not events(d, "setting changed; restart to apply")
+    assert not events(d, "reload rejected; the running config stays in force")
     assert token not in d.output()
 
 
