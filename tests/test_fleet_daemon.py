@@ -329,17 +329,26 @@ def test_host_with_only_broker_url_and_token_uploads_byte_equal(daemon_factory, 
     d.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: events(d, "config reloaded"), 15, interval=0.1, what="the reload")
     assert not events(d, "setting changed; restart to apply")
+    assert not events(d, "credentials broker names another oss value; restart to apply")
     assert not events(d, "reload rejected; the running config stays in force")
     assert token not in d.output()
 
 
-def test_configured_bucket_other_than_the_brokers_is_a_startup_error(daemon_factory, broker_endpoint, tmp_path):
+def test_startup_errors_name_the_broker(daemon_factory, broker_endpoint, tmp_path):
+    """A configured bucket other than the broker's is a config error (exit 2, naming both); with
+    [oss] left out and the broker down, the start fails (exit 1: systemd starts it again)."""
     d, _, _ = broker_host(daemon_factory, broker_endpoint, tmp_path)
-    d.config.write_text(d.config.read_text().replace("[oss]\n", '[oss]\nbucket = "other"\n'))
+    plain = d.config.read_text()
+    d.config.write_text(plain.replace("[oss]\n", '[oss]\nbucket = "other"\n'))
     r = run_ossyncd("run", "-c", d.config, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "oss.bucket: 'other' differs from 'drop', which the credentials broker" in r.stderr
     assert "remove oss.bucket" in r.stderr
+    d.config.write_text(plain)
+    broker_endpoint.stop()
+    r = run_ossyncd("run", "-c", d.config, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "unreachable: connection refused" in r.stderr and "the broker must answer once at start" in r.stderr
 
 
 def test_refused_by_the_broker_files_wait_then_finish(daemon_factory, broker_endpoint, tmp_path, emulator):

@@ -156,17 +156,18 @@ class Stack:
     def check_registration(self) -> None:
         """At start and after each refresh: one warning per watch whose keys may fall outside the
         broker's registered prefixes (again only when the prefixes change), and one error when the
-        broker now names another bucket or endpoint than the running one."""
+        broker now names another bucket or region than the running one."""
         reg = self.registration()
         cfg = getattr(self, "cfg", None)
         if reg is None or cfg is None:
             return
         for key in ("bucket", "region"):
-            theirs = getattr(reg, key)
-            if theirs and theirs != getattr(cfg.oss, key) and ("moved", key, (theirs,)) not in self._told:
+            theirs, running = getattr(reg, key), getattr(cfg.oss, key)
+            # `running` is "" only during the first fetch at start, before with_broker_oss filled it
+            if theirs and running and theirs != running and ("moved", key, (theirs,)) not in self._told:
                 self._told.add(("moved", key, (theirs,)))
                 log.error("credentials broker names another oss value; restart to apply", key=f"oss.{key}",
-                          running=getattr(cfg.oss, key), broker=theirs)
+                          running=running, broker=theirs)
         if reg.prefixes is None:
             return
         for w, prefix in uncovered_watches(cfg.watch, reg.prefixes):
