@@ -44,6 +44,7 @@ class BrokerStandIn:
         self.emu = emu
         self.clients: dict[str, dict] = {}       # token -> name, prefixes, duration, refusal
         self.heartbeats: list[tuple[str, dict]] = []
+        self.heartbeat_refusals: list[str] = []
         self.port = 0
         self.server: LoopbackServer | None = None
         self.start()
@@ -120,6 +121,8 @@ def _handler(broker: BrokerStandIn):
                 return None
             if client["refusal"] is not None:
                 status, code, extra = client["refusal"]
+                if self.command == "POST":
+                    broker.heartbeat_refusals.append(client["name"])
                 self._answer(status, {"Code": code, "Message": f"client {client['name']} refused", **extra},
                              headers={"Retry-After": "7"} if status == 429 else None)
                 return None
@@ -371,6 +374,9 @@ def test_refused_by_the_broker_files_wait_then_finish(daemon_factory, broker_end
     assert st["counts"]["failed"] == 0
     assert "disabled at the broker" in st["credentials"]["error"] and st["credentials"]["next_attempt_at"]
     assert "HTTP 403 (ClientDisabled" in st["broker"]["heartbeat"]["error"]
+    # refused every second meanwhile, logged once
+    wait_until(lambda: len(b.heartbeat_refusals) >= 3, 10, interval=0.1, what="heartbeats refused again")
+    assert len(logged(d, "heartbeat.failed")) == 1
 
     b.allow("host1")
     wait_until(lambda: uploaded(d, "b.bin"), 20, interval=0.1, what="b.bin uploaded after the broker allowed it")

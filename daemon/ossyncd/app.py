@@ -178,12 +178,12 @@ class Daemon:
     def _start_heartbeat(self, cfg: Config) -> None:
         """source = "broker": the fleet heartbeat on its own thread (docs/architecture.md §13)."""
         c = cfg.credentials
-        if c.source != "broker" or not c.broker_heartbeat_interval:
+        if c.source != "broker":
             return
-        if not heartbeat_url(c.broker_url, c.broker_heartbeat_url):
+        if c.broker_heartbeat_interval and not heartbeat_url(c.broker_url, c.broker_heartbeat_url):
             log.warning("no fleet heartbeat: credentials.broker_url does not end in /v1/credentials; set "
                         "credentials.broker_heartbeat_url, or broker_heartbeat_interval = 0 to silence this")
-            return
+        # started even while off: a reload may turn it on (Heartbeat.run reads the settings each pass)
         beat = Heartbeat(self.stack.state, self.stack.credentials, lambda: self.cfg.credentials)
         threading.Thread(target=beat.run, args=(self.stop,), name="heartbeat", daemon=True).start()
 
