@@ -49,7 +49,7 @@ def write_config(path: Path, emu, *, state: Path, watches=(), credentials: dict 
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]   # None: left out
     for w in watches:
         lines.append("[[watch]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in w.items()]

@@ -18,8 +18,11 @@ import structlog
 
 from ossyncd import log as logsetup
 from ossyncd.config import Config, load_config, require_watches, secret_file_warning
+from ossyncd.credentials.http import Registration, path_token
 from ossyncd.errors import ConfigError, OssyncdError, StateError
 from ossyncd.events import Deliverer
+from ossyncd.fleet import heartbeat_url, resolve_oss
+from ossyncd.heartbeat import Heartbeat
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
 from ossyncd.stack import Hooks, Stack, build_source, restart_only
@@ -83,7 +86,7 @@ class Daemon:
         logsetup.configure(cfg.daemon.log_level, cfg.daemon.log_format)
         threading.excepthook = _log_thread_crash
         c = cfg.credentials
-        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token,
+        logsetup.register_secrets([c.access_key_secret, c.security_token, c.broker_token, path_token(c.broker_url),
                                    *(h.secret for h in cfg.hook)])
 
     def run(self) -> int:
@@ -107,7 +110,7 @@ class Daemon:
             stack.state.acquire_daemon_lock()
         except OssyncdError as e:   # the state DB, or a [credentials] section that cannot build a source
             return _cannot_start(e)
-        self.cfg = cfg
+        self.cfg = cfg = stack.cfg   # with source = "broker", [oss] as the broker completed it
         stack.state.open_health()
         try:
             interrupted = stack.state.reset_interrupted()
@@ -137,6 +140,7 @@ class Daemon:
         sweep.start()
         deliver = threading.Thread(target=self.deliverer.run, args=(self.stop,), name="events", daemon=True)
         deliver.start()
+        self._start_heartbeat(cfg)
         log.info("started", watches=[str(w.path) for w in cfg.watch], bucket=cfg.oss.bucket,
                  state=str(cfg.state.path), resumed=interrupted)
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
@@ -170,6 +174,18 @@ class Daemon:
         log.info("stopped", exit_code=rc)
         _exit_if_stuck(rc)
         return rc
+
+    def _start_heartbeat(self, cfg: Config) -> None:
+        """source = "broker": the fleet heartbeat on its own thread (docs/architecture.md §13)."""
+        c = cfg.credentials
+        if c.source != "broker":
+            return
+        if c.broker_heartbeat_interval and not heartbeat_url(c.broker_url, c.broker_heartbeat_url):
+            log.warning("no fleet heartbeat: credentials.broker_url does not end in /v1/credentials; set "
+                        "credentials.broker_heartbeat_url, or broker_heartbeat_interval = 0 to silence this")
+        # started even while off: a reload may turn it on (Heartbeat.run reads the settings each pass)
+        beat = Heartbeat(self.stack.state, self.stack.credentials, lambda: self.cfg.credentials)
+        threading.Thread(target=beat.run, args=(self.stop,), name="heartbeat", daemon=True).start()
 
     def _start_metrics(self, m: Metrics, cfg: Config) -> None:
         m.bind(self.stack.state, self.stack.credentials)
@@ -226,6 +242,9 @@ class Daemon:
             require_watches(new)
             if new.state.path != self.cfg.state.path:
                 raise ConfigError("state.path: cannot change on reload; restart the daemon")
+            if new.credentials.source == "broker":   # what [oss] leaves out stays the broker's
+                new = new.model_copy(update={"oss": resolve_oss(new.oss, Registration(
+                    self.cfg.oss.bucket, self.cfg.oss.region, self.cfg.oss.endpoint), new.credentials.broker_url)})
             new, restart_keys = restart_only(self.cfg, new)
             if (new.credentials, new.oss.bucket, new.prefixes, new.policy_features) != (
                     self.cfg.credentials, self.cfg.oss.bucket, self.cfg.prefixes, self.cfg.policy_features):
@@ -241,7 +260,8 @@ class Daemon:
             self._setup_logging(new)
         if source is not None:
             logsetup.register_secrets([new.credentials.access_key_secret, new.credentials.security_token,
-                                       new.credentials.broker_token, *(h.secret for h in new.hook)])
+                                       new.credentials.broker_token, path_token(new.credentials.broker_url),
+                                       *(h.secret for h in new.hook)])
             self.stack.apply_credentials(new, source)
             log.info("credentials replaced", source=new.credentials.source)
         old = {str(w.path): w for w in self.cfg.watch}

@@ -55,8 +55,8 @@ class _Section(BaseModel):
 
 
 class OssConfig(_Section):
-    endpoint: str
-    bucket: str
+    endpoint: str = ""       # required, except with source = "broker" (its first answer names it)
+    bucket: str = ""         # likewise
     region: str = ""
     signature: Literal["v1", "v4"] = "v4"
     public_base_url: str = ""
@@ -67,6 +67,8 @@ class OssConfig(_Section):
     @classmethod
     def _endpoint(cls, v: str) -> str:
         v = v.strip().rstrip("/")
+        if not v:
+            return v
         if "://" not in v:
             v = "https://" + v
         u = urlparse(v)
@@ -77,12 +79,19 @@ class OssConfig(_Section):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", v):
+        if v and not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", v):
             raise ValueError(f"{v!r} is not a valid bucket name (3-63 of a-z, 0-9 and '-', not starting or ending with '-')")
         return v
 
     @model_validator(mode="after")
-    def _region_for_v4(self) -> "OssConfig":
+    def _required(self, info: ValidationInfo) -> "OssConfig":
+        # with source = "broker" what is left out comes from the broker's first answer
+        # (fleet.resolve_oss, at start); a value given here must then equal the broker's
+        if (info.context or {}).get("oss_from_broker"):
+            return self
+        for key in ("endpoint", "bucket"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}: required; add it (only source = \"broker\" may leave it out)")
         if self.signature == "v4" and not self.region:
             raise ValueError("region: required with signature = \"v4\"; set it (e.g. \"cn-shanghai\") or use signature = \"v1\"")
         return self
@@ -108,6 +117,8 @@ class CredentialsConfig(_Section):
     broker_url: str = ""
     broker_token: str = Field("", repr=False)
     broker_headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    broker_heartbeat_url: str = ""                 # default: derived from broker_url (fleet.heartbeat_url)
+    broker_heartbeat_interval: float = Field(60.0, ge=0)   # seconds between heartbeats at most; 0 = off
     ecs_role_name: str = ""
     ecs_metadata_url: str = "http://100.100.100.200/latest/meta-data/ram/security-credentials/"
     profile: str = ""                              # profile: the profile name (else ALIBABA_CLOUD_PROFILE)
@@ -169,6 +180,9 @@ class CredentialsConfig(_Section):
                 raise ValueError("broker_url: required with source = \"broker\"")
             _check_url("broker_url", self.broker_url, "write the http(s) URL that returns AccessKeyId/"
                        "AccessKeySecret/SecurityToken/Expiration")
+            if self.broker_heartbeat_url:
+                _check_url("broker_heartbeat_url", self.broker_heartbeat_url,
+                           "write the broker's http(s) .../v1/heartbeat URL, or remove the key to derive it")
         if self.source == "ecs-ram-role":
             default = CredentialsConfig.model_fields["ecs_metadata_url"].default
             _check_url("ecs_metadata_url", self.ecs_metadata_url, f"write e.g. {default} or remove the key")
@@ -577,8 +591,12 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
         raise ConfigError("hook: must be an array of tables; write [[hook]] sections")
     data["hook"] = [dict(h, index=i) if isinstance(h, dict) else h for i, h in enumerate(hooks)]
     data["source_path"] = source_path
+    from_broker = isinstance(data.get("credentials"), dict) and data["credentials"].get("source") == "broker"
+    if from_broker:
+        data.setdefault("oss", {})
     try:
-        cfg = Config.model_validate(data, context={"credentials_needed": credentials_needed})
+        cfg = Config.model_validate(data, context={"credentials_needed": credentials_needed,
+                                                   "oss_from_broker": from_broker})
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
     _check_paths(cfg, watch_dirs_must_exist)

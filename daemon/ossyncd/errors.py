@@ -85,18 +85,20 @@ class CredentialsError(OssyncdError):
     ``transient``: retrying later may succeed (network, 5xx, throttling).
     Permanent errors need an operator (wrong key, missing role, bad config).
     ``source``: the source name; ``code``: the server/SDK error code, if any.
+    ``retry_after``: seconds the server asked us to wait (HTTP Retry-After), if it said.
     The message names the source/field and what to do, and never holds a secret.
     """
 
     label = "credentials error"
 
     def __init__(self, message: str, *, transient: bool = False, source: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.transient = bool(transient)
         self.source = source
         self.code = code
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return self.message
@@ -107,7 +109,7 @@ class CredentialsError(OssyncdError):
 
     def copy(self) -> "CredentialsError":
         return CredentialsError(self.message, transient=self.transient, source=self.source,
-                                code=self.code)
+                                code=self.code, retry_after=self.retry_after)
 
 
 class StateError(OssyncdError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -18,8 +19,10 @@ from ossyncd.body import RateLimiter
 from ossyncd.config import Config, ObjectSpec, OssConfig, UploadConfig, WatchConfig
 from ossyncd.credentials import CredentialsError, RotatingCredentials
 from ossyncd.credentials import build_source as _source_for
+from ossyncd.credentials.http import Registration
 from ossyncd.errors import ConfigError, FileGone, FileUnreadable
 from ossyncd.events import route
+from ossyncd.fleet import denied_reason, resolve_oss, uncovered_watches
 from ossyncd.model import Identity
 from ossyncd.objectspec import FileFacts, class_warning, object_key_for
 from ossyncd.paths import check_key
@@ -75,10 +78,36 @@ def build_credentials(cfg: Config, on_change: Callable[[], None] | None = None) 
                                on_change=on_change)
 
 
+def with_broker_oss(cfg: Config, creds: RotatingCredentials) -> Config:
+    """With source = "broker": `cfg` with [oss] completed from the broker's answer (fetched now
+    if none came yet; fleet.resolve_oss). Any other source: `cfg` as it is. ConfigError for a
+    value that differs from the broker's; CredentialsError when the broker must answer (an
+    [oss] left incomplete) and does not."""
+    if cfg.credentials.source != "broker":
+        return cfg
+    c, oss = cfg.credentials, cfg.oss
+    reg = getattr(creds.source, "registration", None)
+    if reg is None:
+        try:
+            creds.current()
+        except CredentialsError as e:
+            if oss.endpoint and oss.bucket and (oss.region or oss.signature == "v1"):
+                log.warning("credentials broker not answering at start; [oss] as configured",
+                            error=str(e))
+                return cfg
+            raise CredentialsError(f"{e} - [oss] leaves out endpoint, bucket or region, so the broker must "
+                                   "answer once at start (or set them in [oss])", transient=e.transient,
+                                   source=e.source, code=e.code) from None
+        reg = getattr(creds.source, "registration", None)
+    if reg is None:   # pragma: no cover - a broker source always records it
+        return cfg
+    return cfg.model_copy(update={"oss": resolve_oss(oss, reg, c.broker_url)})
+
+
 def build_store(cfg: Config, creds: RotatingCredentials, *, pool_size: int = 8,
                 on_verification: Callable[[str], None] | None = None) -> OssStore:
     """The single-attempt OSS client (`url --sign` and `check-config` use it bare)."""
-    return OssStore(cfg.oss, creds, pool_size=pool_size, on_verification=on_verification)
+    return OssStore(with_broker_oss(cfg, creds).oss, creds, pool_size=pool_size, on_verification=on_verification)
 
 
 class Stack:
@@ -96,7 +125,10 @@ class Stack:
         self.state = State(cfg.state.path)
         self.state.router = route(cfg)   # [[hook]]s: which state changes are written to the outbox
         self._creds_lock = threading.Lock()
-        self.credentials = build_credentials(cfg, on_change=self.publish_credentials)
+        self.credentials = build_credentials(cfg, on_change=self._credentials_changed)
+        self._told: set[tuple[str, str, tuple[str, ...]]] = set()
+        self.cfg = cfg = with_broker_oss(cfg, self.credentials)   # [oss] from the broker (§13)
+        self.check_registration()
         up = cfg.upload
         self.part_pool = ThreadPoolExecutor(up.parallel_parts, thread_name_prefix="part")
         oss = build_store(cfg, self.credentials, pool_size=up.parallel_parts + up.max_files_in_flight + 2,
@@ -107,17 +139,58 @@ class Stack:
         self.limiter = RateLimiter(up.bandwidth_limit)   # always there: a reload may set a limit
         self.uploader = Uploader(self.state, self.store, up, part_pool=self.part_pool, limiter=self.limiter,
                                  url_for=lambda key: object_url(cfg.oss, key), on_progress=hooks.on_progress,
-                                 spec_for=self.spec_for)
+                                 spec_for=self.spec_for, denied_reason=self.denied_reason)
         for w in cfg.watch or ():
             warning = class_warning(w.object)
             if warning:
                 log.warning("storage class minimums", watch=str(w.path), problem=warning)
 
+    def _credentials_changed(self) -> None:
+        self.publish_credentials()
+        self.check_registration()
+
+    def registration(self) -> Registration | None:
+        """What the broker's last answer said about this host (source = "broker"), else None."""
+        return getattr(self.credentials.source, "registration", None)
+
+    def check_registration(self) -> None:
+        """At start and after each refresh: one warning per watch whose keys may fall outside the
+        broker's registered prefixes (again only when the prefixes change), and one error when the
+        broker now names another bucket or region than the running one."""
+        reg = self.registration()
+        cfg = getattr(self, "cfg", None)
+        if reg is None or cfg is None:
+            return
+        for key in ("bucket", "region"):
+            theirs, running = getattr(reg, key), getattr(cfg.oss, key)
+            # `running` is "" only during the first fetch at start, before with_broker_oss filled it
+            if theirs and running and theirs != running and ("moved", key, (theirs,)) not in self._told:
+                self._told.add(("moved", key, (theirs,)))
+                log.error("credentials broker names another oss value; restart to apply", key=f"oss.{key}",
+                          running=running, broker=theirs)
+        if reg.prefixes is None:
+            return
+        for w, prefix in uncovered_watches(cfg.watch, reg.prefixes):
+            mark = (str(w.path), prefix, reg.prefixes)
+            if mark not in self._told:
+                self._told.add(mark)
+                log.warning("watch prefix outside the broker registration", watch=f"watch[{w.index}] {w.path}",
+                            key_prefix=prefix, broker_prefixes=list(reg.prefixes),
+                            fix="register the prefix with `ossyncd broker add-client ... --prefix` at the broker, "
+                                "or change watch.prefix")
+
+    def denied_reason(self, key: str) -> str | None:
+        """For an AccessDenied on `key`: the broker registration's explanation, if it has one."""
+        reg = self.registration()
+        return denied_reason(key, reg.prefixes) if reg is not None else None
+
     def publish_credentials(self) -> None:
         """For `ossyncd status`: after every credentials fetch, and every second from the daemon's
         loop. Read and written under one lock, so an older status never overwrites a newer one."""
         with self._creds_lock:
-            self.state.set_meta("credentials", json.dumps(self.credentials.status()))
+            reg = self.registration()
+            extra = {"registration": dataclasses.asdict(reg)} if reg is not None else {}
+            self.state.set_meta("credentials", json.dumps({**self.credentials.status(), **extra}))
 
     def _record_verification(self, mode: str) -> None:
         """For `ossyncd status`: how this run verifies uploads (the server's CRC64 capability)."""

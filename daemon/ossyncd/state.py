@@ -637,6 +637,11 @@ class State:
     def counts(self) -> dict[str, int]:
         return {s: n for s, n in self._all("SELECT state, count(*) FROM files GROUP BY state")}
 
+    def last_upload_at(self) -> float | None:
+        """When the latest upload was recorded done (the fleet heartbeat's last_upload)."""
+        row = self._one("SELECT max(uploaded_at) FROM files WHERE state='done'")
+        return row[0] if row else None
+
     def due(self, now: float, *, limit: int = 1000) -> list[FileRow]:
         """Queued files, and retry_wait files whose time has come, oldest first."""
         # two indexed queries: an OR across states would sort every queued row on each call

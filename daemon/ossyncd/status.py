@@ -66,11 +66,35 @@ def status_dict(cfg: Config, state: State | None) -> dict:
         "credentials": {"source": cfg.credentials.source, "link": creds.get("link"),
                         "expires_at": creds.get("expires_at"),
                         "error": creds.get("last_error"), "next_attempt_at": creds.get("next_attempt_at")},
+        "broker": _broker(cfg, creds, state),
         "verification": verification,   # {"mode": crc64|md5, "detected_at"}; null until the first upload
         "throughput_mib_s": json.loads(state.get_meta("throughput") or "null") if state is not None else None,
         "state_db": str(cfg.state.path),
         "generated_at": iso(time.time()),
     }
+
+
+def _broker(cfg: Config, creds: dict, state: State | None) -> dict | None:
+    """source = "broker": what the broker registered this host for, and the fleet heartbeat."""
+    if cfg.credentials.source != "broker":
+        return None
+    beat = json.loads(state.get_meta("heartbeat") or "null") if state is not None else None
+    return {"registration": creds.get("registration"), "heartbeat": beat}
+
+
+def _render_broker(b: dict | None, console: Console) -> None:
+    if not b:
+        return
+    reg = b.get("registration")
+    if reg:
+        prefixes = ", ".join(reg.get("prefixes") or ()) or "(the broker did not say)"
+        console.print(styled(f"broker registration: bucket {reg.get('bucket') or '?'}, prefixes {prefixes}"))
+    beat = b.get("heartbeat")
+    if beat:
+        line = styled(f"broker heartbeat: {beat.get('url')}, last sent {beat.get('last_sent_at') or 'never'}")
+        if beat.get("error"):
+            line.append(f"  error: {beat['error']} since {beat.get('error_since')}", style="red")
+        console.print(line)
 
 
 def _watches(state: State) -> list[dict]:
@@ -116,6 +140,7 @@ def render_status(d: dict, console: Console) -> None:
         if c.get("next_attempt_at"):
             line.append(f" (next attempt {c['next_attempt_at']})")
     console.print(line)
+    _render_broker(d.get("broker"), console)
     v = d.get("verification")
     if v:
         how = ("CRC64 (x-oss-hash-crc64ecma)" if v["mode"] == "crc64"

@@ -90,7 +90,8 @@ class Uploader:
     def __init__(self, state: State, store, cfg: UploadConfig, *, part_pool: ThreadPoolExecutor,
                  limiter: RateLimiter | None = None, url_for: Callable[[str], str],
                  on_progress: Callable[[int, int, int], None] | None = None,
-                 spec_for: Callable[[str], ObjectSpec] | None = None):
+                 spec_for: Callable[[str], ObjectSpec] | None = None,
+                 denied_reason: Callable[[str], str | None] | None = None):
         self.state = state
         self.store = store
         self.cfg = cfg
@@ -100,6 +101,16 @@ class Uploader:
         self.on_progress = on_progress  # (file_id, bytes_done, total), for live displays
         self.backoff = Backoff(cfg.file_retry_delay, cfg.file_retry_delay_max)
         self.spec_for = spec_for or (lambda watch: ObjectSpec())   # a row's watch root -> what its objects get
+        self.denied_reason = denied_reason   # key -> why it was refused, when the broker registration says
+
+    def _hint(self, e: PermanentError, key: str) -> str:
+        """What the failed reason adds to a permanent error: the broker registration's account of
+        an AccessDenied when it explains it, else the generic hint."""
+        if e.code == "AccessDenied" and self.denied_reason is not None:
+            reason = self.denied_reason(key)
+            if reason:
+                return f"; {reason}"
+        return _generic_hint(e)
 
     def _object(self, row: FileRow) -> tuple[ObjectSpec, FileFacts]:
         relpath = os.path.relpath(row.path, row.watch) if row.watch else os.path.basename(row.path)
@@ -136,7 +147,7 @@ class Uploader:
             log.warning("not uploaded: the key holds another object (overwrite = skip)", path=row.path, key=row.key)
             return Outcome("exists", msg)
         except PermanentError as e:
-            msg = f"{e}{_hint(e)}"
+            msg = f"{e}{self._hint(e, e.key or row.object_key)}"
             self.state.transition(row.id, "failed", error=msg, count_attempt=True, identity=row.identity)
             log.error("upload failed", path=row.path, key=row.key, error=msg)
             return Outcome("failed", msg)
@@ -501,7 +512,7 @@ def _candidates(key: str, overwrite: str, resume: str | None):
             yield k
 
 
-def _hint(e: PermanentError) -> str:
+def _generic_hint(e: PermanentError) -> str:
     hints = {
         "AccessDenied": "; the credentials may not write this key: compare the role's policy and any "
                         "credentials.policy with `ossyncd policy`, and check the watch prefixes",

@@ -104,6 +104,7 @@ class SourceBase:
     names (and folds the text to one bounded line)."""
 
     name = "?"
+    max_message = 300   # characters of one error message
 
     def _secrets(self) -> Iterable[str]:
         return ()
@@ -114,12 +115,14 @@ class SourceBase:
         for s in self._secrets():
             if s and len(s) >= 4:
                 text = text.replace(s, REDACTED)
-        if len(text) > 300:
-            text = text[:297] + "..."
+        if len(text) > self.max_message:
+            text = text[:self.max_message - 3] + "..."
         return text
 
-    def _err(self, message: str, *, transient: bool, code: str | None = None) -> CredentialsError:
-        return CredentialsError(self._scrub(message), transient=transient, source=self.name, code=code)
+    def _err(self, message: str, *, transient: bool, code: str | None = None,
+             retry_after: float | None = None) -> CredentialsError:
+        return CredentialsError(self._scrub(message), transient=transient, source=self.name, code=code,
+                                retry_after=retry_after)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

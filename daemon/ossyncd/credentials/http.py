@@ -4,11 +4,17 @@ SecurityToken / Expiration; ``HttpJsonSource`` holds what they share."""
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 import structlog
+
+from ossyncd.errors import CredentialsError
 
 from .base import Snapshot, SourceBase, ci_get, net_reason, snapshot_from_doc
 
@@ -70,10 +76,67 @@ class HttpJsonSource(SourceBase):
                             code="BadResponse") from None
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What a broker's answer says about this host's registration (docs/broker.md): the bucket
+    and where it is, and the key prefixes its tokens may write. "" / None: the broker did not say."""
+
+    bucket: str = ""
+    region: str = ""
+    endpoint: str = ""
+    prefixes: tuple[str, ...] | None = None
+
+
+def _registration(doc: dict) -> Registration:
+    def text(key: str) -> str:
+        v = ci_get(doc, key)
+        return v.strip() if isinstance(v, str) else ""
+    raw = ci_get(doc, "Prefixes")
+    prefixes = tuple(p for p in raw if isinstance(p, str)) if isinstance(raw, list) else None
+    return Registration(text("Bucket"), text("Region"), text("Endpoint"), prefixes)
+
+
+def path_token(url: str) -> str:
+    """The token of a broker URL of the form .../v1/credentials/TOKEN (for clients that cannot send
+    headers), "" for any other form: a secret like broker_token, kept out of every message."""
+    head, sep, tail = urlsplit(url).path.rstrip("/").rpartition("/v1/credentials/")
+    return tail if sep and "/" not in tail else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """HTTP Retry-After: delay-seconds or an HTTP-date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), 3600.0) if math.isfinite(seconds) else None
+
+
+def _error_body(r: requests.Response) -> tuple[str, str, bool]:
+    """(Code, Message, Permanent) of a broker's JSON error answer; ("", "", False) without one."""
+    try:
+        doc = r.json()
+    except ValueError:
+        return "", "", False
+    if not isinstance(doc, dict):
+        return "", "", False
+    code, message = ci_get(doc, "Code"), ci_get(doc, "Message")
+    return (str(code)[:64] if isinstance(code, (str, int)) else "",
+            " ".join(str(message).split())[:160] if isinstance(message, str) else "",
+            ci_get(doc, "Permanent") is True)
+
+
 class BrokerSource(HttpJsonSource):
-    """GET a credentials broker (the upload-with-STS pattern)."""
+    """GET a credentials broker (the upload-with-STS pattern; ossyncd's own broker answers as
+    docs/broker.md says). ``registration`` holds what the last good answer said about this host."""
 
     name = "broker"
+    max_message = 600   # the refusals carry what the operator does
     _unreachable_hint = "check credentials.broker_url and the network (will retry)"
 
     def __init__(self, *, url: str, token: str = "", headers: dict[str, str] | None = None,
@@ -83,30 +146,56 @@ class BrokerSource(HttpJsonSource):
         self.url = url
         self._token = token
         self._headers = dict(headers or {})
+        self.registration: Registration | None = None
 
     def _secrets(self):
-        return (self._token, *self._headers.values())
+        return (self._token, *self._headers.values(), path_token(self.url))
 
-    def fetch(self) -> Snapshot:
-        """One GET of the broker URL. CredentialsError: transient for network errors, 429 and 5xx;
-        permanent for 4xx and a document without usable credentials."""
+    def request_headers(self) -> dict[str, str]:
+        """The broker's authentication headers (the heartbeat sends the same)."""
         headers = {"Accept": "application/json", **self._headers}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        r = self._get(self.url, "credentials broker", headers)
+        return headers
+
+    def _refusal(self, r: requests.Response) -> CredentialsError:
+        """The error for a non-2xx answer, with the broker's own Code and Message when it sent JSON."""
         status = r.status_code
-        if status == 429 or status >= 500:
-            raise self._err(f"credentials broker {self.url} answered {_status_text(r)}; will retry",
-                            transient=True, code=f"HTTP{status}")
+        code, message, permanent = _error_body(r)
+        said = f" ({': '.join(x for x in (code, message) if x)})" if code or message else ""
+        where = f"credentials broker {self.url} answered {_status_text(r)}{said}"
+        code = code or f"HTTP{status}"
+        if status == 429:
+            wait = _retry_after(r.headers.get("Retry-After"))
+            return self._err(f"{where}; will retry" + (f" after {wait:g} s (Retry-After)" if wait else ""),
+                             transient=True, code=code, retry_after=wait)
+        if status >= 500 and permanent:
+            return self._err(f"{where}: the broker's STS call fails permanently (the uploader role, its trust "
+                             "policy or the broker's RAM identity); fix it at the broker - uploads wait and "
+                             "resume by themselves", transient=False, code=code)
+        if status >= 500:
+            return self._err(f"{where}; will retry", transient=True, code=code)
         if status in (401, 403):
-            hint = ("check credentials.broker_token" if self._token
-                    else "set credentials.broker_token (sent as 'Authorization: Bearer ...')")
-            raise self._err(f"credentials broker {self.url} answered {_status_text(r)}: "
-                            f"not authorised; {hint} or credentials.broker_headers",
-                            transient=False, code=f"HTTP{status}")
-        if status >= 300:
-            raise self._err(f"credentials broker {self.url} answered {_status_text(r)}; "
-                            "check credentials.broker_url", transient=False, code=f"HTTP{status}")
+            if not self._token:
+                hint = ("set credentials.broker_token (sent as 'Authorization: Bearer ...') or "
+                        "credentials.broker_headers")
+            elif code == "ClientDisabled":
+                hint = ("this host's client is disabled at the broker; re-enable it there (see `ossyncd broker "
+                        "list-clients`) - uploads wait and resume by themselves")
+            else:
+                hint = ("this host's client is unknown to the broker (removed, or its token rotated?): run "
+                        "`ossyncd broker list-clients` on the broker (`ossyncd broker rotate-token NAME` for a "
+                        "new token), then update credentials.broker_token and send SIGHUP; uploads wait")
+            return self._err(f"{where}: not authorised; {hint}", transient=False, code=code)
+        return self._err(f"{where}; check credentials.broker_url", transient=False, code=code)
+
+    def fetch(self) -> Snapshot:
+        """One GET of the broker URL. CredentialsError: transient for network errors, 429 (with
+        ``retry_after``) and 5xx; permanent for 4xx, a 5xx saying "Permanent": true, and a document
+        without usable credentials. A good answer also updates ``registration``."""
+        r = self._get(self.url, "credentials broker", self.request_headers())
+        if r.status_code >= 300:
+            raise self._refusal(r)
         doc = self._json(r, f"credentials broker {self.url}", "check credentials.broker_url", transient=False)
         creds = _find_credentials_dict(doc)
         if creds is None:
@@ -115,7 +204,9 @@ class BrokerSource(HttpJsonSource):
                             f"keys: {keys}); it must hold AccessKeyId, AccessKeySecret, SecurityToken and "
                             "Expiration at the top level or under one wrapper key such as 'result'",
                             transient=False, code="BadResponse")
-        return self._snapshot(creds, f"credentials broker {self.url}", transient=False)
+        snap = self._snapshot(creds, f"credentials broker {self.url}", transient=False)
+        self.registration = _registration(creds)
+        return snap
 
 
 # --- ecs-ram-role ---------------------------------------------------------------------

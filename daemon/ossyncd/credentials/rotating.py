@@ -27,7 +27,9 @@ class RotatingCredentials:
       (measured from the start of the fetch), or at the retry time after a failure.
       A failed refresh keeps the old snapshot until it expires.  Backoff after the
       n-th consecutive failure is ``min(max_backoff, min_backoff * 2**(n-1))`` scaled by
-      a jitter factor in [0.5, 1.0]; permanent errors back off at the cap straight away.
+      a jitter factor in [0.5, 1.0]; permanent errors back off at the cap straight away (and
+      keep being retried there: an operator's fix at the source is picked up by itself); an
+      error carrying ``retry_after`` waits at least that long.
     * ``force_refresh(stale)``: OSS rejected ``stale``.  If the current snapshot is
       already a different, usable one it is returned with no fetch, so many parts
       failing together cause one refresh.
@@ -75,6 +77,11 @@ class RotatingCredentials:
             self._failures = 0
             self._last_attempt_failed = False
 
+    @property
+    def source(self) -> Source:
+        """The source in use (replace_source swaps it)."""
+        return self._source
+
     def __repr__(self) -> str:
         return f"<RotatingCredentials source={self._source.name!r} current={self._snap!r}>"
 
@@ -89,7 +96,9 @@ class RotatingCredentials:
             base = self._max_backoff
         else:
             base = min(self._max_backoff, self._min_backoff * 2 ** min(self._failures - 1, 62))
-        return base * (0.5 + 0.5 * self._rng())
+        wait = base * (0.5 + 0.5 * self._rng())
+        # a server that said when to come back (Retry-After) is not asked sooner
+        return max(wait, err.retry_after) if err.retry_after else wait
 
     def _raise_last(self):
         err = self._last_error
