@@ -4,6 +4,7 @@ import threading
 
 from . import server
 from .auth import Authority
+from .callback import Signer
 from .faults import FaultEngine, Stats
 from .hosts import Endpoints
 from .oidc import TestIssuer
@@ -36,6 +37,7 @@ class Emulator:
         self.assume_role = AssumeRole(self.authority, min_duration=min_duration, issuer=self.oidc)
         self.faults = FaultEngine()
         self.counters = Stats()
+        self.signer = Signer()    # upload callbacks' RSA key (callback.py)
         self.oss_url = self.sts_url = None
         self._servers = []
         self._threads = []

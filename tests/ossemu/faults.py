@@ -131,6 +131,8 @@ class Stats:
             self.uploads_completed = 0
             self.uploads_aborted = 0
             self.oidc_tokens = defaultdict(int)   # jti -> accepted AssumeRoleWithOIDC calls
+            self.callback_headers = defaultdict(int)   # op -> requests that carried x-oss-callback
+            self.callbacks = defaultdict(int)          # "op:ok" / "op:failed" -> callbacks made
 
     def request(self, op):
         with self._lock:
@@ -157,6 +159,14 @@ class Stats:
         with self._lock:
             self.oidc_tokens[str(jti)] += 1
 
+    def callback_header(self, op):
+        with self._lock:
+            self.callback_headers[op] += 1
+
+    def callback(self, op, outcome):
+        with self._lock:
+            self.callbacks[f"{op}:{outcome}"] += 1
+
     def add(self, name, n=1):
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
@@ -176,4 +186,6 @@ class Stats:
                 "uploads_completed": self.uploads_completed,
                 "uploads_aborted": self.uploads_aborted,
                 "oidc_tokens": dict(self.oidc_tokens),
+                "callback_headers": dict(self.callback_headers),
+                "callbacks": dict(self.callbacks),
             }
