@@ -268,6 +268,13 @@ class ObjectSpec(_Section):
     key_template: str = "{prefix}{relpath}"
     unicode_normalize: Literal["NFC", "none"] = "NFC"
     overwrite: Literal["allow", "forbid", "skip", "rename"] = "allow"   # when the key already holds an object
+    # OSS upload callback (docs/wire-protocol.md §9): OSS POSTs callback_body to callback_url after storing
+    callback_url: tuple[str, ...] = ()                            # up to 5; "a;b" or a list
+    callback_host: str = ""                                       # Host of the POST ("" = the URL's host)
+    callback_body: str = ""                                       # "" = objectspec.DEFAULT_CALLBACK_BODY
+    callback_body_type: Literal["application/x-www-form-urlencoded", "application/json"] = \
+        "application/x-www-form-urlencoded"
+    callback_vars: dict[str, str] = Field(default_factory=dict)   # "x:name" = template, as ${x:name}
 
     @field_validator("content_type")
     @classmethod
@@ -340,16 +347,64 @@ class ObjectSpec(_Section):
             raise ValueError(f"{v!r} starts with '/'; OSS keys cannot")
         return v
 
+    @field_validator("callback_url", mode="before")
+    @classmethod
+    def _callback_urls(cls, v: Any) -> Any:
+        if isinstance(v, str):    # OSS's own form: URLs separated by ';'
+            return tuple(u.strip() for u in v.split(";") if u.strip())
+        return v
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) > _spec.MAX_CALLBACK_URLS:
+            raise ValueError(f"{len(v)} URLs; OSS takes at most {_spec.MAX_CALLBACK_URLS} (tried in order)")
+        for u in v:
+            try:
+                _check_url("url", u, "write the http(s) URL of the application server OSS calls")
+            except ValueError as e:
+                raise ValueError(str(e).removeprefix("url: ")) from None
+            if _CTL.search(u) or not u.isascii():
+                raise ValueError(f"{u!r} has a control or non-ASCII character; percent-encode it")
+        return v
+
+    @field_validator("callback_host")
+    @classmethod
+    def _callback_host(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?", v):
+            raise ValueError(f"{v!r} is not a host name; write e.g. \"app.example.com\" (or leave it out: the "
+                             f"URL's host is used)")
+        return v
+
+    @field_validator("callback_vars")
+    @classmethod
+    def _callback_vars(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _spec.check_callback_var(name)
+            if name in _spec.OUR_CALLBACK_VARS:
+                raise ValueError(f"{name!r} is ossyncd's own variable; choose another name")
+            _spec.check_template(value, _spec.METADATA_FIELDS)
+        return v
+
     @model_validator(mode="after")
     def _kms(self) -> "ObjectSpec":
         if self.kms_key_id and self.server_side_encryption != "KMS":
             raise ValueError("kms_key_id: only used with server_side_encryption = \"KMS\"; set that or remove "
                              "kms_key_id")
+        if not self.callback_url:
+            for k in ("callback_host", "callback_body", "callback_vars"):
+                if getattr(self, k):
+                    raise ValueError(f"{k}: only used with callback_url; set that or remove {k}")
+            return self
+        try:
+            _spec.check_callback_body(_spec.callback_body(self), self.callback_body_type, set(self.callback_vars))
+        except ValueError as e:
+            raise ValueError(f"callback_body: {e}") from None
         return self
 
 
 OBJECT_KEYS = tuple(ObjectSpec.model_fields)
-_TABLES = ("content_type", "metadata", "tags")
+_TABLES = ("content_type", "metadata", "tags", "callback_vars")
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -432,7 +487,7 @@ class MetricsConfig(_Section):
         return v.strip()
 
 
-EVENT_KINDS = ("uploaded", "failed", "skipped", "gone")   # state.EVENT_OF_STATE's values
+EVENT_KINDS = ("uploaded", "failed", "skipped", "gone", "callback_failed")   # state.EVENT_KINDS
 
 
 class HookConfig(_Section):

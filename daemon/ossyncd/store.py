@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import xml.etree.ElementTree as ET
+from dataclasses import replace
 from typing import Any, Callable, Protocol
 from urllib.parse import quote, urlparse
 
@@ -171,6 +173,13 @@ def classify(op: str, key: str, exc: Exception) -> StoreError:
     return TransientError(op, key, f"{type(exc).__name__}: {_short(exc)}")
 
 
+CALLBACK_ANSWER_MAX = 2000    # characters of the application server's answer kept in the state DB
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= CALLBACK_ANSWER_MAX else text[:CALLBACK_ANSWER_MAX] + "..."
+
+
 def _short(exc: Exception) -> str:
     text = str(exc)
     return text if len(text) < 300 else text[:300] + "..."
@@ -263,7 +272,7 @@ class OssStore:
             cancel: CancelFlag | None = None) -> WriteResult:
         r = self._call("PutObject", key, self.bucket.put_object, key, body.open(),
                        headers=self._headers(body, headers))
-        return self._verify("PutObject", key, r, body)
+        return self._callback(r, headers, self._verify("PutObject", key, r, body))
 
     def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
                        cancel: CancelFlag | None = None) -> str:
@@ -283,12 +292,29 @@ class OssStore:
                        headers=dict(headers) if headers else None)
         expected = combine_parts([(p.crc64, p.size) for p in parts])
         if r.crc is None:   # verified through its parts: each was, and OSS joined exactly those
-            return WriteResult(r.etag, expected, MD5)
+            return self._callback(r, headers, WriteResult(r.etag, expected, MD5))
         if r.crc != expected:
             raise IntegrityError("CompleteMultipartUpload", key,
                                  f"object CRC64 {r.crc} differs from the parts' combined {expected}",
                                  request_id=r.request_id)
-        return WriteResult(r.etag, r.crc, CRC64)
+        return self._callback(r, headers, WriteResult(r.etag, r.crc, CRC64))
+
+    @staticmethod
+    def _callback(r, headers: dict[str, str] | None, result: WriteResult) -> WriteResult:
+        """The upload callback's outcome (docs/wire-protocol.md §9). The object is stored either
+        way: 200 carries the application server's answer, 203 an XML Error CallbackFailed (oss2
+        raises for neither: both are below 300)."""
+        if not headers or "x-oss-callback" not in headers:
+            return result
+        text = r.resp.read().decode("utf-8", "replace")
+        if r.status != 203:
+            return replace(result, callback="ok", callback_detail=_clip(text))
+        try:
+            root = ET.fromstring(text)
+            why = f"{root.findtext('Code') or 'CallbackFailed'}: {root.findtext('Message') or '(no message)'}"
+        except ET.ParseError:
+            why = f"CallbackFailed: {_clip(text) or '(no body)'}"
+        return replace(result, callback="failed", callback_detail=why)
 
     def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
         try:
