@@ -23,7 +23,7 @@ from ossyncd.config import parse_config
 from ossyncd.crc import crc64
 from ossyncd.errors import ConfigError
 from ossyncd.objectspec import FileFacts
-from tests.helpers import LoopbackServer, MiB, object_bytes, ossyncd, random_file, wait_until, write_config
+from tests.helpers import LoopbackServer, MiB, object_bytes, ossyncd, random_file, wait_until
 from tests.test_events import Receiver, add_hooks, free_port, outbox, webhook
 
 SETTLE = 0.2
@@ -34,8 +34,9 @@ class AppServer:
     its signature verified against the public key named in x-oss-pub-key-url; answers
     `status` with `answer`."""
 
-    def __init__(self, status: int = 200, answer: bytes = b'{"Status":"OK"}'):
+    def __init__(self, status: int = 200, answer: bytes = b'{"Status":"OK"}', delay: float = 0):
         self.status, self.answer = status, answer
+        self.released = threading.Event()   # set: stop holding answers back (delay)
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         outer = self
@@ -47,6 +48,8 @@ class AppServer:
                         "verified": verify(self.path, self.headers, body)}
                 with outer.lock:
                     outer.calls.append(call)
+                if delay:
+                    outer.released.wait(delay)   # longer than OSS's 5 s: the callback times out
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(outer.answer)))
@@ -60,6 +63,7 @@ class AppServer:
         self.url = self.http.url + "/oss/done?src=ossyncd"
 
     def close(self):
+        self.released.set()
         self.http.close()
 
 
@@ -85,8 +89,8 @@ def app():
     a.close()
 
 
-def _cfg(tmp_path, **watch):
-    return parse_config({"oss": {"endpoint": "http://127.0.0.1:9", "bucket": "drop", "signature": "v1"},
+def _cfg(tmp_path, oss=None, **watch):
+    return parse_config({"oss": {"endpoint": "http://127.0.0.1:9", "bucket": "drop", "signature": "v1", **(oss or {})},
                          "state": {"path": str(tmp_path / "s.db")},
                          "upload": watch.pop("upload", {}), "watch": [{"path": str(tmp_path), **watch}]})
 
@@ -114,6 +118,16 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, values, expected):
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, **values)
     assert str(e.value).startswith(expected), str(e.value)
+
+
+def test_read_timeout_must_outlast_the_callback(tmp_path):
+    """A client that gives up before OSS has its callback answer would send the file again."""
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, oss={"read_timeout": 16}, callback_url="http://a/;http://b/")
+    assert str(e.value).startswith("oss.read_timeout: 16 s is too short with 2 callback_url(s)")
+    assert "at least 20" in str(e.value)
+    _cfg(tmp_path, oss={"read_timeout": 16}, callback_url="http://a/")
+    _cfg(tmp_path, oss={"read_timeout": 1})
 
 
 def test_callback_headers_and_inheritance_from_upload(tmp_path):
@@ -205,13 +219,14 @@ def test_emulator_calls_the_app_server_signed_and_answers_203_on_failure(emulato
 @pytest.mark.timeout(120)
 def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, daemon_factory, app):
     """One daemon: watch `ok` calls a working app server (a simple and a multipart file), `bad`
-    one that answers 500, `down` a port nobody listens on. Every object is done and byte-equal;
+    one that answers 500, `down` a port nobody listens on, `slow` one that answers after OSS's
+    5 s. Every object is done and byte-equal;
     the callbacks are `ok` with the answer or `failed` with the reason (in `list`), a hook on
     callback_failed gets one event per failed file, and nothing is sent twice."""
-    roots = {n: tmp_path / n for n in ("ok", "bad", "down")}
+    roots = {n: tmp_path / n for n in ("ok", "bad", "down", "slow")}
     for p in roots.values():
         p.mkdir()
-    bad = AppServer(status=500)
+    bad, slow = AppServer(status=500), AppServer(delay=30)
     hooks = Receiver()
     try:
         body = "key=${object}&size=${size}&etag=${etag}&crc=${crc64}&path=${x:ossyncd_path}&rel=${x:ossyncd_relpath}"
@@ -219,14 +234,16 @@ def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, d
         d = daemon_factory([{"path": str(roots["ok"]), "prefix": "ok/", "callback_url": app.url, **cb},
                             {"path": str(roots["bad"]), "prefix": "bad/", "callback_url": bad.url, **cb},
                             {"path": str(roots["down"]), "prefix": "down/",
-                             "callback_url": f"http://127.0.0.1:{free_port()}/cb", **cb}])
+                             "callback_url": f"http://127.0.0.1:{free_port()}/cb", **cb},
+                            {"path": str(roots["slow"]), "prefix": "slow/", "callback_url": slow.url, **cb}])
         add_hooks(d, [webhook(hooks.url, on=["callback_failed"], name="cb")])
         d.start()
         files = {"ok/small.txt": random_file(roots["ok"] / "small.txt", 1000, 1),
                  "ok/sub/big.bin": random_file(roots["ok"] / "sub" / "big.bin", 2 * MiB + 17, 2),
                  "bad/b.txt": random_file(roots["bad"] / "b.txt", 500, 3),
-                 "down/c.txt": random_file(roots["down"] / "c.txt", 700, 4)}
-        d.wait_states({"done": 4}, 60)
+                 "down/c.txt": random_file(roots["down"] / "c.txt", 700, 4),
+                 "slow/s.txt": random_file(roots["slow"] / "s.txt", 900, 5)}
+        d.wait_states({"done": 5}, 60)
         for key, data in files.items():
             assert object_bytes(emulator, key) == data
         rows = {os.path.relpath(f["path"], tmp_path): f for f in d.files()}
@@ -235,6 +252,7 @@ def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, d
         assert rows["bad/b.txt"]["callback"] == "failed"
         assert rows["bad/b.txt"]["callback_detail"] == "CallbackFailed: Error status : 500."
         assert rows["down/c.txt"]["callback"] == "failed" and "cannot connect" in rows["down/c.txt"]["callback_detail"]
+        assert rows["slow/s.txt"]["callback"] == "failed" and "timed out after 5 s" in rows["slow/s.txt"]["callback_detail"]
         # what the app server got: OSS's values and ours, signed
         got = {parse_qs(c["body"].decode())["key"][0]: (parse_qs(c["body"].decode()), c["verified"]) for c in app.calls}
         assert sorted(got) == ["ok/small.txt", "ok/sub/big.bin"] and len(app.calls) == 2
@@ -244,30 +262,25 @@ def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, d
             assert form["size"] == [str(len(data))] and form["crc"] == [str(crc64(data))]
             assert form["etag"] == [rows["ok/" + rel]["etag"]]
             assert form["path"] == [str(roots["ok"] / rel)] and form["rel"] == [rel]
-        assert len(bad.calls) == 1
+        assert len(bad.calls) == 1 and len(slow.calls) == 1
         # the multipart upload sent it on Complete only; nothing was sent twice
         st = emulator.stats()
-        assert st["callback_headers"] == {"PutObject": 3, "CompleteMultipartUpload": 1}, st["callback_headers"]
-        assert st["requests"]["PutObject"] == 3 and st["requests"]["CompleteMultipartUpload"] == 1
-        assert st["callbacks"] == {"PutObject:ok": 1, "CompleteMultipartUpload:ok": 1, "PutObject:failed": 2}
+        assert st["callback_headers"] == {"PutObject": 4, "CompleteMultipartUpload": 1}, st["callback_headers"]
+        assert st["requests"]["PutObject"] == 4 and st["requests"]["CompleteMultipartUpload"] == 1
+        assert st["callbacks"] == {"PutObject:ok": 1, "CompleteMultipartUpload:ok": 1, "PutObject:failed": 3}
         # `list` shows the reason; the hook gets one callback_failed per failed file
         r = ossyncd("list", "-c", d.config)
         line = next(x for x in r.stdout.splitlines() if x.startswith(str(roots["bad"] / "b.txt")))
         assert line.split("\t")[1] == "done" and "callback failed: CallbackFailed: Error status : 500." in line
-        wait_until(lambda: len(hooks.events()) >= 2 and not outbox(d, "pending"), 30, what="callback_failed events")
+        wait_until(lambda: len(hooks.events()) >= 3 and not outbox(d, "pending"), 30, what="callback_failed events")
         evs = hooks.events()
-        assert sorted(e["key"] for e in evs) == ["bad/b.txt", "down/c.txt"] and hooks.bad_signatures == 0
+        assert sorted(e["key"] for e in evs) == ["bad/b.txt", "down/c.txt", "slow/s.txt"] and hooks.bad_signatures == 0
         assert all(e["kind"] == "callback_failed" and e["callback"] == "failed" and e["state"] == "done" for e in evs)
         assert next(e for e in evs if e["key"] == "bad/b.txt")["error"] == "CallbackFailed: Error status : 500."
         assert d.stop() == 0
-        assert emulator.stats()["requests"]["PutObject"] == 3
+        assert emulator.stats()["requests"]["PutObject"] == 4
     finally:
         bad.close()
+        slow.close()
         hooks.close()
 
-
-def test_check_config_refuses_a_bad_callback(emulator, tmp_path):
-    cfg = write_config(tmp_path / "bad.toml", emulator, state=tmp_path / "s.db",
-                       watches=[{"path": str(tmp_path), "callback_url": "http://a/", "callback_body": "${nope}"}])
-    r = ossyncd("check-config", "-c", cfg)
-    assert r.returncode == 2 and "watch[0].callback_body: ${nope} is not an OSS variable" in r.stderr, r.stderr

@@ -637,7 +637,20 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
     _check_paths(cfg, watch_dirs_must_exist)
+    _check_callback_timeout(cfg)
     return cfg
+
+
+def _check_callback_timeout(cfg: Config) -> None:
+    """OSS answers a write with a callback only after the application server did (or its 5 s
+    per URL ran out); a client that gave up sooner would send the file again
+    (docs/wire-protocol.md §9)."""
+    urls = max((len(s.callback_url) for s in [cfg.object, *(w.object for w in cfg.watch)]), default=0)
+    need = _spec.CALLBACK_TIMEOUT * urls + _spec.CALLBACK_READ_MARGIN
+    if urls and cfg.oss.read_timeout < need:
+        raise ConfigError(f"oss.read_timeout: {cfg.oss.read_timeout:g} s is too short with {urls} callback_url(s): "
+                          f"OSS waits up to {_spec.CALLBACK_TIMEOUT:g} s for each before it answers, and a client "
+                          f"that gives up sends the file again; set read_timeout to at least {need:g}")
 
 
 def _resolve_object_specs(data: dict) -> None:

@@ -62,6 +62,8 @@ DEFAULT_TYPE = "application/octet-stream"
 # OSS upload callbacks (docs/wire-protocol.md §9): OSS's system variables, and ours (custom
 # variables, sent in x-oss-callback-var; OSS wants custom names to be `x:` + lowercase)
 MAX_CALLBACK_URLS = 5
+CALLBACK_TIMEOUT = 5.0              # what OSS gives the application server, per URL
+CALLBACK_READ_MARGIN = 10.0         # oss.read_timeout must cover OSS's waits plus this for the write itself
 CALLBACK_SYSTEM_VARS = ("bucket", "object", "etag", "size", "mimeType", "crc64", "contentMd5", "imageInfo.height",
                         "imageInfo.width", "imageInfo.format", "vpcId", "clientIp", "reqId", "operation")
 OUR_CALLBACK_VARS = ("x:ossyncd_path", "x:ossyncd_watch", "x:ossyncd_relpath", "x:ossyncd_host", "x:ossyncd_mtime")
