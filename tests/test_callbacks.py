@@ -148,6 +148,12 @@ def test_callback_headers_and_inheritance_from_upload(tmp_path):
     assert "x-oss-callback" not in objectspec.put_headers(spec, facts)                 # never on Initiate
     assert "x-oss-callback" not in objectspec.complete_headers(spec)
     assert _cfg(tmp_path, callback_url="http://a/;http://b/").watch[0].object.callback_url == ("http://a/", "http://b/")
+    # a watch turns inherited callbacks off; its own stray key is still an error
+    off = _cfg(tmp_path, upload={"callback_url": "http://a/", "callback_vars": {"x:team": "ops"}}, callback_url=[])
+    assert off.watch[0].object.callback_url == () and objectspec.callback_headers(off.watch[0].object, facts) == {}
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, upload={"callback_url": "http://a/"}, callback_url=[], callback_host="h")
+    assert str(e.value).startswith("watch[0].callback_host: only used with callback_url")
 
 
 # ---------------------------------------------------------------- the emulator

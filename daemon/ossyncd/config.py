@@ -391,9 +391,18 @@ class ObjectSpec(_Section):
         if self.kms_key_id and self.server_side_encryption != "KMS":
             raise ValueError("kms_key_id: only used with server_side_encryption = \"KMS\"; set that or remove "
                              "kms_key_id")
+        return self
+
+    @model_validator(mode="after")
+    def _callback(self, info: ValidationInfo) -> "ObjectSpec":
         if not self.callback_url:
+            # a key written in this section without callback_url is a mistake; one inherited from
+            # [upload] by a watch that turned callbacks off (callback_url = []) is not
+            if info.context is not None and "own" not in info.context:
+                return self    # checked where it was written (_object_spec), not again inside Config
+            own = (info.context or {}).get("own")
             for k in ("callback_host", "callback_body", "callback_vars"):
-                if getattr(self, k):
+                if getattr(self, k) and (own is None or k in own):
                     raise ValueError(f"{k}: only used with callback_url; set that or remove {k}")
             return self
         try:
@@ -661,7 +670,7 @@ def _resolve_object_specs(data: dict) -> None:
         return
     upload = data["upload"] = dict(upload)
     defaults = {k: upload.pop(k) for k in OBJECT_KEYS if k in upload}
-    data["object"] = _object_spec(defaults, "upload")
+    data["object"] = _object_spec(defaults, "upload", set(defaults))
     for w in data["watch"]:
         if not isinstance(w, dict):
             continue
@@ -670,12 +679,13 @@ def _resolve_object_specs(data: dict) -> None:
         for k, v in own.items():
             merged[k] = {**defaults[k], **v} if k in _TABLES and isinstance(v, dict) and isinstance(
                 defaults.get(k), dict) else v
-        w["object"] = _object_spec(merged, f"watch[{w['index']}]") if own else data["object"]
+        w["object"] = _object_spec(merged, f"watch[{w['index']}]", set(own)) if own else data["object"]
 
 
-def _object_spec(raw: dict, where: str) -> ObjectSpec:
+def _object_spec(raw: dict, where: str, own: set[str]) -> ObjectSpec:
+    """`own`: the keys written in that section (the rest are inherited from [upload])."""
     try:
-        return ObjectSpec.model_validate(raw)
+        return ObjectSpec.model_validate(raw, context={"own": own})
     except ValidationError as e:
         raise ConfigError(_format(e, where)) from None
 
