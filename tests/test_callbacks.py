@@ -23,7 +23,7 @@ from ossyncd.config import parse_config
 from ossyncd.crc import crc64
 from ossyncd.errors import ConfigError
 from ossyncd.objectspec import FileFacts
-from tests.helpers import LoopbackServer, MiB, object_bytes, ossyncd, random_file, wait_until
+from tests.helpers import LoopbackServer, MiB, object_bytes, ossyncd, random_file, sts_credentials, wait_until
 from tests.test_events import Receiver, add_hooks, free_port, outbox, webhook
 
 SETTLE = 0.2
@@ -290,3 +290,33 @@ def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, d
         slow.close()
         hooks.close()
 
+
+
+@pytest.mark.timeout(90)
+def test_a_203_without_etag_or_crc64_is_verified_with_head(tmp_path, emulator, daemon_factory):
+    """OSS's 203 carries the write headers; behind a proxy that strips them the daemon verifies
+    the stored object with HeadObject (the full role may), never assumes it, and never re-sends."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    bad = AppServer(status=500)
+    try:
+        strip = ["ETag", "x-oss-hash-crc64ecma"]
+        emulator.set_faults([{"op": "PutObject", "strip_headers": strip},
+                             {"op": "CompleteMultipartUpload", "strip_headers": strip}])
+        d = daemon_factory([{"path": str(drop), "settle_seconds": SETTLE, "callback_url": bad.url}],
+                           credentials=sts_credentials(emulator, role_arn=emulator.full_role_arn))
+        d.start()
+        files = {"s.bin": random_file(drop / "s.bin", 3000, 1), "m.bin": random_file(drop / "m.bin", MiB + 5, 2)}
+        d.wait_states({"done": 2}, 60)
+        for key, data in files.items():
+            assert object_bytes(emulator, key) == data
+        for f in d.files():
+            data = files[os.path.basename(f["path"])]
+            assert f["crc64"] == str(crc64(data)) and f["verification"] == "crc64" and f["etag"], f
+            assert f["callback"] == "failed" and f["callback_detail"] == "CallbackFailed: Error status : 500.", f
+        st = emulator.stats()
+        assert st["requests"]["HeadObject"] == 2 and st["faults"] == {"PutObject": 1, "CompleteMultipartUpload": 1}
+        assert st["requests"]["PutObject"] == 1 and st["requests"]["CompleteMultipartUpload"] == 1
+        assert d.stop() == 0
+    finally:
+        bad.close()

@@ -349,6 +349,8 @@ class OSSHandler(_BaseHandler):
             if not req.body.done and not req.body.drain():
                 resp.headers.append(("Connection", "close"))
             if fault is not None:
+                if fault.strip_headers:
+                    resp.headers = [(k, v) for k, v in resp.headers if k.lower() not in fault.strip_headers]
                 if fault.reset_after is not None or fault.drop_response:
                     if resp.file is not None:
                         resp.file[0].close()
