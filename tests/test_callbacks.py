@@ -49,7 +49,7 @@ class AppServer:
                 with outer.lock:
                     outer.calls.append(call)
                 if delay:
-                    outer.released.wait(delay)   # longer than OSS's 5 s: the callback times out
+                    outer.released.wait(delay)   # longer than the callback timeout: it times out
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(outer.answer)))
@@ -225,14 +225,15 @@ def test_emulator_calls_the_app_server_signed_and_answers_203_on_failure(emulato
 @pytest.mark.timeout(120)
 def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, daemon_factory, app):
     """One daemon: watch `ok` calls a working app server (a simple and a multipart file), `bad`
-    one that answers 500, `down` a port nobody listens on, `slow` one that answers after OSS's
-    5 s. Every object is done and byte-equal;
+    one that answers 500, `down` a port nobody listens on, `slow` one that answers after the
+    emulator's callback timeout (OSS's 5 s, shortened to 1 s here). Every object is done and byte-equal;
     the callbacks are `ok` with the answer or `failed` with the reason (in `list`), a hook on
     callback_failed gets one event per failed file, and nothing is sent twice."""
     roots = {n: tmp_path / n for n in ("ok", "bad", "down", "slow")}
     for p in roots.values():
         p.mkdir()
     bad, slow = AppServer(status=500), AppServer(delay=30)
+    emulator.callback_timeout = 1.0
     hooks = Receiver()
     try:
         body = "key=${object}&size=${size}&etag=${etag}&crc=${crc64}&path=${x:ossyncd_path}&rel=${x:ossyncd_relpath}"
@@ -258,7 +259,7 @@ def test_daemon_records_each_callback_and_never_re_uploads(tmp_path, emulator, d
         assert rows["bad/b.txt"]["callback"] == "failed"
         assert rows["bad/b.txt"]["callback_detail"] == "CallbackFailed: Error status : 500."
         assert rows["down/c.txt"]["callback"] == "failed" and "cannot connect" in rows["down/c.txt"]["callback_detail"]
-        assert rows["slow/s.txt"]["callback"] == "failed" and "timed out after 5 s" in rows["slow/s.txt"]["callback_detail"]
+        assert rows["slow/s.txt"]["callback"] == "failed" and "timed out after 1 s" in rows["slow/s.txt"]["callback_detail"]
         # what the app server got: OSS's values and ours, signed
         got = {parse_qs(c["body"].decode())["key"][0]: (parse_qs(c["body"].decode()), c["verified"]) for c in app.calls}
         assert sorted(got) == ["ok/small.txt", "ok/sub/big.bin"] and len(app.calls) == 2

@@ -21,7 +21,7 @@ from . import xmlfmt as X
 from .common import Response
 from .errors import OSSError
 
-TIMEOUT = 5.0
+TIMEOUT = 5.0      # OSS's; Emulator.callback_timeout may shorten it for a test
 MAX_URLS = 5
 BODY_TYPES = ("application/x-www-form-urlencoded", "application/json")
 SYSTEM_VARS = ("bucket", "object", "etag", "size", "mimeType", "crc64", "contentMd5", "imageInfo.height",
@@ -145,6 +145,7 @@ def string_to_sign(path, query, body):
 
 def _post(ctx, cb, url, body):
     """One POST: (True, answer) or (False, the reason)."""
+    timeout = ctx.callback_timeout
     p = urlsplit(url)
     conn_cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
     path = p.path or "/"
@@ -153,7 +154,7 @@ def _post(ctx, cb, url, body):
                "x-oss-pub-key-url": base64.b64encode(f"{ctx.oss_url}{PUB_KEY_PATH}".encode()).decode(),
                "Authorization": base64.b64encode(ctx.signer.sign(string_to_sign(path, p.query, body))).decode()}
     try:
-        conn = conn_cls(p.hostname, p.port, timeout=TIMEOUT)
+        conn = conn_cls(p.hostname, p.port, timeout=timeout)
         try:
             conn.request("POST", path + (f"?{p.query}" if p.query else ""), body=body, headers=headers)
             resp = conn.getresponse()
@@ -161,7 +162,7 @@ def _post(ctx, cb, url, body):
         finally:
             conn.close()
     except TimeoutError:
-        return False, f"Error status : -1.[callback to {url} timed out after {TIMEOUT:g} s]"
+        return False, f"Error status : -1.[callback to {url} timed out after {timeout:g} s]"
     except OSError as e:
         return False, f"Error status : -1.[cannot connect to {url}: {e.strerror or e}]"
     except http.client.HTTPException as e:
