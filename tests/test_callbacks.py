@@ -60,7 +60,7 @@ class AppServer:
                 pass
 
         self.http = LoopbackServer(Handler)
-        self.url = self.http.url + "/oss/done?src=ossyncd"
+        self.url = self.http.url + "/oss/done%20cb?src=ossyncd"   # signed url-decoded: "done cb"
 
     def close(self):
         self.released.set()
@@ -192,7 +192,7 @@ def test_emulator_calls_the_app_server_signed_and_answers_203_on_failure(emulato
     r = _put(root_bucket, "dir/a b.txt", cb, {"x:v": "é"})
     assert r.status == 200 and r.resp.read() == b'{"Status":"OK"}'
     (call,) = app.calls
-    assert call["verified"] and call["path"] == "/oss/done?src=ossyncd"
+    assert call["verified"] and call["path"] == "/oss/done%20cb?src=ossyncd"
     assert call["headers"]["Host"] == "app.example.com" and call["headers"]["Content-Type"] == "application/json"
     data = b"hello callback"
     assert json.loads(call["body"]) == {"o": "dir/a b.txt", "s": len(data), "e": r.etag, "c": str(crc64(data)),
