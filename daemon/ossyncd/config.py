@@ -282,6 +282,13 @@ class ObjectSpec(_Section):
     key_template: str = "{prefix}{relpath}"
     unicode_normalize: Literal["NFC", "none"] = "NFC"
     overwrite: Literal["allow", "forbid", "skip", "rename"] = "allow"   # when the key already holds an object
+    # OSS upload callback (docs/wire-protocol.md §9): OSS POSTs callback_body to callback_url after storing
+    callback_url: tuple[str, ...] = ()                            # up to 5; "a;b" or a list
+    callback_host: str = ""                                       # Host of the POST ("" = the URL's host)
+    callback_body: str = ""                                       # "" = objectspec.DEFAULT_CALLBACK_BODY
+    callback_body_type: Literal["application/x-www-form-urlencoded", "application/json"] = \
+        "application/x-www-form-urlencoded"
+    callback_vars: dict[str, str] = Field(default_factory=dict)   # "x:name" = template, as ${x:name}
 
     @field_validator("content_type")
     @classmethod
@@ -354,6 +361,45 @@ class ObjectSpec(_Section):
             raise ValueError(f"{v!r} starts with '/'; OSS keys cannot")
         return v
 
+    @field_validator("callback_url", mode="before")
+    @classmethod
+    def _callback_urls(cls, v: Any) -> Any:
+        if isinstance(v, str):    # OSS's own form: URLs separated by ';'
+            return tuple(u.strip() for u in v.split(";") if u.strip())
+        return v
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) > _spec.MAX_CALLBACK_URLS:
+            raise ValueError(f"{len(v)} URLs; OSS takes at most {_spec.MAX_CALLBACK_URLS} (tried in order)")
+        for u in v:
+            try:
+                _check_url("url", u, "write the http(s) URL of the application server OSS calls")
+            except ValueError as e:
+                raise ValueError(str(e).removeprefix("url: ")) from None
+            if _CTL.search(u) or not u.isascii():
+                raise ValueError(f"{u!r} has a control or non-ASCII character; percent-encode it")
+        return v
+
+    @field_validator("callback_host")
+    @classmethod
+    def _callback_host(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?", v):
+            raise ValueError(f"{v!r} is not a host name; write e.g. \"app.example.com\" (or leave it out: the "
+                             f"URL's host is used)")
+        return v
+
+    @field_validator("callback_vars")
+    @classmethod
+    def _callback_vars(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _spec.check_callback_var(name)
+            if name in _spec.OUR_CALLBACK_VARS:
+                raise ValueError(f"{name!r} is ossyncd's own variable; choose another name")
+            _spec.check_template(value, _spec.METADATA_FIELDS)
+        return v
+
     @model_validator(mode="after")
     def _kms(self) -> "ObjectSpec":
         if self.kms_key_id and self.server_side_encryption != "KMS":
@@ -361,9 +407,27 @@ class ObjectSpec(_Section):
                              "kms_key_id")
         return self
 
+    @model_validator(mode="after")
+    def _callback(self, info: ValidationInfo) -> "ObjectSpec":
+        if not self.callback_url:
+            # a key written in this section without callback_url is a mistake; one inherited from
+            # [upload] by a watch that turned callbacks off (callback_url = []) is not
+            if info.context is not None and "own" not in info.context:
+                return self    # checked where it was written (_object_spec), not again inside Config
+            own = (info.context or {}).get("own")
+            for k in ("callback_host", "callback_body", "callback_vars"):
+                if getattr(self, k) and (own is None or k in own):
+                    raise ValueError(f"{k}: only used with callback_url; set that or remove {k}")
+            return self
+        try:
+            _spec.check_callback_body(_spec.callback_body(self), self.callback_body_type, set(self.callback_vars))
+        except ValueError as e:
+            raise ValueError(f"callback_body: {e}") from None
+        return self
+
 
 OBJECT_KEYS = tuple(ObjectSpec.model_fields)
-_TABLES = ("content_type", "metadata", "tags")
+_TABLES = ("content_type", "metadata", "tags", "callback_vars")
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -446,7 +510,7 @@ class MetricsConfig(_Section):
         return v.strip()
 
 
-EVENT_KINDS = ("uploaded", "failed", "skipped", "gone")   # state.EVENT_OF_STATE's values
+EVENT_KINDS = ("uploaded", "failed", "skipped", "gone", "callback_failed")   # state.EVENT_KINDS
 
 
 class HookConfig(_Section):
@@ -600,7 +664,20 @@ def parse_config(data: dict, source_path: Path | None = None, *, watch_dirs_must
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
     _check_paths(cfg, watch_dirs_must_exist)
+    _check_callback_timeout(cfg)
     return cfg
+
+
+def _check_callback_timeout(cfg: Config) -> None:
+    """OSS answers a write with a callback only after the application server did (or its 5 s
+    per URL ran out); a client that gave up sooner would send the file again
+    (docs/wire-protocol.md §9)."""
+    urls = max((len(s.callback_url) for s in [cfg.object, *(w.object for w in cfg.watch)]), default=0)
+    need = _spec.CALLBACK_TIMEOUT * urls + _spec.CALLBACK_READ_MARGIN
+    if urls and cfg.oss.read_timeout < need:
+        raise ConfigError(f"oss.read_timeout: {cfg.oss.read_timeout:g} s is too short with {urls} callback_url(s): "
+                          f"OSS waits up to {_spec.CALLBACK_TIMEOUT:g} s for each before it answers, and a client "
+                          f"that gives up sends the file again; set read_timeout to at least {need:g}")
 
 
 def _resolve_object_specs(data: dict) -> None:
@@ -611,7 +688,7 @@ def _resolve_object_specs(data: dict) -> None:
         return
     upload = data["upload"] = dict(upload)
     defaults = {k: upload.pop(k) for k in OBJECT_KEYS if k in upload}
-    data["object"] = _object_spec(defaults, "upload")
+    data["object"] = _object_spec(defaults, "upload", set(defaults))
     for w in data["watch"]:
         if not isinstance(w, dict):
             continue
@@ -620,12 +697,13 @@ def _resolve_object_specs(data: dict) -> None:
         for k, v in own.items():
             merged[k] = {**defaults[k], **v} if k in _TABLES and isinstance(v, dict) and isinstance(
                 defaults.get(k), dict) else v
-        w["object"] = _object_spec(merged, f"watch[{w['index']}]") if own else data["object"]
+        w["object"] = _object_spec(merged, f"watch[{w['index']}]", set(own)) if own else data["object"]
 
 
-def _object_spec(raw: dict, where: str) -> ObjectSpec:
+def _object_spec(raw: dict, where: str, own: set[str]) -> ObjectSpec:
+    """`own`: the keys written in that section (the rest are inherited from [upload])."""
     try:
-        return ObjectSpec.model_validate(raw)
+        return ObjectSpec.model_validate(raw, context={"own": own})
     except ValidationError as e:
         raise ConfigError(_format(e, where)) from None
 

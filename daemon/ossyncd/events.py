@@ -33,7 +33,8 @@ log = structlog.get_logger(__name__)
 POLL_EVERY = 0.2          # seconds between looks at the outbox
 PRUNE_EVERY = 60.0
 SIGNATURE_HEADER = "X-Ossyncd-Signature"
-ENV_FIELDS = ("id", "kind", "path", "key", "url", "size", "crc64", "etag", "state", "error", "watch", "attempts")
+ENV_FIELDS = ("id", "kind", "path", "key", "url", "size", "crc64", "etag", "state", "error", "watch", "attempts",
+              "callback")
 
 
 def route(cfg: Config) -> Callable[[str, str, str], list[str]]:

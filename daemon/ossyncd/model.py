@@ -61,6 +61,8 @@ class WriteResult:
     etag: str
     crc64: int               # of the bytes stored: OSS's, or ours when OSS sent none and MD5 verified them
     verification: str = CRC64
+    callback: str | None = None          # with x-oss-callback: "ok" or "failed" (the object is stored either way)
+    callback_detail: str | None = None   # the application server's answer, or why the callback failed
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,18 @@ One place builds both, so the simple and the multipart paths send the same thing
 * `put_headers`: PutObject and InitiateMultipartUpload (type, cache, disposition, metadata,
   ACL, storage class, encryption, tags, x-oss-forbid-overwrite);
 * `complete_headers`: CompleteMultipartUpload gets only the ACL (as oss2's own resumable
-  upload sends it) and x-oss-forbid-overwrite, never the storage class.
+  upload sends it) and x-oss-forbid-overwrite, never the storage class;
+* `callback_headers`: x-oss-callback and x-oss-callback-var, on PutObject and Complete only
+  (docs/wire-protocol.md §9).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import mimetypes
 import posixpath
+import re
 import socket
 import string
 import unicodedata
@@ -54,6 +59,24 @@ BUILTIN_TYPES = {
 }
 DEFAULT_TYPE = "application/octet-stream"
 
+# OSS upload callbacks (docs/wire-protocol.md §9): OSS's system variables, and ours (custom
+# variables, sent in x-oss-callback-var; OSS wants custom names to be `x:` + lowercase)
+MAX_CALLBACK_URLS = 5
+CALLBACK_TIMEOUT = 5.0              # what OSS gives the application server, per URL
+CALLBACK_READ_MARGIN = 10.0         # oss.read_timeout must cover OSS's waits plus this for the write itself
+CALLBACK_SYSTEM_VARS = ("bucket", "object", "etag", "size", "mimeType", "crc64", "contentMd5", "imageInfo.height",
+                        "imageInfo.width", "imageInfo.format", "vpcId", "clientIp", "reqId", "operation")
+OUR_CALLBACK_VARS = ("x:ossyncd_path", "x:ossyncd_watch", "x:ossyncd_relpath", "x:ossyncd_host", "x:ossyncd_mtime")
+_FORM = "application/x-www-form-urlencoded"
+DEFAULT_CALLBACK_BODY = {
+    _FORM: "bucket=${bucket}&object=${object}&etag=${etag}&size=${size}&mimeType=${mimeType}&crc64=${crc64}"
+           "&path=${x:ossyncd_path}",
+    "application/json": '{"bucket":${bucket},"object":${object},"etag":${etag},"size":${size},'
+                        '"mimeType":${mimeType},"crc64":${crc64},"path":${x:ossyncd_path}}',
+}
+_CALLBACK_VAR = re.compile(r"\$\{([^}]*)\}")
+_NUMERIC_VARS = ("size", "imageInfo.height", "imageInfo.width")   # bare numbers in a JSON body
+
 
 def template_fields(template: str) -> list[str]:
     """The {field} names in a template; ValueError for a malformed one ({ without }, {0}, {a:>3})."""
@@ -88,6 +111,8 @@ class FileFacts:
     relpath: str          # POSIX, relative to the watch root (the name for a file outside one)
     size: int
     mtime_ns: int
+    path: str = ""        # the local path and its watch root (callback variables)
+    watch: str = ""
 
     @property
     def mtime(self) -> datetime:
@@ -186,3 +211,65 @@ def class_warning(spec: "ObjectSpec") -> str | None:
     extra = " and must be restored before it can be read" if spec.storage_class != "IA" else ""
     return (f"storage_class {spec.storage_class}: each object is billed for at least {size // 1024} KiB and "
             f"{days} days of storage (deleting or overwriting earlier still costs the rest){extra}")
+
+
+def check_callback_var(name: str) -> str:
+    """A custom variable name as OSS takes it: `x:` and lowercase letters, digits, '_' or '-'."""
+    if not re.fullmatch(r"x:[a-z0-9_-]+", name):
+        raise ValueError(f"{name!r}: custom callback variables are named x:NAME in lowercase (letters, digits, "
+                         f"'_', '-'), e.g. \"x:team\"")
+    return name
+
+
+def callback_body(spec: "ObjectSpec") -> str:
+    return spec.callback_body or DEFAULT_CALLBACK_BODY[spec.callback_body_type]
+
+
+def check_callback_body(body: str, body_type: str, custom: set[str]) -> str:
+    """ValueError naming a variable OSS does not know or that is not defined; a JSON body must
+    be JSON once OSS has put its values in."""
+    known = set(OUR_CALLBACK_VARS) | custom
+    for name in _CALLBACK_VAR.findall(body):
+        if name.startswith("x:"):
+            check_callback_var(name)
+            if name not in known:
+                raise ValueError(f"${{{name}}} is not defined; ossyncd's are {', '.join(OUR_CALLBACK_VARS)}, "
+                                 f"others go in callback_vars")
+        elif name not in CALLBACK_SYSTEM_VARS:
+            raise ValueError(f"${{{name}}} is not an OSS variable; they are "
+                             + ", ".join("${" + v + "}" for v in CALLBACK_SYSTEM_VARS)
+                             + ", and custom ones are ${x:name}")
+    if body_type != _FORM:
+        sample = _CALLBACK_VAR.sub(lambda m: "1" if m.group(1) in _NUMERIC_VARS else '"v"', body)
+        try:
+            json.loads(sample)
+        except ValueError as e:
+            raise ValueError(f"{body!r} is not JSON once OSS substitutes its variables ({e}); OSS puts each "
+                             f"variable in as a JSON value, so write ${{object}}, not \"${{object}}\"") from None
+    return body
+
+
+def _b64json(obj) -> str:
+    return base64.b64encode(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()).decode()
+
+
+def callback_headers(spec: "ObjectSpec", facts: FileFacts) -> dict[str, str]:
+    """x-oss-callback (and x-oss-callback-var for the custom variables the body uses), for
+    PutObject and CompleteMultipartUpload only; {} without callback_url."""
+    if not spec.callback_url:
+        return {}
+    body = callback_body(spec)
+    cb = {"callbackUrl": ";".join(spec.callback_url), "callbackBody": body,
+          "callbackBodyType": spec.callback_body_type}
+    if spec.callback_host:
+        cb["callbackHost"] = spec.callback_host
+    relpath = normalize(facts.relpath, spec.unicode_normalize)
+    ours = {"x:ossyncd_path": facts.path, "x:ossyncd_watch": facts.watch, "x:ossyncd_relpath": relpath,
+            "x:ossyncd_host": host_name(), "x:ossyncd_mtime": facts.mtime.isoformat().replace("+00:00", "Z")}
+    values = {"host": host_name(), "mtime": ours["x:ossyncd_mtime"], "size": str(facts.size), "relpath": relpath}
+    ours.update({k: v.format(**values) for k, v in spec.callback_vars.items()})
+    used = {n: ours[n] for n in dict.fromkeys(_CALLBACK_VAR.findall(body)) if n in ours}
+    h = {"x-oss-callback": _b64json(cb)}
+    if used:
+        h["x-oss-callback-var"] = _b64json(used)
+    return h

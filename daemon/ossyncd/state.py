@@ -33,7 +33,9 @@ STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "sk
 # the file states that are events (docs/architecture.md §8, outbox); `done` is announced as `uploaded`
 # `exists` (overwrite = "skip" met another writer's object) is a `skipped` event too
 EVENT_OF_STATE = {"done": "uploaded", "failed": "failed", "skipped": "skipped", "gone": "gone", "exists": "skipped"}
-EVENT_KINDS = tuple(dict.fromkeys(EVENT_OF_STATE.values()))
+# not a state: an upload callback failed on a `done` file (docs/wire-protocol.md §9), in mark_done's transaction
+CALLBACK_FAILED = "callback_failed"
+EVENT_KINDS = tuple(dict.fromkeys(EVENT_OF_STATE.values())) + (CALLBACK_FAILED,)
 DELIVERY_STATES = ("pending", "delivered", "dead")
 # (kind, watch, path) -> the names of the hooks that want this event; none: nothing is written
 Router = Callable[[str, str, str], list[str]]
@@ -63,6 +65,8 @@ class FileRow:
     ctime_ns: int | None = None
     check_crc: int = 0        # 1: only the ctime moved since `done`; compare CRC64 before sending
     stored_key: str | None = None   # where overwrite = "rename" stored it (stem-N.ext); None: at `key`
+    callback: str | None = None     # the upload callback of the last upload: ok | failed; None: none sent
+    callback_detail: str | None = None   # the application server's answer, or why the callback failed
 
     @property
     def object_key(self) -> str:
@@ -206,8 +210,15 @@ def _migration_events(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX events_due ON events(state, next_attempt_at)")
 
 
+def _migration_callback(db: sqlite_utils.Database) -> None:
+    """files.callback (ok | failed, NULL: none sent) and callback_detail: the OSS upload
+    callback's outcome for the last upload (docs/wire-protocol.md §9)."""
+    db.execute("ALTER TABLE files ADD COLUMN callback TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN callback_detail TEXT")
+
+
 MIGRATIONS = [_migration_1, _migration_2, _migration_verification, _migration_ctime, _migration_stored_key,
-              _migration_events]
+              _migration_events, _migration_callback]
 _IDENTITY_SQL = " AND size=? AND mtime_ns=? AND inode=? AND ctime_ns IS ?"
 _FILE_COLS = ", ".join(f.name for f in fields(FileRow))
 _UPLOAD_COLS = ", ".join(f.name for f in fields(UploadRow))
@@ -584,20 +595,25 @@ class State:
 
     def mark_done(self, file_id: int, identity: Identity, *, url: str, etag: str, crc64: int,
                   mode: str, verification: str = "crc64", stored_key: str | None = None,
+                  callback: str | None = None, callback_detail: str | None = None,
                   now: float | None = None) -> bool:
-        """The object of this version is verified: record it and forget the upload, in one
-        transaction. False (and nothing written) if the row moved on to a newer version."""
+        """The object of this version is verified: record it (and its upload callback's outcome)
+        and forget the upload, in one transaction. False (and nothing written) if the row moved
+        on to a newer version. A failed callback is a `callback_failed` event besides `uploaded`."""
         now = time.time() if now is None else now
         with self._guard(write=True):
             n = self.db.execute(
                 "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
-                " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, stored_key=?, updated_at=?"
-                " WHERE id=?" + _IDENTITY_SQL,
-                [url, etag, str(crc64), mode, verification, now, stored_key, now, file_id,
-                 *_identity_params(identity)]).rowcount
+                " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, stored_key=?, callback=?,"
+                " callback_detail=?, updated_at=? WHERE id=?" + _IDENTITY_SQL,
+                [url, etag, str(crc64), mode, verification, now, stored_key, callback, callback_detail, now,
+                 file_id, *_identity_params(identity)]).rowcount
             if n:
                 self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
-                self._emit(self.get_by_id(file_id), now)
+                row = self.get_by_id(file_id)
+                self._emit(row, now)
+                if callback == "failed":
+                    self._emit(row, now, kind=CALLBACK_FAILED)
             return n == 1
 
     def set_progress(self, file_id: int, bytes_done: int) -> None:
@@ -738,23 +754,26 @@ class State:
 
     # -- events: the outbox (docs/architecture.md §8) ---------------------------------------
 
-    def _emit(self, row: FileRow | None, now: float) -> None:
+    def _emit(self, row: FileRow | None, now: float, *, kind: str | None = None) -> None:
         """Inside the transaction of a state change: one outbox row per hook that wants it.
         Only the states of EVENT_OF_STATE are events; retry_wait (a transient error, waiting
-        for credentials) never is, so an outage fires nothing."""
-        if row is None or self.router is None or row.state not in EVENT_OF_STATE:
+        for credentials) never is, so an outage fires nothing. `kind`: an event that is not a
+        state (callback_failed)."""
+        if row is None or self.router is None or (kind is None and row.state not in EVENT_OF_STATE):
             return
-        kind = EVENT_OF_STATE[row.state]
+        kind = kind or EVENT_OF_STATE[row.state]
+        stored = kind in ("uploaded", CALLBACK_FAILED)    # events about an object OSS holds
         hooks = self.router(kind, row.watch, row.path)
         if not hooks:
             return
         event_id = uuid.uuid4().hex
         payload = json.dumps({
             "id": event_id, "kind": kind, "time": now, "path": row.path, "watch": row.watch, "key": row.object_key,
-            "url": row.url if kind == "uploaded" else None, "size": row.size,
-            "crc64": str(row.crc64) if kind == "uploaded" and row.crc64 is not None else None,
-            "etag": row.etag if kind == "uploaded" else None, "state": row.state,
-            "error": row.error, "attempts": row.attempts})
+            "url": row.url if stored else None, "size": row.size,
+            "crc64": str(row.crc64) if stored and row.crc64 is not None else None,
+            "etag": row.etag if stored else None, "state": row.state,
+            "error": row.callback_detail if kind == CALLBACK_FAILED else row.error, "attempts": row.attempts,
+            "callback": row.callback if stored else None})
         for hook in hooks:
             self.db.execute("INSERT INTO events (event_id, hook, kind, path, payload, next_attempt_at, created_at)"
                             " VALUES (?, ?, ?, ?, ?, ?, ?)", [event_id, hook, kind, row.path, payload, now, now])

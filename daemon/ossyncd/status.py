@@ -25,7 +25,14 @@ def file_json(f: FileRow) -> dict:
     return {"path": f.path, "key": f.object_key, **renamed, "state": f.state, "size": f.size, "url": f.url,
             "crc64": str(f.crc64) if f.crc64 is not None else None, "etag": f.etag, "error": f.error,
             "attempts": f.attempts, "uploaded_at": iso(f.uploaded_at), "mode": f.mode,
-            "next_attempt_at": iso(f.next_attempt_at), "verification": f.verification}
+            "next_attempt_at": iso(f.next_attempt_at), "verification": f.verification,
+            "callback": f.callback, "callback_detail": f.callback_detail}
+
+
+def _url_or_error(f: FileRow) -> str:
+    if f.callback == "failed" and f.state == "done":   # stored, but the application server was not told
+        return f"{f.url}; callback failed: {f.callback_detail}"
+    return f.url or f.error or ""
 
 
 HEARTBEAT_STALE = 60.0   # seconds; the loop writes its heartbeat every second, even in backoff
@@ -167,7 +174,7 @@ LIST_COLUMNS = ("path", "state", "size", "key", "url / error")
 
 def render_list(files: list[FileRow], console: Console) -> None:
     """A table on a terminal; piped, whole values as tab-separated lines under a header."""
-    rows = [(f.path, f.state, str(f.size), f.object_key, f.url or f.error or "") for f in files]
+    rows = [(f.path, f.state, str(f.size), f.object_key, _url_or_error(f)) for f in files]
     _render_rows(LIST_COLUMNS, rows, console)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import xml.etree.ElementTree as ET
+from dataclasses import replace
 from typing import Any, Callable, Protocol
 from urllib.parse import quote, urlparse
 
@@ -75,7 +77,8 @@ class ObjectStore(Protocol):
     def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
         """HeadObject: the object's size, CRC64 and ETag, None if there is none. Needs
         oss:GetObject, which `ossyncd policy` grants only with overwrite != "allow"
-        (recognising our own object after a crash, docs/architecture.md §4). Read-only."""
+        (recognising our own object after a crash, docs/architecture.md §4; also used to verify
+        a callback's 203 stripped of ETag and CRC64). Read-only."""
         ...
 
     def list_parts(self, key: str, upload_id: str, *, cancel: CancelFlag | None = None) -> list[ServerPart]:
@@ -171,6 +174,17 @@ def classify(op: str, key: str, exc: Exception) -> StoreError:
     return TransientError(op, key, f"{type(exc).__name__}: {_short(exc)}")
 
 
+def _with(result: WriteResult, callback: tuple[str, str] | None) -> WriteResult:
+    return result if callback is None else replace(result, callback=callback[0], callback_detail=callback[1])
+
+
+CALLBACK_ANSWER_MAX = 2000    # characters of the application server's answer kept in the state DB
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= CALLBACK_ANSWER_MAX else text[:CALLBACK_ANSWER_MAX] + "..."
+
+
 def _short(exc: Exception) -> str:
     text = str(exc)
     return text if len(text) < 300 else text[:300] + "..."
@@ -263,7 +277,11 @@ class OssStore:
             cancel: CancelFlag | None = None) -> WriteResult:
         r = self._call("PutObject", key, self.bucket.put_object, key, body.open(),
                        headers=self._headers(body, headers))
-        return self._verify("PutObject", key, r, body)
+        callback = self._callback(r, headers)
+        if body.sent != body.size:
+            raise IntegrityError("PutObject", key, f"sent {body.sent} of {body.size} bytes")
+        result = self._headed("PutObject", key, r, body.size, body.crc64) or self._verify("PutObject", key, r, body)
+        return _with(result, callback)
 
     def init_multipart(self, key: str, *, headers: dict[str, str] | None = None,
                        cancel: CancelFlag | None = None) -> str:
@@ -281,14 +299,52 @@ class OssStore:
         infos = [oss2.models.PartInfo(p.number, p.etag, size=p.size, part_crc=p.crc64) for p in parts]
         r = self._call("CompleteMultipartUpload", key, self.bucket.complete_multipart_upload, key, upload_id, infos,
                        headers=dict(headers) if headers else None)
+        callback = self._callback(r, headers)
         expected = combine_parts([(p.crc64, p.size) for p in parts])
+        headed = self._headed("CompleteMultipartUpload", key, r, sum(p.size for p in parts), expected)
+        if headed is not None:
+            return _with(headed, callback)
         if r.crc is None:   # verified through its parts: each was, and OSS joined exactly those
-            return WriteResult(r.etag, expected, MD5)
+            return _with(WriteResult(r.etag, expected, MD5), callback)
         if r.crc != expected:
             raise IntegrityError("CompleteMultipartUpload", key,
                                  f"object CRC64 {r.crc} differs from the parts' combined {expected}",
                                  request_id=r.request_id)
-        return WriteResult(r.etag, r.crc, CRC64)
+        return _with(WriteResult(r.etag, r.crc, CRC64), callback)
+
+    @staticmethod
+    def _callback(r, headers: dict[str, str] | None) -> tuple[str, str] | None:
+        """The upload callback's outcome and detail (docs/wire-protocol.md §9), None if none was
+        asked for. The object is stored either way: 200 carries the application server's answer,
+        203 an XML Error CallbackFailed (oss2 raises for neither: both are below 300)."""
+        if not headers or "x-oss-callback" not in headers:
+            return None
+        text = r.resp.read().decode("utf-8", "replace")
+        if r.status != 203:
+            return "ok", _clip(text)
+        try:
+            root = ET.fromstring(text)
+            why = f"{root.findtext('Code') or 'CallbackFailed'}: {root.findtext('Message') or '(no message)'}"
+        except ET.ParseError:
+            why = f"CallbackFailed: {_clip(text) or '(no body)'}"
+        return "failed", why
+
+    def _headed(self, op: str, key: str, r, size: int, crc: int) -> WriteResult | None:
+        """A 203 that carries neither ETag nor CRC64 (OSS sends both; a proxy may strip them):
+        the stored object is verified with HeadObject instead, never assumed. None otherwise."""
+        if r.status != 203 or r.crc is not None or r.etag:
+            return None
+        try:
+            info = self.head(key)
+        except PermanentError as e:
+            raise PermanentError(op, key, f"the object is stored, but the 203 answer carried no ETag or CRC64 and "
+                                 f"HeadObject was refused ({e.code}); grant oss:GetObject so it can be verified",
+                                 status=e.status, code=e.code, request_id=r.request_id) from None
+        if info is None or info.size != size or info.crc64 != crc:
+            raise IntegrityError(op, key, f"after a 203 without ETag or CRC64, HeadObject says {info}; expected "
+                                 f"size {size} and CRC64 {crc}", request_id=r.request_id)
+        self._note_verification(CRC64)
+        return WriteResult(info.etag, crc, CRC64)
 
     def head(self, key: str, *, cancel: CancelFlag | None = None) -> ObjectInfo | None:
         try:

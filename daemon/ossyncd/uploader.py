@@ -38,8 +38,8 @@ from ossyncd.errors import (
     StoreError,
     TransientError,
 )
-from ossyncd.model import CRC64, Identity, PartRow
-from ossyncd.objectspec import FileFacts, complete_headers, put_headers
+from ossyncd.model import CRC64, Identity, PartRow, WriteResult
+from ossyncd.objectspec import FileFacts, callback_headers, complete_headers, put_headers
 from ossyncd.plan import choose_part_size, is_multipart, part_ranges
 from ossyncd.retry import Backoff
 from ossyncd.state import FileRow, State, UploadRow
@@ -114,7 +114,8 @@ class Uploader:
 
     def _object(self, row: FileRow) -> tuple[ObjectSpec, FileFacts]:
         relpath = os.path.relpath(row.path, row.watch) if row.watch else os.path.basename(row.path)
-        return self.spec_for(row.watch), FileFacts(relpath.replace(os.sep, "/"), row.size, row.mtime_ns)
+        return self.spec_for(row.watch), FileFacts(relpath.replace(os.sep, "/"), row.size, row.mtime_ns,
+                                                   path=row.path, watch=row.watch)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -329,13 +330,24 @@ class Uploader:
     def _simple(self, row: FileRow, fd: int, scope: CancelScope, key: str) -> None:
         body = Body(row.path, fd, 0, row.size, cancel=scope, limiter=self.limiter, progress=self._progress(row))
         _, crc = body.checksum()
-        result = self.store.put(key, body, headers=put_headers(*self._object(row)), cancel=scope)
+        spec, facts = self._object(row)
+        result = self.store.put(key, body, headers={**put_headers(spec, facts), **callback_headers(spec, facts)},
+                                cancel=scope)
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
             raise FileChanged(row.path, "file changed while it was being uploaded")
         self._check_identity(row)
+        self._mark_done(row, key, result, "simple")
+
+    def _mark_done(self, row: FileRow, key: str, result: WriteResult, mode: str) -> None:
+        """`done` with the callback's outcome: a failed callback never undoes or repeats the upload
+        (docs/wire-protocol.md §9); a [[hook]] on callback_failed can act on it."""
+        if result.callback == "failed":
+            log.warning("upload callback failed; the object is stored", path=row.path, key=key,
+                        error=result.callback_detail)
         if not self.state.mark_done(row.id, row.identity, url=self.url_for(key), etag=result.etag,
-                                    crc64=result.crc64, mode="simple", verification=result.verification,
-                                    stored_key=key if key != row.key else None):
+                                    crc64=result.crc64, mode=mode, verification=result.verification,
+                                    stored_key=key if key != row.key else None, callback=result.callback,
+                                    callback_detail=result.callback_detail):
             raise FileChanged(row.path, "a newer version was seen during the upload")
 
     def _multipart(self, row: FileRow, fd: int, scope: CancelScope, key: str) -> int:
@@ -387,7 +399,9 @@ class Uploader:
         if [p.number for p in parts] != [r.number for r in ranges]:
             raise TransientError("CompleteMultipartUpload", key, "recorded parts do not cover the file")
         try:
-            result = self.store.complete(key, up.upload_id, parts, headers=complete_headers(self._object(row)[0]),
+            spec, facts = self._object(row)
+            result = self.store.complete(key, up.upload_id, parts,
+                                         headers={**complete_headers(spec), **callback_headers(spec, facts)},
                                          cancel=scope)
         except NoSuchUpload:
             # Either it was aborted, or an earlier Complete succeeded and its response was lost.
@@ -404,10 +418,7 @@ class Uploader:
             if e.code == "FileAlreadyExists":   # written meanwhile: this upload can never complete
                 self._abort(up)
             raise
-        if not self.state.mark_done(row.id, row.identity, url=self.url_for(key), etag=result.etag,
-                                    crc64=result.crc64, mode="multipart", verification=result.verification,
-                                    stored_key=key if key != row.key else None):
-            raise FileChanged(row.path, "a newer version was seen during the upload")
+        self._mark_done(row, key, result, "multipart")
         return len(todo)
 
     def _run_window(self, todo, send, scope: CancelScope) -> None:

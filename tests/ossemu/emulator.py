@@ -4,6 +4,8 @@ import threading
 
 from . import server
 from .auth import Authority
+from .callback import TIMEOUT as CALLBACK_TIMEOUT
+from .callback import Signer
 from .faults import FaultEngine, Stats
 from .hosts import Endpoints
 from .oidc import TestIssuer
@@ -36,6 +38,8 @@ class Emulator:
         self.assume_role = AssumeRole(self.authority, min_duration=min_duration, issuer=self.oidc)
         self.faults = FaultEngine()
         self.counters = Stats()
+        self.signer = Signer()    # upload callbacks' RSA key (callback.py)
+        self.callback_timeout = CALLBACK_TIMEOUT   # OSS's 5 s; a test may shorten it
         self.oss_url = self.sts_url = None
         self._servers = []
         self._threads = []

@@ -14,6 +14,7 @@ A fault rule is a dict:
      "flip_bit": true,            # flip one bit of the body (at "flip_offset", default the middle)
                                   # before it is stored and checksummed
      "drop_response": true,       # perform the operation, then close without a response
+     "strip_headers": ["ETag"],   # perform the operation, answer without these headers (a proxy)
     }
 
 The first rule (in list order) that matches and fires is applied; at most one per request.
@@ -24,8 +25,8 @@ import threading
 from collections import defaultdict
 
 RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
-               "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response"}
-ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response"}
+               "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response", "strip_headers"}
+ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response", "strip_headers"}
 
 
 class Fault:
@@ -41,6 +42,7 @@ class Fault:
         self.flip_bit = bool(rule.get("flip_bit"))
         self.flip_offset = rule.get("flip_offset")
         self.drop_response = bool(rule.get("drop_response"))
+        self.strip_headers = {h.lower() for h in rule.get("strip_headers") or ()}
 
     def sleep(self):
         if self.delay > 0:   # cut short when the emulator stops, so a long delay does not hold it up
@@ -64,6 +66,9 @@ class FaultEngine:
             raise ValueError("a fault rule needs 'op'")
         if not ACTIONS & set(rule):
             raise ValueError(f"a fault rule needs an action: one of {sorted(ACTIONS)}")
+        strip = rule.get("strip_headers", [])
+        if not isinstance(strip, list) or not all(isinstance(h, str) for h in strip):
+            raise ValueError("strip_headers must be a list of header names")
         p = rule.get("probability", 1)
         if not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError("probability must be a number in [0, 1]")
@@ -131,6 +136,8 @@ class Stats:
             self.uploads_completed = 0
             self.uploads_aborted = 0
             self.oidc_tokens = defaultdict(int)   # jti -> accepted AssumeRoleWithOIDC calls
+            self.callback_headers = defaultdict(int)   # op -> requests that carried x-oss-callback
+            self.callbacks = defaultdict(int)          # "op:ok" / "op:failed" -> callbacks made
 
     def request(self, op):
         with self._lock:
@@ -157,6 +164,14 @@ class Stats:
         with self._lock:
             self.oidc_tokens[str(jti)] += 1
 
+    def callback_header(self, op):
+        with self._lock:
+            self.callback_headers[op] += 1
+
+    def callback(self, op, outcome):
+        with self._lock:
+            self.callbacks[f"{op}:{outcome}"] += 1
+
     def add(self, name, n=1):
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
@@ -176,4 +191,6 @@ class Stats:
                 "uploads_completed": self.uploads_completed,
                 "uploads_aborted": self.uploads_aborted,
                 "oidc_tokens": dict(self.oidc_tokens),
+                "callback_headers": dict(self.callback_headers),
+                "callbacks": dict(self.callbacks),
             }

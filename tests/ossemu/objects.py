@@ -13,7 +13,7 @@ import time
 import xml.etree.ElementTree as ET
 from urllib.parse import unquote
 
-from . import props
+from . import callback, props
 from . import xmlfmt as X
 from .auth import content_md5_ok
 from .common import CHUNK, Response, etag, int_param, url_encoded
@@ -165,6 +165,7 @@ def _forbid_overwrite(req):
 # ---------------------------------------------------------------- writes
 def put_object(ctx, req):
     props.check_write(ctx, req)
+    cb = callback.parse(req)   # a bad callback is refused before anything is stored
     forbid = _forbid_overwrite(req)
     if forbid and ctx.storage.exists(req.bucket, req.key):
         raise ctx.storage.exists_error()
@@ -177,7 +178,10 @@ def put_object(ctx, req):
     except BaseException:
         _unlink_quiet(tmp)
         raise
-    return Response(headers=_write_headers(meta) + [("Content-MD5", base64.b64encode(digest).decode())])
+    headers = _write_headers(meta) + [("Content-MD5", base64.b64encode(digest).decode())]
+    if cb is not None:
+        return callback.answer(ctx, req, cb, meta, "PutObject", headers, base64.b64encode(digest).decode())
+    return Response(headers=headers)
 
 
 def _part_number(req):
@@ -249,6 +253,7 @@ def complete(ctx, req):
     url = url_encoded(req.qdict)
     complete_all = (req.header("x-oss-complete-all") or "").lower() == "yes"
     ctx.storage.check_upload(req.bucket, req.key, req.qdict["uploadId"])
+    cb = callback.parse(req)
     data = read_small_body(req)
     requested = []
     if complete_all:
@@ -272,6 +277,8 @@ def complete(ctx, req):
                                 complete_all=complete_all, forbid_overwrite=_forbid_overwrite(req),
                                 headers={"x-oss-object-acl": acl} if acl else None)
     ctx.counters.add("uploads_completed")
+    if cb is not None:   # the application server's answer replaces CompleteMultipartUploadResult
+        return callback.answer(ctx, req, cb, meta, "CompleteMultipartUpload", _write_headers(meta))
     body = []
     if url:
         body.append(X.element("EncodingType", "url"))

@@ -27,7 +27,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, unquote_to_bytes
 
-from . import ops
+from . import callback, ops
 from . import xmlfmt as X
 from .common import CHUNK
 from .errors import ConnectionAbort, OSSError, StsError
@@ -127,6 +127,7 @@ class Request:
     def __init__(self, handler):
         self.method = handler.command
         self.request_id = _request_id()
+        self.client_ip = handler.client_address[0]
         target = handler.path
         authority = None
         if "://" in target.split("?", 1)[0]:   # absolute form: sent to us as a forward proxy
@@ -329,6 +330,8 @@ class OSSHandler(_BaseHandler):
                 op = ops.route(req)
             finally:
                 emu.counters.request(op)
+                if req.header("x-oss-callback") is not None:
+                    emu.counters.callback_header(op)
             if op in BODY_OPS:
                 req.body.on_bytes = lambda n: emu.counters.body_bytes(op, n)
             fault = emu.faults.pick(op, req.key)
@@ -346,6 +349,8 @@ class OSSHandler(_BaseHandler):
             if not req.body.done and not req.body.drain():
                 resp.headers.append(("Connection", "close"))
             if fault is not None:
+                if fault.strip_headers:
+                    resp.headers = [(k, v) for k, v in resp.headers if k.lower() not in fault.strip_headers]
                 if fault.reset_after is not None or fault.drop_response:
                     if resp.file is not None:
                         resp.file[0].close()
@@ -440,6 +445,8 @@ class OSSHandler(_BaseHandler):
                 return self._json(200, emu.objects(req.qdict.get("bucket")))
             if path == "/-/info" and m == "GET":
                 return self._json(200, emu.info())
+            if path == callback.PUB_KEY_PATH and m == "GET":   # what x-oss-pub-key-url names
+                return self._send(200, [("Content-Type", "application/x-pem-file")], emu.signer.public_pem())
             return self._json(404, {"error": f"no control endpoint {m} {path}"})
         except (ValueError, TypeError) as e:
             return self._json(400, {"error": str(e)})
