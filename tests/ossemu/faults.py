@@ -131,6 +131,7 @@ class Stats:
             self.uploads_completed = 0
             self.uploads_aborted = 0
             self.oidc_tokens = defaultdict(int)   # jti -> accepted AssumeRoleWithOIDC calls
+            self.sessions = defaultdict(int)      # RoleSessionName -> accepted AssumeRole calls
 
     def request(self, op):
         with self._lock:
@@ -157,6 +158,10 @@ class Stats:
         with self._lock:
             self.oidc_tokens[str(jti)] += 1
 
+    def session(self, name):
+        with self._lock:
+            self.sessions[str(name)] += 1
+
     def add(self, name, n=1):
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
@@ -176,4 +181,5 @@ class Stats:
                 "uploads_completed": self.uploads_completed,
                 "uploads_aborted": self.uploads_aborted,
                 "oidc_tokens": dict(self.oidc_tokens),
+                "assume_role_sessions": dict(self.sessions),
             }
