@@ -51,10 +51,11 @@ class Broker:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self, timeout: float = 30) -> "Broker":
+    def start(self, timeout: float = 30, env: dict | None = None) -> "Broker":
         self._log = open(self.log_path, "ab")
         seen = len(self.listening())
-        self.proc = spawn_ossyncd("broker", "run", "-c", self.config, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = spawn_ossyncd("broker", "run", "-c", self.config, stdout=self._log, stderr=subprocess.STDOUT,
+                                  env=env or {})
 
         def up():
             assert self.proc.poll() is None, self.output()[-3000:]

@@ -387,3 +387,43 @@ def test_audit_lines_for_every_decision_and_no_secret_in_any_log(broker, broker_
     assert texts and SECRETS
     leaked = [s[:6] for s in SECRETS for t in texts if s in t]
     assert not leaked, leaked
+
+
+# ---------------------------------------------------------------- config
+def test_shipped_broker_example_config_is_valid_and_lists_every_key(tmp_path):
+    import re
+
+    from ossyncd.broker.config import BrokerSection, load_broker_config
+
+    text = (Path(__file__).parent.parent / "config" / "broker.example.toml").read_text()
+    for key in BrokerSection.model_fields:
+        assert re.search(rf"^{key} = ", text, re.M), key
+    p = tmp_path / "broker.toml"
+    p.write_text(text.replace("/var/lib/ossyncd-broker/broker.db", str(tmp_path / "broker.db")))
+    cfg = load_broker_config(p)
+    assert cfg.broker.audit_path == tmp_path / "audit.jsonl" and cfg.oss.bucket == "my-bucket"
+
+
+@pytest.mark.parametrize("section,fragment", [
+    ('[broker]\nlisten = "nowhere"\n', "broker.listen"),
+    ('[broker]\ntls_cert = "/etc/c.pem"\n', "broker.tls_cert/tls_key: set both"),
+    ('[broker]\nrole_arn = "uploader"\n', "broker.role_arn"),
+    ('[broker]\nrate_limt = 5\n', "broker.rate_limt: unknown key"),
+    ('[broker]\nstate = "/nonexistent-dir/b.db"\n', "broker.state: directory /nonexistent-dir"),
+    ('[credentials]\nsource = "static"\n', "credentials.access_key_id/access_key_secret"),
+])
+def test_broker_config_errors_name_the_key(tmp_path, monkeypatch, section, fragment):
+    from ossyncd.broker.config import load_broker_config
+    from ossyncd.errors import ConfigError
+
+    monkeypatch.delenv("OSSYNCD_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("OSSYNCD_ACCESS_KEY_SECRET", raising=False)
+    if "state =" not in section:
+        section = section.replace("[broker]\n", f'[broker]\nstate = "{tmp_path}/b.db"\n')
+        if "[broker]" not in section:
+            section += f'[broker]\nstate = "{tmp_path}/b.db"\n'
+    p = tmp_path / "broker.toml"
+    p.write_text(section)
+    with pytest.raises(ConfigError) as e:
+        load_broker_config(p)
+    assert fragment in str(e.value), str(e.value)

@@ -302,7 +302,7 @@ def run(config_path: str | None) -> int:
     log.info("broker.listening", url=url_of(server, cfg), clients=broker.registry.check(),
              identity=broker.issuer.identity.describe(), audit_log=str(cfg.broker.audit_path))
     notifier.send("READY=1", f"STATUS=serving on {url_of(server, cfg)}")
-    while not stop.wait(1.0):
+    while not stop.wait(min(1.0, notifier.watchdog_interval or 1.0)):
         if notifier.watchdog_interval:
             notifier.send("WATCHDOG=1")
     notifier.send("STOPPING=1")
