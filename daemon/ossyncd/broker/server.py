@@ -246,7 +246,10 @@ def make_server(broker: Broker) -> socketserver.BaseServer:
     """Bound and listening; ConfigError naming the key on a bad listener or certificate."""
     cfg = broker.cfg.broker
     cfg.check_plain_http()
-    handler = type("Handler", (_Handler,), {"broker": broker, "timeout": 30})
+    # TCP_NODELAY: headers and body go out in two writes; with Nagle a keep-alive client waits
+    # for the delayed ACK (~40 ms) on every answer
+    handler = type("Handler", (_Handler,), {"broker": broker, "timeout": 30,
+                                            "disable_nagle_algorithm": not cfg.unix_socket})
     server: socketserver.BaseServer
     try:
         if cfg.unix_socket:
