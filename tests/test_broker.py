@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.broker_helpers import Broker
-from tests.helpers import fast_upload, ossyncd, random_file, root_bucket
+from tests.helpers import fast_upload, ossyncd, random_file, root_bucket, wait_until
 
 SECRETS: set[str] = set()   # every client token, AccessKeySecret and SecurityToken the tests saw
 
@@ -160,8 +160,8 @@ def test_disable_enable_rotate_remove(broker):
 
 
 def test_add_client_refuses_bad_input(broker):
-    r = broker.cli("add-client", "x y", "--prefix", "a/", check=False)
-    assert r.returncode == 2 and "RoleSessionName" in r.stderr
+    r = broker.cli("add-client", "x y", "--prefix", "a/", check=False, inprocess=False)
+    assert r.returncode == 2 and r.stderr.startswith("client: ") and "RoleSessionName" in r.stderr
     r = broker.cli("add-client", "badprefix", "--prefix", "site1", check=False)
     assert r.returncode == 2 and "--prefix" in r.stderr and "ending in '/'" in r.stderr
     r = broker.cli("add-client", "badrole", "--prefix", "a/", "--role", "uploader", check=False)
@@ -270,7 +270,7 @@ def test_heartbeat_is_stored_and_shown_by_status(broker):
     assert broker.request("/v1/heartbeat", token=token, data=b"{not json")[0] == 400
     assert broker.request("/v1/heartbeat", token="wrong", data=body)[0] == 401
     assert broker.request(f"/v1/heartbeat/{token}", data=json.dumps(_beat("cam-02", queue=0)).encode())[0] == 204
-    fleet = json.loads(broker.cli("status", "--json").stdout)
+    fleet = json.loads(broker.cli("status", "--json", inprocess=False).stdout)
     [me] = [c for c in fleet["clients"] if c["name"] == "beater"]
     hosts = {h["host"]: h for h in me["hosts"]}
     assert set(hosts) == {"cam-01", "cam-02"}
@@ -427,3 +427,61 @@ def test_broker_config_errors_name_the_key(tmp_path, monkeypatch, section, fragm
     with pytest.raises(ConfigError) as e:
         load_broker_config(p)
     assert fragment in str(e.value), str(e.value)
+
+
+def test_unix_socket_listener(emu, tmp_path):
+    import socket
+
+    sock_path = tmp_path / "b.sock"
+    b = Broker(tmp_path, emu, broker={"listen": str(sock_path)})
+    try:
+        b.start()
+        assert b.url == f"unix:{sock_path}" and (sock_path.stat().st_mode & 0o777) == 0o660
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(sock_path))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["status"] == "ok"
+    finally:
+        b.stop()
+    assert not sock_path.exists()
+
+
+# ---------------------------------------------------------------- soak: down longer than a token lives
+@pytest.mark.soak
+def test_broker_down_longer_than_a_token_lives_files_wait_then_recover(emu, daemon_factory, tmp_path):
+    b = Broker(tmp_path, emu, name="short", broker={"max_duration": 4})
+    b.start()
+    try:
+        token = add(b, "shortlived", "short/")
+        d, watch = daemon_for(daemon_factory, b, emu, tmp_path, "shortlived", token, "short/")
+        sent = {"short/a.txt": random_file(watch / "a.txt", 1000, seed=1)}
+        d.start()
+        d.wait_states({"done": 1}, timeout=60)
+        b.stop()
+        down_at = time.time()
+        from ossyncd.credentials.base import parse_expiration
+
+        def expired():   # every token the daemon could hold has expired
+            exp = d.status()["credentials"]["expires_at"]
+            return time.time() > down_at + 4 and exp and parse_expiration(exp) < time.time()
+        wait_until(expired, 30, interval=0.5, what="the daemon's credentials to expire")
+        sent["short/b.txt"] = random_file(watch / "b.txt", 2000, seed=2)
+        wait_until(lambda: [f for f in d.files() if f["path"].endswith("b.txt") and f["state"] == "retry_wait"], 30,
+                   interval=0.5, what="b.txt waiting for credentials")
+        t_wait = time.time()
+        wait_until(lambda: time.time() > t_wait + 5, 10, interval=0.5)   # it keeps waiting, never failing
+        assert not d.files("failed")
+        b.start()
+        up_at = time.monotonic()
+        d.wait_states({"done": 2}, timeout=30)
+        print(f"recovered {time.monotonic() - up_at:.1f} s after the broker came back")
+        for key, data in sent.items():
+            assert root_bucket(emu).get_object(key).read() == data
+        assert not d.files("failed")
+    finally:
+        b.stop()

@@ -36,7 +36,7 @@ def _open_state(cfg: Config, *, readonly: bool):
     return State(cfg.state.path, readonly=readonly)
 
 
-_NO_SDK = {"status", "list", "policy"}
+_NO_SDK = {"status", "list", "policy", "broker"}   # `broker run` sets up its own logging
 
 
 class _Main(click.Group):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime, timezone
 
 import click
 
 from ossyncd import output
-from ossyncd.credentials.base import iso8601, parse_expiration
 from ossyncd.errors import CommandFailed
+from ossyncd.status import iso as iso8601
 
 from .config import BrokerConfig, load_broker_config
 from .registry import Client, Registry, check_name, check_prefix
@@ -143,8 +144,8 @@ def fleet_status(reg: Registry, now: float) -> dict:
         b = hb["body"]
         expiry = b.get("credential_expiry")
         try:
-            expiry_ts = parse_expiration(expiry) if expiry else None
-        except ValueError:
+            expiry_ts = datetime.fromisoformat(expiry).astimezone(timezone.utc).timestamp() if expiry else None
+        except (TypeError, ValueError):
             expiry_ts = None
         beats.setdefault(hb["client"], []).append({
             "host": hb["host"], "last_seen": iso8601(hb["received_at"]), "age_seconds": round(now - hb["received_at"], 1),

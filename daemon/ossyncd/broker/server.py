@@ -112,15 +112,20 @@ class Broker:
         finally:
             self.metrics.latency.labels(outcome).observe(time.perf_counter() - started)
 
-    def heartbeat(self, token: str | None, remote: str, body: bytes) -> tuple[int, dict | None]:
+    def heartbeat(self, token: str | None, remote: str, body: bytes) -> tuple[int, dict | None, dict]:
         try:
             client = self.registry.by_token(token) if token else None
             if client is None:
                 self.metrics.denials.labels("unauthorized").inc()
-                return 401, {"Code": "Unauthorized", "Message": "missing or unknown broker token"}
+                return 401, {"Code": "Unauthorized", "Message": "missing or unknown broker token"}, {}
             if client.disabled:
                 self.metrics.denials.labels("disabled").inc()
-                return 403, {"Code": "ClientDisabled", "Message": f"client {client.name} is disabled"}
+                return 403, {"Code": "ClientDisabled", "Message": f"client {client.name} is disabled"}, {}
+            try:
+                self.issuer.admit(client)    # the same per-client budget as credentials requests
+            except Refused as r:
+                self.metrics.denials.labels(r.reason).inc()
+                return r.status, r.body(), r.headers
             try:
                 doc = json.loads(body)
             except ValueError:
@@ -130,13 +135,14 @@ class Broker:
                 problem = check_heartbeat(doc)
             if problem:
                 self.metrics.denials.labels("bad_request").inc()
-                return 400, {"Code": "InvalidHeartbeat", "Message": f"heartbeat: {problem}"}
+                return 400, {"Code": "InvalidHeartbeat", "Message": f"heartbeat: {problem}"}, {}
             self.registry.heartbeat(client.name, doc["host"], doc, remote)
             self.metrics.heartbeats.inc()
-            return 204, None
+            return 204, None, {}
         except StateError as e:
             log.error("broker.registry_error", error=str(e))
-            return 503, {"Code": "ServiceUnavailable", "Message": "the broker's registry is unavailable"}
+            return 503, {"Code": "ServiceUnavailable", "Message": "the broker's registry is unavailable"}, \
+                {"Retry-After": "5"}
 
     def health(self) -> tuple[int, dict]:
         try:
@@ -234,8 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
                        {"Code": "InvalidHeartbeat", "Message": f"heartbeat: send a Content-Length up to {MAX_BODY}"})
             return
         body = self.rfile.read(int(length))
-        status, doc = self.broker.heartbeat(self._token(route), self._remote(), body)
-        self._send(status, doc)
+        status, doc, headers = self.broker.heartbeat(self._token(route), self._remote(), body)
+        self._send(status, doc, headers)
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
