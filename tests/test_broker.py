@@ -485,3 +485,19 @@ def test_broker_down_longer_than_a_token_lives_files_wait_then_recover(emu, daem
         assert not d.files("failed")
     finally:
         b.stop()
+
+
+def test_client_policy_shape_and_limits():
+    from ossyncd.broker.policy import client_policy
+    from ossyncd.errors import PolicyTooLong
+
+    doc = json.loads(client_policy("drop", ["a/", "b/c/"]))
+    objects, listing = doc["Statement"]
+    assert objects["Resource"] == ["acs:oss:*:*:drop/a/*", "acs:oss:*:*:drop/b/c/*"]
+    assert "oss:ListMultipartUploads" not in objects["Action"] and "oss:GetObject" not in objects["Action"]
+    assert listing == {"Effect": "Allow", "Action": ["oss:ListMultipartUploads"], "Resource": ["acs:oss:*:*:drop"],
+                       "Condition": {"StringLike": {"oss:Prefix": ["a/*", "b/c/*"]}}}
+    assert "Condition" not in json.loads(client_policy("drop", ["a/"], prefix_condition=False))["Statement"][1]
+    with pytest.raises(PolicyTooLong) as e:
+        client_policy("drop", [f"{'x' * 60}{i}/" for i in range(30)])
+    assert "list_prefix_condition" in str(e.value)

@@ -174,8 +174,7 @@ class Issuer:
         try:
             policy = client_policy(bucket, prefixes, prefix_condition=self.cfg.broker.list_prefix_condition)
         except PolicyError as e:
-            raise Refused(502, "InvalidParameter.PolicyGrammar", f"client {client.name}: {e}", reason="policy",
-                          permanent=True, sts_code="PolicyTooLong") from None
+            raise Refused(502, "PolicyTooLong", f"client {client.name}: {e}", reason="policy", permanent=True) from None
         src = StsSource(base=self._base, role_arn=role, session_name=client.name, duration_seconds=duration,
                         region=self.cfg.credentials.sts_region, policy=policy, endpoint=self._endpoint,
                         timeout=self.cfg.credentials.timeout_seconds, key_from="the broker's [credentials]")

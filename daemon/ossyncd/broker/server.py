@@ -256,7 +256,7 @@ def make_server(broker: Broker) -> socketserver.BaseServer:
     # for the delayed ACK (~40 ms) on every answer
     handler = type("Handler", (_Handler,), {"broker": broker, "timeout": 30,
                                             "disable_nagle_algorithm": not cfg.unix_socket})
-    server: socketserver.BaseServer
+    server: socketserver.TCPServer
     try:
         if cfg.unix_socket:
             if os.path.exists(cfg.listen) and not os.path.isdir(cfg.listen):
@@ -265,9 +265,9 @@ def make_server(broker: Broker) -> socketserver.BaseServer:
             os.chmod(cfg.listen, 0o660)
         else:
             host, port = parse_listen(cfg.listen)
-            ThreadingHTTPServer.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            server = ThreadingHTTPServer((host, port), handler)
-            server.daemon_threads = True
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            server = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})(
+                (host, port), handler)
     except OSError as e:
         raise ConfigError(f"broker.listen: cannot listen on {cfg.listen!r}: {e.strerror}") from None
     if cfg.tls_cert:
