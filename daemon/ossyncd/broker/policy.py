@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ossyncd.policy import BUCKET_ACTIONS, MAX_INLINE_POLICY_CHARS, PolicyTooLong, inline_policy_json
+from ossyncd.policy import BUCKET_ACTIONS, MAX_INLINE_POLICY_CHARS, PolicyTooLong, upload_policy
 
 
 def client_policy(bucket: str, prefixes: list[str] | tuple[str, ...], *, prefix_condition: bool = True) -> str:
     """Compact JSON for AssumeRole's Policy; PolicyTooLong when over STS's 2048 characters."""
-    doc = json.loads(inline_policy_json(bucket, list(prefixes)))
+    doc = upload_policy(bucket, list(prefixes))
     if prefix_condition:
         for st in doc["Statement"]:
             if st["Action"] == list(BUCKET_ACTIONS):
