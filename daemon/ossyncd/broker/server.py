@@ -107,6 +107,9 @@ class Broker:
         except StateError as e:
             outcome = "error"
             log.error("broker.registry_error", error=str(e))
+            self.metrics.denials.labels("registry").inc()
+            self.audit.record(decision="deny", client=client.name if client else None, remote=remote,
+                              reason="registry", status=503)
             return 503, {"Code": "ServiceUnavailable", "Message": "the broker's registry is unavailable"}, \
                 {"Retry-After": "5"}
         finally:
