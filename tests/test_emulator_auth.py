@@ -189,3 +189,25 @@ def test_inline_policy_restricts_prefix(emulator, sts_credentials):
             assert isinstance(server_error(b.put_object, key, b"x"), oss2.exceptions.AccessDenied), key
         assert isinstance(server_error(b.get_object, "incoming/a b+c"), oss2.exceptions.AccessDenied)
         assert isinstance(server_error(b.list_multipart_uploads), oss2.exceptions.AccessDenied)
+
+
+def test_inline_policy_prefix_condition_on_listings(emulator, sts_credentials):
+    """`oss:Prefix` is the listing's `prefix` parameter; StringLike narrows ListMultipartUploads
+    and ListObjects, StringNotLike excludes, and an unsupported operator is a grammar error."""
+    policy = {"Version": "1", "Statement": [
+        {"Effect": "Allow", "Action": ["oss:ListMultipartUploads"], "Resource": ["acs:oss:*:*:drop"],
+         "Condition": {"StringLike": {"oss:Prefix": ["cam1/*", "cam2/*"]}}},
+        {"Effect": "Deny", "Action": ["oss:ListMultipartUploads"], "Resource": ["acs:oss:*:*:drop"],
+         "Condition": {"StringLike": {"oss:Prefix": ["cam2/private/*"]}}},
+    ]}
+    c = sts_credentials(policy=policy, session_name="listing")
+    b = bucket_for(emulator, c["AccessKeyId"], c["AccessKeySecret"], c["SecurityToken"], "v4")
+    for prefix in ("cam1/", "cam2/x/"):
+        b.list_multipart_uploads(prefix=prefix)
+    for prefix in ("", "cam3/", "cam", "cam2/private/a"):
+        assert isinstance(server_error(b.list_multipart_uploads, prefix=prefix), oss2.exceptions.AccessDenied), prefix
+    with pytest.raises(Exception) as e:
+        sts_credentials(policy={"Version": "1", "Statement": [
+            {"Effect": "Allow", "Action": "oss:ListObjects", "Resource": "acs:oss:*:*:drop",
+             "Condition": {"NumericLessThan": {"oss:MaxKeys": "10"}}}]})
+    assert "InvalidParameter.PolicyGrammar" in str(e.value)

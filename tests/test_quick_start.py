@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import write_config
 
-HEAVY = ("structlog", "oss2", "aliyunsdkcore", "watchdog", "prometheus_client", "requests")
+HEAVY = ("structlog", "oss2", "aliyunsdkcore", "watchdog", "prometheus_client", "requests", "ossyncd.broker")
 PROBE = """
 import json, sys
 from ossyncd.cli import main

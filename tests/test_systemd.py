@@ -24,6 +24,7 @@ from tests.helpers import MiB, fast_upload, json_lines, object_bytes, random_fil
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "ossyncd.service"
+BROKER_UNIT = ROOT / "systemd" / "ossyncd-broker.service"
 SYSCTL = ROOT / "systemd" / "99-ossyncd-inotify.conf"
 MAX_EXPOSURE = 2.5
 
@@ -35,15 +36,15 @@ def systemd_analyze() -> str:
     return path
 
 
-def unit_for_verify(tmp_path: Path) -> Path:
+def unit_for_verify(tmp_path: Path, unit: Path = UNIT) -> Path:
     """The shipped unit with ExecStart pointing at this venv's `ossyncd`: verify checks that
     the binary exists and is executable, and /usr/local/bin/ossyncd is the install-time path.
     Nothing else is changed."""
     exe = Path(sys.executable).parent / "ossyncd"
     assert exe.exists(), f"{exe}: install the package (pip install -e .)"
-    text = UNIT.read_text()
-    assert "ExecStart=/usr/local/bin/ossyncd run " in text
-    out = tmp_path / "ossyncd.service"
+    text = unit.read_text()
+    assert re.search(r"^ExecStart=/usr/local/bin/ossyncd (broker )?run ", text, re.M)
+    out = tmp_path / unit.name
     out.write_text(text.replace("ExecStart=/usr/local/bin/ossyncd ", f"ExecStart={exe} "))
     return out
 
@@ -95,6 +96,29 @@ def test_unit_settings_and_security_exposure(tmp_path):
     score = float(m.group(1))
     print(f"systemd-analyze security exposure: {score}")
     assert score <= MAX_EXPOSURE, r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_broker_unit_verifies_with_notify_and_exposure(tmp_path):
+    unit = unit_for_verify(tmp_path, BROKER_UNIT)
+    rc, complaints = verify(unit)
+    assert rc == 0 and complaints == [], complaints
+    settings: dict[str, list[str]] = {}
+    for line in BROKER_UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            k, _, v = line.partition("=")
+            settings.setdefault(k, []).append(v)
+    for key, value in {"Type": "notify", "ExecStart": "/usr/local/bin/ossyncd broker run -c /etc/ossyncd/broker.toml",
+                       "Restart": "on-failure", "RestartPreventExitStatus": "2", "User": "ossyncd-broker",
+                       "StateDirectory": "ossyncd-broker", "ProtectSystem": "strict", "PrivateUsers": "yes",
+                       "MemoryDenyWriteExecute": "yes", "CapabilityBoundingSet": "", "UMask": "0077"}.items():
+        assert settings.get(key) == [value], (key, settings.get(key))
+    r = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", r.stdout)
+    assert m, r.stdout + r.stderr
+    print(f"systemd-analyze security exposure (broker): {m.group(1)}")
+    assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
 
 
 @pytest.mark.timeout(30)
@@ -175,6 +199,24 @@ def notify_socket(monkeypatch):
 
 
 
+
+
+@pytest.mark.timeout(60)
+def test_broker_notifies_ready_once_listening_and_stopping_on_sigterm(tmp_path, emulator, notify_socket):
+    from tests.broker_helpers import Broker
+
+    b = Broker(tmp_path, emulator)
+    b.start(env=notify_socket.env(watchdog_usec=None))
+    try:
+        notify_socket.wait_for("READY=1", 30)
+        assert b.request("/healthz")[0] == 200
+        assert [m for _, m in notify_socket.lines("STATUS=")] == [f"STATUS=serving on {b.url}"]
+        t_term = time.monotonic()
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(10) == 0
+        assert notify_socket.lines("STOPPING=1", since=t_term)
+    finally:
+        b.stop()
 
 
 @pytest.mark.timeout(90)

@@ -36,10 +36,20 @@ def _open_state(cfg: Config, *, readonly: bool):
     return State(cfg.state.path, readonly=readonly)
 
 
-_NO_SDK = {"status", "list", "policy"}
+_NO_SDK = {"status", "list", "policy", "broker"}   # `broker run` sets up its own logging
 
 
 class _Main(click.Group):
+    # `broker` is loaded only when it runs: the daemon's commands never import the broker package
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), "broker"])
+
+    def get_command(self, ctx, name):
+        if name == "broker":
+            from ossyncd.broker.cli import broker
+            return broker
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -7,8 +7,11 @@ print as written. Colour comes only from the `style` arguments below, never from
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
 from rich.text import Text
 
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
@@ -49,3 +52,14 @@ def tsv(rows, console: Console = out) -> None:
     """Rows (the first one the header) as tab-separated lines with whole values, for cut/grep."""
     for row in rows:
         console.file.write("\t".join(tsv_field(v) for v in row) + "\n")
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console = out) -> None:
+    """A table on a terminal; piped, whole values as tab-separated lines under a header."""
+    if not console.is_terminal:
+        tsv([tuple(columns), *rows], console)
+        return
+    t = Table(*columns, box=None)
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)

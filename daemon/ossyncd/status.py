@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ossyncd.config import Config
-from ossyncd.output import styled, tsv
+from ossyncd.output import styled, table
 from ossyncd.state import STATES, EventRow, FileRow, State
 
 
@@ -179,14 +179,7 @@ def render_list(files: list[FileRow], console: Console) -> None:
 
 
 def _render_rows(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]], console: Console) -> None:
-    """A table on a terminal; piped, whole values as tab-separated lines under a header."""
-    if not console.is_terminal:
-        tsv([columns, *rows], console)
-        return
-    t = Table(*columns, box=None)
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    table(columns, rows, console)
 
 
 EVENT_COLUMNS = ("id", "event", "hook", "kind", "state", "attempts", "path", "error")

@@ -9,7 +9,13 @@ explicit Deny wins).
 Request resources are `acs:oss:<region>:<account>:<bucket>[/<key>]`, so policies written
 as `acs:oss:*:*:bucket/prefix/*` or with the account id both match. Like real OSS,
 `oss:PutObject` also authorizes the multipart write calls (Initiate/UploadPart/Complete/
-UploadPartCopy); the dedicated action names are accepted too. `Condition` is ignored.
+UploadPartCopy); the dedicated action names are accepted too.
+
+`Condition` (docs/wire-protocol.md §5b): the operators StringEquals, StringNotEquals,
+StringLike and StringNotLike; the one condition key evaluated is `oss:Prefix`, the `prefix`
+parameter of ListObjects(V2) and ListMultipartUploads ("" when absent). As in RAM, a
+condition on a key the request does not carry does not match, so such an Allow grants
+nothing; another operator is refused at AssumeRole (InvalidParameter.PolicyGrammar).
 """
 
 import base64
@@ -115,12 +121,35 @@ def _as_list(v):
     return [v] if isinstance(v, str) else list(v)
 
 
-def policy_allows(statements, actions, resource):
+CONDITION_OPERATORS = ("StringEquals", "StringNotEquals", "StringLike", "StringNotLike")
+
+
+def _condition_holds(condition, context):
+    """Every operator and key must hold; a key the request does not carry fails (RAM's rule)."""
+    for op, pairs in (condition or {}).items():
+        for key, values in pairs.items():
+            have = context.get(key.lower())
+            if have is None:
+                return False
+            values = _as_list(values)
+            if op in ("StringEquals", "StringNotEquals"):
+                hit = have in values
+            else:
+                hit = any(_wild_re(v, False).match(have) for v in values)
+            if hit == op.startswith("StringNot"):
+                return False
+    return True
+
+
+def policy_allows(statements, actions, resource, context=None):
+    """`context`: the request's condition keys, lower-case (`oss:prefix`)."""
     allowed = False
     for st in statements:
         if not any(_wild_re(a, True).match(x) for a in _as_list(st["Action"]) for x in actions):
             continue
         if not any(_wild_re(r, False).match(resource) for r in _as_list(st["Resource"])):
+            continue
+        if "Condition" in st and not _condition_holds(st["Condition"], context or {}):
             continue
         if st["Effect"] == "Deny":
             return False
@@ -150,6 +179,13 @@ def parse_policy(text):
                 v = [v]
             if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
                 raise ValueError(f"{k} must be a string or a non-empty list of strings")
+        cond = st.get("Condition", {})
+        if not isinstance(cond, dict) or not all(
+                op in CONDITION_OPERATORS and isinstance(pairs, dict) and pairs and all(
+                    isinstance(k, str) and (isinstance(v, str) or (isinstance(v, list) and v and all(
+                        isinstance(x, str) for x in v))) for k, v in pairs.items())
+                for op, pairs in cond.items()):
+            raise ValueError("Condition must map a supported operator to {key: string or list of strings}")
     return sts
 
 
@@ -404,14 +440,16 @@ class Authority:
         base = f"acs:oss:{self.region}:{self.account_id}:{bucket}"
         return base if key is None else f"{base}/{key}"
 
-    def authorize(self, p, op, bucket, key):
+    def authorize(self, p, op, bucket, key, prefix=None):
+        """`prefix`: a listing's `prefix` parameter, the value of the `oss:Prefix` condition key."""
         if p.kind == "root":
             return
         level, actions = OP_ACTIONS.get(op, ("object", ["oss:" + op]))
         res = self.resource(bucket, key if level == "object" else None)
+        context = {"oss:prefix": prefix} if prefix is not None else {}
         if p.kind == "sts":
-            if policy_allows(p.session.role_policy, actions, res) and (
-                    p.session.policy is None or policy_allows(p.session.policy, actions, res)):
+            if policy_allows(p.session.role_policy, actions, res, context) and (
+                    p.session.policy is None or policy_allows(p.session.policy, actions, res, context)):
                 return
         raise _denied(f"You are not authorized to do {actions[0]} on {res}.", "0003-00000301")
 

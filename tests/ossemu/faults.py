@@ -138,6 +138,7 @@ class Stats:
             self.oidc_tokens = defaultdict(int)   # jti -> accepted AssumeRoleWithOIDC calls
             self.callback_headers = defaultdict(int)   # op -> requests that carried x-oss-callback
             self.callbacks = defaultdict(int)          # "op:ok" / "op:failed" -> callbacks made
+            self.sessions = defaultdict(int)      # RoleSessionName -> accepted AssumeRole calls
 
     def request(self, op):
         with self._lock:
@@ -171,6 +172,9 @@ class Stats:
     def callback(self, op, outcome):
         with self._lock:
             self.callbacks[f"{op}:{outcome}"] += 1
+    def session(self, name):
+        with self._lock:
+            self.sessions[str(name)] += 1
 
     def add(self, name, n=1):
         with self._lock:
@@ -193,4 +197,5 @@ class Stats:
                 "oidc_tokens": dict(self.oidc_tokens),
                 "callback_headers": dict(self.callback_headers),
                 "callbacks": dict(self.callbacks),
+                "assume_role_sessions": dict(self.sessions),
             }

@@ -284,6 +284,7 @@ class _BaseHandler(BaseHTTPRequestHandler):
                 emu.counters.oidc_token(jti)
             else:
                 result = emu.assume_role.handle(req.method, params)
+                emu.counters.session(params.get("RoleSessionName", ""))
             emu.counters.add("sts_issued")
             emu.counters.success(op)
             self._json(200, result)
@@ -342,7 +343,9 @@ class OSSHandler(_BaseHandler):
                     raise OSSError(int(fault.status), fault.code, fault.message)
             emu.storage.bucket(req.bucket)
             req.principal = emu.authority.authenticate(req)
-            emu.authority.authorize(req.principal, op, req.bucket, req.key or None)
+            listing = op in ("ListObjects", "ListObjectsV2", "ListMultipartUploads")
+            emu.authority.authorize(req.principal, op, req.bucket, req.key or None,
+                                    prefix=req.qdict.get("prefix", "") if listing else None)
             if req.key:
                 ops.validate_key(req.key)
             resp = ops.OPS[op](emu, req)
