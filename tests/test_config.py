@@ -348,3 +348,38 @@ def test_credentials_defaults_and_normal_forms(tmp_path, monkeypatch):
     # a key only one source reads is checked only for that source
     assert creds_config(tmp_path, monkeypatch, source="env", sts_endpoint="ftp://x", policy="{not json",
                         ecs_metadata_url="nope").credentials.source == "env"
+
+
+# ---------------------------------------------------------------- secrets
+def test_hook_secret_in_a_readable_config_warns(tmp_path):
+    """A [[hook]] secret signs the webhooks: like the credentials' secrets, a config that
+    holds one must not be readable by group/others."""
+    import os
+
+    from ossyncd.config import secret_file_warning
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    body = textwrap.dedent(f"""
+        [oss]
+        endpoint = "http://127.0.0.1:9000"
+        bucket = "drop"
+        region = "cn-hangzhou"
+        [state]
+        path = "{tmp_path / 'state.db'}"
+        [[watch]]
+        path = "{drop}"
+        [[hook]]
+        on = ["uploaded"]
+        url = "https://hooks.example.com/x"
+        secret = "s3cr3t"
+        """)
+    p = write(tmp_path, body)
+    os.chmod(p, 0o644)
+    warning = secret_file_warning(load_config(p))
+    assert warning is not None and str(p) in warning and "0644" in warning and f"chmod 600 {p}" in warning
+    os.chmod(p, 0o600)
+    assert secret_file_warning(load_config(p)) is None
+    # the same file without the hook's secret holds nothing to protect
+    p.write_text(body.replace('secret = "s3cr3t"\n', ""))
+    os.chmod(p, 0o644)
+    assert secret_file_warning(load_config(p)) is None

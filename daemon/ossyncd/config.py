@@ -724,14 +724,16 @@ def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist:
 def secret_file_warning(cfg: Config) -> str | None:
     """A warning when the config file holds a secret and group/others can read it."""
     c = cfg.credentials
-    if cfg.source_path is None or not (c.access_key_secret or c.security_token or c.broker_token):
+    hook_secret = any(h.secret for h in cfg.hook)
+    if cfg.source_path is None or not (c.access_key_secret or c.security_token or c.broker_token or hook_secret):
         return None
     try:
         raw = cfg.source_path.read_text(encoding="utf-8", errors="replace")
         mode = cfg.source_path.stat().st_mode
     except OSError:
         return None
-    if not re.search(r"^\s*(access_key_secret|security_token|broker_token)\s*=\s*\"[^\"]+\"", raw, re.M):
+    # [[hook]] secret too: it signs the webhooks, so whoever reads it can forge them
+    if not re.search(r"^\s*(access_key_secret|security_token|broker_token|secret)\s*=\s*\"[^\"]+\"", raw, re.M):
         return None
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         return (f"{cfg.source_path} holds a secret and is readable by group/others "
