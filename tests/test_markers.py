@@ -138,14 +138,15 @@ def test_ready_suffix_holds_a_file_until_its_marker(tmp_path, emulator, daemon_f
     wait_until(lambda: object_bytes(emulator, "pre.csv") == pre2 and in_state(d, drop / "pre.csv", "done"), 15,
                what="pre.csv re-uploaded after its marker was written again")
 
-    # a marker the daemon has seen, removed again before its file comes: the file waits
-    (drop / "c.csv.done").touch()
-    seen = rescans(d)
-    wait_until(lambda: rescans(d) > seen + 1, 20, what="a rescan that saw c.csv.done")
-    os.unlink(drop / "c.csv.done")
+    # a marker removed again before the upload started holds its file (paused: nothing starts)
+    assert ossyncd("pause", "-c", d.config).returncode == 0
     random_file(drop / "c.csv", 100, seed=5)
-    wait_until(lambda: in_state(d, drop / "c.csv", "waiting", "waiting for marker c.csv.done"), 15,
-               what="c.csv held: its marker was removed")
+    (drop / "c.csv.done").touch()
+    wait_until(lambda: in_state(d, drop / "c.csv", "queued"), 15, what="c.csv released while paused")
+    os.unlink(drop / "c.csv.done")
+    wait_until(lambda: in_state(d, drop / "c.csv", "waiting", "c.csv.done (it was removed)"), 15,
+               what="c.csv held again: its marker was removed")
+    assert ossyncd("resume", "-c", d.config).returncode == 0
 
     # a restart: a marker written while the daemon was down releases its file
     assert d.stop() == 0

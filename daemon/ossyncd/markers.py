@@ -93,7 +93,7 @@ class Gate:
                 reason = None if self._done(base) else f"waiting for its file {os.path.basename(base)} to upload"
                 s.record(self.root, entry, reason)
             return
-        row = s.record(self.root, entry, "waiting for marker: uploaded after the other files of its folder")
+        row = s.record(self.root, entry, "sentinel: waiting for the other files of its folder (it goes last)")
         if row is not None and row.state == "waiting":
             self.open_dirs.add(os.path.dirname(path))
             self.check_dir(os.path.dirname(path))
@@ -107,7 +107,7 @@ class Gate:
         if entry is None or entry.kind != "file" or not row.identity.matches(entry.identity):
             return   # it changed: the settle path decides again
         if self.decide(path, entry) is None and self.sched.state.transition(row.id, "queued", identity=row.identity):
-            log.info("released by marker", path=row.path, marker=self.marker_of(path))
+            log.debug("released by marker", path=row.path, marker=self.marker_of(path))
 
     def _done(self, path: str) -> bool:
         row = self.sched.state.get(printable_path(path))
@@ -118,8 +118,8 @@ class Gate:
 
     def gone(self, path: str) -> None:
         """A path vanished: a removed suffix marker holds its file again, if not started."""
-        if not (self.suffix and self.is_marker(path)):
-            return
+        if not (self.suffix and self.is_marker(path)) or os.path.lexists(path):
+            return   # (a folder named like a marker is no marker)
         row = self.sched.state.get(printable_path(path[: -len(self.suffix)]))
         if row is None or row.state not in NOT_STARTED or row.id in self.sched.jobs:
             return

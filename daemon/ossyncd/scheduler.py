@@ -31,7 +31,7 @@ from ossyncd.plan import is_multipart
 from ossyncd.prune import Pruner
 from ossyncd.rescan import Rescan
 from ossyncd.rescan import stamp as _stamp
-from ossyncd.scanner import stat_entry
+from ossyncd.scanner import Entry, stat_entry
 from ossyncd.settle import SettleTracker
 from ossyncd.state import FileRow, State, printable_path
 from ossyncd.uploader import CancelScope, Outcome, Uploader
@@ -304,14 +304,14 @@ class Scheduler:
                     continue
                 self.record(root, entry, gate.decide(path, entry) if gate is not None else None)
 
-    def record(self, root: str, entry, waiting: str | None) -> FileRow:
+    def record(self, root: str, entry: Entry, waiting: str | None) -> FileRow:
         """A settled version: queued, or `waiting` for its ready marker (the reason)."""
         row, new = self.state.observe(entry.path, root, entry.key, entry.identity,
                                       state="queued" if waiting is None else "waiting")
         if waiting is not None and (row.state, row.error) != ("waiting", waiting) and (
                 new or row.state in ("settling", "waiting")):
             self.state.transition(row.id, "waiting", error=waiting, identity=row.identity)
-            log.info("waiting for marker", path=entry.path, reason=waiting)
+            log.debug("waiting for marker", path=entry.path, reason=waiting)
         elif waiting is None and not new and row.state in ("settling", "waiting"):
             self.state.transition(row.id, "queued", identity=row.identity)
         elif new:
