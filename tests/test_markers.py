@@ -144,9 +144,10 @@ def test_ready_suffix_holds_a_file_until_its_marker(tmp_path, emulator, daemon_f
     (drop / "c.csv.done").touch()
     wait_until(lambda: in_state(d, drop / "c.csv", "queued"), 15, what="c.csv released while paused")
     os.unlink(drop / "c.csv.done")
+    assert ossyncd("resume", "-c", d.config).returncode == 0
     wait_until(lambda: in_state(d, drop / "c.csv", "waiting", "c.csv.done (it was removed)"), 15,
                what="c.csv held again: its marker was removed")
-    assert ossyncd("resume", "-c", d.config).returncode == 0
+    assert "c.csv" not in bucket_keys(emulator)
 
     # a restart: a marker written while the daemon was down releases its file
     assert d.stop() == 0

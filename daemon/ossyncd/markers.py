@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 # what a sentinel's batch needs of each file before the sentinel goes
 FINISHED = ("done", "skipped", "gone", "exists")
-# released but not started: a removed marker holds these again
+# released but not started: a removed marker holds these again (Gate.held)
 NOT_STARTED = ("queued", "retry_wait")
 
 
@@ -116,17 +116,20 @@ class Gate:
         entry = stat_entry(self.w, path)
         return entry is None or (entry.kind == "file" and row.identity.matches(entry.identity))
 
-    def gone(self, path: str) -> None:
-        """A path vanished: a removed suffix marker holds its file again, if not started."""
-        if not (self.suffix and self.is_marker(path)) or os.path.lexists(path):
-            return   # (a folder named like a marker is no marker)
-        row = self.sched.state.get(printable_path(path[: -len(self.suffix)]))
-        if row is None or row.state not in NOT_STARTED or row.id in self.sched.jobs:
-            return
-        name = os.path.basename(path)
+    def held(self, row: FileRow) -> bool:
+        """At dispatch: a file whose marker was removed since its release is held again
+        (`waiting`) instead of uploaded. The watcher reports no deletions, so this is where
+        a removal is seen."""
+        if self.is_marker(row.path) or row.state not in NOT_STARTED:
+            return False   # a marker's own row (uploaded marker, sentinel) needs no marker
+        marker = self.marker_of(row.path)
+        if _mtime(marker) is not None:
+            return False
+        name = os.path.basename(marker)
         self.sched.state.transition(row.id, "waiting", error=f"waiting for marker {name} (it was removed)",
                                     identity=row.identity)
-        log.info("held: marker removed", path=row.path, marker=path)
+        log.info("held: marker removed", path=row.path, marker=marker)
+        return True
 
     def finished(self, row: FileRow) -> None:
         """A file's upload ended (or it went): its uploaded marker, or its folder's sentinel,

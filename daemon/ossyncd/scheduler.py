@@ -271,8 +271,6 @@ class Scheduler:
         entry = stat_entry(w, path)
         if entry is None:
             self.trackers[root].forget(path)
-            if root in self.gates:
-                self.gates[root].gone(path)
             return
         if entry.kind == "skipped":
             self.state.mark_skipped(entry.path, root, entry.reason)
@@ -438,6 +436,8 @@ class Scheduler:
             if slots <= 0:
                 break
             if row.id in self.jobs or row.watch not in self.watches:
+                continue
+            if row.watch in self.gates and self.gates[row.watch].held(row):
                 continue
             multipart = is_multipart(row.size, self.cfg.upload)
             if multipart and big >= big_limit:
