@@ -93,7 +93,8 @@ class Gate:
                 reason = None if self._done(base) else f"waiting for its file {os.path.basename(base)} to upload"
                 s.record(self.root, entry, reason)
             return
-        row = s.record(self.root, entry, "sentinel: waiting for the other files of its folder (it goes last)")
+        s.record(self.root, entry, "sentinel: waiting for the other files of its folder (it goes last)")
+        row = s.state.get(printable_path(path))
         if row is not None and row.state == "waiting":
             self.open_dirs.add(os.path.dirname(path))
             self.check_dir(os.path.dirname(path))

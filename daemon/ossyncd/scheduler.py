@@ -302,7 +302,7 @@ class Scheduler:
                     continue
                 self.record(root, entry, gate.decide(path, entry) if gate is not None else None)
 
-    def record(self, root: str, entry: Entry, waiting: str | None) -> FileRow:
+    def record(self, root: str, entry: Entry, waiting: str | None) -> None:
         """A settled version: queued, or `waiting` for its ready marker (the reason)."""
         row, new = self.state.observe(entry.path, root, entry.key, entry.identity,
                                       state="queued" if waiting is None else "waiting")
@@ -314,7 +314,6 @@ class Scheduler:
             self.state.transition(row.id, "queued", identity=row.identity)
         elif new:
             log.debug("queued", path=entry.path, key=entry.key, size=entry.size)
-        return self.state.get_by_id(row.id) or row
 
     def _skip_temp(self, root: str, entry) -> None:
         """A temp name still there after settling may be a real file: show it in `list`."""
