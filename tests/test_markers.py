@@ -177,7 +177,15 @@ def test_ready_file_uploads_a_folder_then_its_sentinel_last(tmp_path, emulator, 
     wait_waiting_past_rescan(d, batch / "big.bin", t0, "big.bin")
     assert bucket_keys(emulator) == [] and emulator.stats()["uploads_initiated"] == 0
 
+    # one file of the batch fails for good: the sentinel must not claim the folder complete
+    emulator.set_faults([{"op": "PutObject", "key_prefix": "t/2024/part/f3", "status": 403, "code": "AccessDenied"}])
     (batch / "_SUCCESS").write_bytes(b"")
+    wait_until(lambda: in_state(d, batch / "f3.bin", "failed"), 30, what="f3.bin failed")
+    wait_until(lambda: in_state(d, batch / "big.bin", "done"), 30, what="the rest of the batch uploaded")
+    assert in_state(d, batch / "_SUCCESS", "waiting", "sentinel: waiting for the other files of its folder")
+    assert "t/2024/part/_SUCCESS" not in bucket_keys(emulator)
+    emulator.clear_faults()
+    assert ossyncd("retry", "-c", d.config).returncode == 0
     wait_until(lambda: in_state(d, batch / "_SUCCESS", "done"), 30, what="the folder and its sentinel uploaded")
     order = uploaded_order(d)
     assert order[-1] == str(batch / "_SUCCESS"), order
@@ -202,7 +210,7 @@ def test_ready_file_uploads_a_folder_then_its_sentinel_last(tmp_path, emulator, 
     wait_until(lambda: in_state(d, drop / "2024" / "_SUCCESS", "done"), 30, what="the parent folder's sentinel")
     assert object_bytes(emulator, "t/2024/other.txt") == other
     assert uploaded_order(d)[-2:] == [str(drop / "2024" / "other.txt"), str(drop / "2024" / "_SUCCESS")]
-    assert not [k for k in fired(d) if k[0] != "uploaded"]
+    assert [k for k in fired(d) if k[0] != "uploaded"] == [("failed", str(batch / "f3.bin"))]
     assert d.stop() == 0
 
 
