@@ -10,8 +10,8 @@
 A marker vouches for the versions written before it: a file whose mtime is later than the
 marker's (rewritten after it, or written after a marker that came first) waits for a new
 marker (written again or touched). Copies that keep times (cp -p, rsync -t) keep that
-order whatever order they create the two in. A marker still settling vouches for nothing. The state is
-`waiting`, with the reason in `error`: never an upload, a failure or an event.
+order whatever order they create the two in. A marker still settling vouches for nothing.
+The state is `waiting`, with the reason in `error`: never an upload, a failure or an event.
 
 `Gate` is the scheduler's side of these rules (one per watch that sets a key); it sees
 the scheduler as `Rescan` does, and decides only on the loop thread.
