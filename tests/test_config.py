@@ -348,3 +348,71 @@ def test_credentials_defaults_and_normal_forms(tmp_path, monkeypatch):
     # a key only one source reads is checked only for that source
     assert creds_config(tmp_path, monkeypatch, source="env", sts_endpoint="ftp://x", policy="{not json",
                         ecs_metadata_url="nope").credentials.source == "env"
+
+
+# ---------------------------------------------------------------- ready markers, prune (#14)
+@pytest.mark.parametrize("keys,fragment", [
+    ('ready_suffix = ".done"\nready_file = "_SUCCESS"\n', "watch[0].ready_suffix/ready_file: set one of them"),
+    ('ready_suffix = "*.done"\n', "watch[0].ready_suffix: '*.done' is not a plain file name part"),
+    ('ready_file = "sub/_SUCCESS"\n', "watch[0].ready_file: 'sub/_SUCCESS' is not a plain file name part"),
+    ('ready_file = ".."\n', "watch[0].ready_file: '..' is not a plain"),
+    ('ready_suffix = ".done"\nexclude = ["*.done"]\n', "watch[0].ready_suffix: 'file.done' matches exclude"),
+    ('ready_suffix = ".part"\n', "watch[0].ready_suffix: 'file.part' matches the temp_names rule 'partial'"),
+    ('upload_markers = true\n', "watch[0].upload_markers: only used with ready_suffix"),
+    ('ready_file = "_SUCCESS"\nupload_markers = true\n', "watch[0].upload_markers: only used with ready_suffix"),
+    ('prune_empty_dirs = true\n', "watch[0].prune_empty_dirs: only used with after_upload = \"delete\" or \"move\""),
+    ('after_upload = "delete"\nprune_min_age = 5\n', "watch[0].prune_min_age: only used with prune_empty_dirs"),
+    ('after_upload = "delete"\nprune_empty_dirs = true\nprune_min_age = -1\n', "watch[0].prune_min_age"),
+    ('ready_suffix = 7\n', "watch[0].ready_suffix"),
+])
+def test_marker_and_prune_keys_are_checked_naming_the_key(tmp_path, keys, fragment):
+    drop = tmp_path / "drop"
+    watch = f'[[watch]]\npath = "{drop}"\nprefix = "incoming/"\n{keys}'
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(tmp_path, "", watch)))
+    assert fragment in str(e.value)
+
+
+def test_marker_and_prune_keys_load(tmp_path):
+    drop = tmp_path / "drop"
+    watch = (f'[[watch]]\npath = "{drop}"\nprefix = "a/"\nready_suffix = ".done"\nupload_markers = true\n'
+             f'after_upload = "delete"\nprune_empty_dirs = true\nprune_min_age = 0\n'
+             f'[[watch]]\npath = "{tmp_path}/other"\nprefix = "b/"\nready_file = "_SUCCESS"\n')
+    (tmp_path / "other").mkdir()
+    w0, w1 = load_config(write(tmp_path, base(tmp_path, "", watch))).watch
+    assert (w0.ready_suffix, w0.upload_markers, w0.prune_empty_dirs, w0.prune_min_age) == (".done", True, True, 0)
+    assert (w1.ready_file, w1.ready_suffix, w1.upload_markers, w1.prune_min_age) == ("_SUCCESS", "", False, 60)
+
+
+def test_hook_secret_in_a_readable_config_warns(tmp_path):
+    """A [[hook]] secret signs the webhooks: like the credentials' secrets, a config that
+    holds one must not be readable by group/others."""
+    import os
+
+    from ossyncd.config import secret_file_warning
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    body = textwrap.dedent(f"""
+        [oss]
+        endpoint = "http://127.0.0.1:9000"
+        bucket = "drop"
+        region = "cn-hangzhou"
+        [state]
+        path = "{tmp_path / 'state.db'}"
+        [[watch]]
+        path = "{drop}"
+        [[hook]]
+        on = ["uploaded"]
+        url = "https://hooks.example.com/x"
+        secret = "s3cr3t"
+        """)
+    p = write(tmp_path, body)
+    os.chmod(p, 0o644)
+    warning = secret_file_warning(load_config(p))
+    assert warning is not None and str(p) in warning and "0644" in warning and f"chmod 600 {p}" in warning
+    os.chmod(p, 0o600)
+    assert secret_file_warning(load_config(p)) is None
+    # the same file without the hook's secret holds nothing to protect
+    p.write_text(body.replace('secret = "s3cr3t"\n', ""))
+    os.chmod(p, 0o644)
+    assert secret_file_warning(load_config(p)) is None

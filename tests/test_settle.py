@@ -204,3 +204,17 @@ def test_many_paths_in_deadline_order():
     while (d := tr.next_deadline()) is not None:
         out += tr.ready(d)
     assert out == [f"p{i}" for i in reversed(range(50))]
+
+
+def test_settling_is_true_only_until_the_version_is_handed_out():
+    """What a ready marker asks (markers.py): a marker still settling vouches for nothing."""
+    t = SettleTracker(2.0)
+    assert not t.settling("m")                      # never seen
+    t.observe("m", 0, 1, 0.0)
+    assert t.settling("m")
+    assert t.ready(1.9) == [] and t.settling("m")
+    assert t.ready(2.0) == ["m"] and not t.settling("m")
+    t.observe("m", 0, 2, 3.0)                       # written again: settling again
+    assert t.settling("m")
+    t.forget("m")
+    assert not t.settling("m")

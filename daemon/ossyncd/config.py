@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ossyncd import objectspec as _spec
 from ossyncd import policy as _policy
 from ossyncd.errors import ConfigError
-from ossyncd.paths import TEMP_RULES
+from ossyncd.paths import TEMP_RULES, is_excluded, temp_rule
 
 DEFAULT_CONFIG_PATH = "/etc/ossyncd/ossyncd.toml"
 MAX_PARTS = 10_000
@@ -447,6 +447,12 @@ class WatchConfig(_Section):
     follow_symlinks: bool = False
     temp_names: tuple[str, ...] | None = None   # None: every built-in rule (paths.TEMP_RULES)
     object: ObjectSpec = ObjectSpec()           # [upload]'s object keys with this watch's laid over
+    # ready markers (markers.py, docs/architecture.md §3): one of the two, or neither
+    ready_suffix: str = ""                      # upload x once x + ready_suffix exists
+    ready_file: str = ""                        # upload a folder's files once this file is in it; it goes last
+    upload_markers: bool = False                # with ready_suffix: upload the markers too (after their file)
+    prune_empty_dirs: bool = False              # after delete/move: remove folders the action left empty
+    prune_min_age: float = Field(60.0, ge=0)    # seconds a folder must have been empty first
 
     @field_validator("temp_names")
     @classmethod
@@ -469,6 +475,17 @@ class WatchConfig(_Section):
                              f"such as \"photos/2024/\"")
         return v
 
+    @field_validator("ready_suffix", "ready_file")
+    @classmethod
+    def _marker_name(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            return v
+        if v != v.strip() or v in (".", "..") or _CTL.search(v) or any(c in v for c in "/\\*?["):
+            example = "\".done\"" if info.field_name == "ready_suffix" else "\"_SUCCESS\""
+            raise ValueError(f"{v!r} is not a plain file name part (no '/', glob characters, spaces at the ends "
+                             f"or control characters); write e.g. {example}")
+        return v
+
     @model_validator(mode="after")
     def _move(self) -> "WatchConfig":
         if self.after_upload == "move" and self.move_to is None:
@@ -476,6 +493,35 @@ class WatchConfig(_Section):
         if self.after_upload != "move" and self.move_to is not None:
             raise ValueError(f"move_to: only used with after_upload = \"move\" (after_upload is "
                              f"\"{self.after_upload}\"); set after_upload = \"move\" or remove move_to")
+        return self
+
+    @model_validator(mode="after")
+    def _markers(self) -> "WatchConfig":
+        if self.ready_suffix and self.ready_file:
+            raise ValueError("ready_suffix/ready_file: set one of them, not both (a per-file marker, or one "
+                             "sentinel file per folder)")
+        if self.upload_markers and not self.ready_suffix:
+            raise ValueError("upload_markers: only used with ready_suffix (a ready_file sentinel is always "
+                             "uploaded, last); set ready_suffix or remove upload_markers")
+        sample = f"file{self.ready_suffix}" if self.ready_suffix else self.ready_file
+        key = "ready_suffix" if self.ready_suffix else "ready_file"
+        if sample and is_excluded(sample, self.exclude):
+            raise ValueError(f"{key}: {sample!r} matches exclude, so markers would never be seen; "
+                             f"narrow exclude or pick another {key}")
+        rule = temp_rule(sample, self.temp_names) if sample else None
+        if rule is not None:
+            raise ValueError(f"{key}: {sample!r} matches the temp_names rule {rule!r}, so markers would never "
+                             f"be seen; pick another {key} or change temp_names")
+        return self
+
+    @model_validator(mode="after")
+    def _prune(self) -> "WatchConfig":
+        if self.prune_empty_dirs and self.after_upload == "keep":
+            raise ValueError("prune_empty_dirs: only used with after_upload = \"delete\" or \"move\" (with keep "
+                             "no folder is ever emptied); set one of those or remove prune_empty_dirs")
+        if "prune_min_age" in self.model_fields_set and not self.prune_empty_dirs:
+            raise ValueError("prune_min_age: only used with prune_empty_dirs = true; set that or remove "
+                             "prune_min_age")
         return self
 
 
@@ -820,14 +866,16 @@ def load_config(path: str | os.PathLike | None = None, *, watch_dirs_must_exist:
 def secret_file_warning(cfg: Config) -> str | None:
     """A warning when the config file holds a secret and group/others can read it."""
     c = cfg.credentials
-    if cfg.source_path is None or not (c.access_key_secret or c.security_token or c.broker_token):
+    hook_secret = any(h.secret for h in cfg.hook)
+    if cfg.source_path is None or not (c.access_key_secret or c.security_token or c.broker_token or hook_secret):
         return None
     try:
         raw = cfg.source_path.read_text(encoding="utf-8", errors="replace")
         mode = cfg.source_path.stat().st_mode
     except OSError:
         return None
-    if not re.search(r"^\s*(access_key_secret|security_token|broker_token)\s*=\s*\"[^\"]+\"", raw, re.M):
+    # [[hook]] secret too: it signs the webhooks, so whoever reads it can forge them
+    if not re.search(r"^\s*(access_key_secret|security_token|broker_token|secret)\s*=\s*\"[^\"]+\"", raw, re.M):
         return None
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         return (f"{cfg.source_path} holds a secret and is readable by group/others "

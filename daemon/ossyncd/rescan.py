@@ -128,7 +128,7 @@ class Rescan:
                 log.warning("skipped", path=e.path, reason=e.reason)
             return
         if k is not None and k.identity == e.identity and k.state not in ("gone", "skipped"):
-            if k.state == "settling":
+            if k.state in ("settling", "waiting"):   # waiting: its marker may have come meanwhile
                 tracker.observe(e.path, e.size, stamp(e), self.now, False)
             return
         tracker.observe(e.path, e.size, stamp(e), self.now, False)

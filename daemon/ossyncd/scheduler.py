@@ -25,11 +25,13 @@ import structlog
 
 from ossyncd.config import Config, WatchConfig
 from ossyncd.errors import StateError
+from ossyncd.markers import Gate
 from ossyncd.model import Identity
 from ossyncd.plan import is_multipart
+from ossyncd.prune import Pruner
 from ossyncd.rescan import Rescan
 from ossyncd.rescan import stamp as _stamp
-from ossyncd.scanner import stat_entry
+from ossyncd.scanner import Entry, stat_entry
 from ossyncd.settle import SettleTracker
 from ossyncd.state import FileRow, State, printable_path
 from ossyncd.uploader import CancelScope, Outcome, Uploader
@@ -41,6 +43,7 @@ STATE_BACKOFF_MIN, STATE_BACKOFF_MAX = 1.0, 30.0   # seconds between retries of 
 FILE_CHECK_EVERY = 2.0                              # seconds between checks that state.db is still ours
 ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exists
 RESCAN_SLICE = 0.05      # seconds of rescan work per tick: intake, settle and dispatch run between slices
+SENTINEL_CHECK_EVERY = 10.0   # seconds between full checks of the folders whose ready_file waits
 
 
 def _dir_ident(path: str) -> tuple[int, int] | None:
@@ -82,6 +85,9 @@ class Scheduler:
         self.wake = threading.Event()
         self.watches: dict[str, WatchConfig] = {}
         self.trackers: dict[str, SettleTracker] = {}
+        self.gates: dict[str, Gate] = {}        # root -> its ready-marker rules (ready_suffix / ready_file)
+        self.pruner = Pruner()
+        self._sentinels_at = float("-inf")
         self.rescan_due: dict[str, float] = {}
         self.rescans: dict[str, Rescan] = {}    # root -> its rescan in progress (run in slices)
         self.jobs: dict[int, _Job] = {}
@@ -116,6 +122,9 @@ class Scheduler:
         root = str(w.path)
         self.watches[root] = w
         self.trackers[root] = SettleTracker(w.settle_seconds)
+        self.gates.pop(root, None)
+        if w.ready_suffix or w.ready_file:
+            self.gates[root] = Gate(self, w)
         self.rescan_due[root] = 0.0   # scan at once
         self.rescans.pop(root, None)  # a fresh tracker: any rescan in progress starts over
         self.health[root] = {"state": "ok", "since": time.time(), "ident": _dir_ident(root)}
@@ -125,6 +134,7 @@ class Scheduler:
         root = str(w.path)
         self.watches.pop(root, None)
         self.trackers.pop(root, None)
+        self.gates.pop(root, None)
         self.rescan_due.pop(root, None)
         self.rescans.pop(root, None)
         self.health.pop(root, None)
@@ -286,11 +296,24 @@ class Scheduler:
                 if any(j.row.path == path for j in self.jobs.values()):
                     self.deferred.add(path)
                     continue
-                row, new = self.state.observe(path, root, entry.key, entry.identity)
-                if not new and row.state == "settling":
-                    self.state.transition(row.id, "queued", identity=row.identity)
-                if new:
-                    log.debug("queued", path=path, key=entry.key, size=entry.size)
+                gate = self.gates.get(root)
+                if gate is not None and gate.is_marker(path):
+                    gate.settled(path, entry)
+                    continue
+                self.record(root, entry, gate.decide(path, entry) if gate is not None else None)
+
+    def record(self, root: str, entry: Entry, waiting: str | None) -> None:
+        """A settled version: queued, or `waiting` for its ready marker (the reason)."""
+        row, new = self.state.observe(entry.path, root, entry.key, entry.identity,
+                                      state="queued" if waiting is None else "waiting")
+        if waiting is not None and (row.state, row.error) != ("waiting", waiting) and (
+                new or row.state in ("settling", "waiting")):
+            self.state.transition(row.id, "waiting", error=waiting, identity=row.identity)
+            log.debug("waiting for marker", path=entry.path, reason=waiting)
+        elif waiting is None and not new and row.state in ("settling", "waiting"):
+            self.state.transition(row.id, "queued", identity=row.identity)
+        elif new:
+            log.debug("queued", path=entry.path, key=entry.key, size=entry.size)
 
     def _skip_temp(self, root: str, entry) -> None:
         """A temp name still there after settling may be a real file: show it in `list`."""
@@ -315,6 +338,11 @@ class Scheduler:
         self._roots_at = now
         self._check_roots(now)
         self._check_temps()
+        self.pruner.tick(self.watches, now)
+        if now - self._sentinels_at >= SENTINEL_CHECK_EVERY:
+            self._sentinels_at = now
+            for gate in self.gates.values():
+                gate.check_open()
 
     def _check_roots(self, now: float) -> None:
         """A deleted watch root loses its inotify watch: show it in `status`, and re-arm the
@@ -382,6 +410,8 @@ class Scheduler:
         self.uploader.give_up_upload(row)
         self.state.transition(row.id, "gone", error=reason)
         log.info("gone", path=path, reason=reason)
+        if row.watch in self.gates:
+            self.gates[row.watch].finished(row)
 
     def _check_pause(self) -> None:
         paused = self.state.get_meta("paused") == "1"
@@ -405,6 +435,8 @@ class Scheduler:
             if slots <= 0:
                 break
             if row.id in self.jobs or row.watch not in self.watches:
+                continue
+            if row.watch in self.gates and self.gates[row.watch].held(row):
                 continue
             multipart = is_multipart(row.size, self.cfg.upload)
             if multipart and big >= big_limit:
@@ -455,6 +487,8 @@ class Scheduler:
             if row.path in self.deferred:
                 self.deferred.discard(row.path)
                 self._consider(row.watch, row.path, time.time(), False)
+            if row.watch in self.gates:
+                self.gates[row.watch].finished(row)
             if self.on_done is not None:
                 self.on_done(row, outcome)
 
@@ -469,18 +503,29 @@ class Scheduler:
         if not row.identity.matches(Identity.of(st)):
             log.info("source changed after upload; kept", path=row.path)
             return
+        if not self._act(w, row.path):
+            return
+        if w.ready_suffix and not w.upload_markers and os.path.isfile(row.path + w.ready_suffix):
+            self._act(w, row.path + w.ready_suffix)   # a marker not uploaded follows its file
+        if w.prune_empty_dirs:
+            self.pruner.emptied(w, row.path)
+
+    def _act(self, w: WatchConfig, path: str) -> bool:
+        """Delete or move one source; False (logged) when it stays."""
         try:
             if w.after_upload == "delete":
-                os.unlink(row.path)
-                log.info("source deleted after verified upload", path=row.path)
+                os.unlink(path)
+                log.info("source deleted after verified upload", path=path)
             else:
-                dest = w.move_to / os.path.relpath(row.path, w.path)  # type: ignore[operator]  # config: move needs move_to
+                dest = w.move_to / os.path.relpath(path, w.path)  # type: ignore[operator]  # config: move needs move_to
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(row.path, dest)
-                log.info("source moved after verified upload", path=row.path, to=str(dest))
+                shutil.move(path, dest)
+                log.info("source moved after verified upload", path=path, to=str(dest))
         except OSError as e:
-            log.error("after_upload failed; the source stays", path=row.path, action=w.after_upload,
+            log.error("after_upload failed; the source stays", path=path, action=w.after_upload,
                       error=e.strerror)
+            return False
+        return True
 
     def _publish(self, now: float) -> None:
         if now - self._status_at < STATUS_EVERY:

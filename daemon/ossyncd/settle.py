@@ -97,6 +97,11 @@ class SettleTracker:
         rec.last_event = now
         self._schedule(path, rec)
 
+    def settling(self, path: str) -> bool:
+        """True while ``path`` is tracked and its current version not handed out yet."""
+        rec = self._recs.get(path)
+        return rec is not None and rec.handed_out is None
+
     def forget(self, path: str) -> None:
         self._recs.pop(path, None)
 

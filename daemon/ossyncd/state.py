@@ -29,7 +29,8 @@ log = get_logger(__name__)
 
 R = TypeVar("R")
 # exists: overwrite = "skip" met an object at the key that is not ours; not retried (docs/architecture.md §3)
-STATES = ("settling", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone", "exists")
+# waiting: settled, but its ready marker is not there yet (markers.py); never due, never an event
+STATES = ("settling", "waiting", "queued", "uploading", "retry_wait", "done", "failed", "skipped", "gone", "exists")
 # the file states that are events (docs/architecture.md §8, outbox); `done` is announced as `uploaded`
 # `exists` (overwrite = "skip" met another writer's object) is a `skipped` event too
 EVENT_OF_STATE = {"done": "uploaded", "failed": "failed", "skipped": "skipped", "gone": "gone", "exists": "skipped"}
