@@ -182,17 +182,56 @@ mounts = state_errors.mounts   # the fixture: mount(*args), unmounted at teardow
 
 # ------------------------------------------------------------------------ damaged DB
 
-def test_a_damaged_state_db_is_refused_with_the_fix_and_rebuilt(tmp_path, emulator, daemon_factory):
-    """Truncated, garbage, a future schema: `run` refuses once (exit 1, the file and the fix,
-    no traceback), `status` and `state check` say so, `state rebuild` moves it aside, and the
-    daemon's rescan brings every file back to `done`. An emptied DB starts over, saying so."""
+def healthy_checks(d: Daemon, tmp_path: Path, expected: dict) -> None:
+    """`state check` under the running daemon: ok, read-only; `rebuild` refuses while it runs,
+    and for a healthy DB without --force; an impossible row is found."""
+    c = state_cli(d.config, "--json")
+    assert c.returncode == 0, c.stdout + c.stderr
+    report = json.loads(c.stdout)
+    assert report["integrity"] == "ok" and report["daemon_pid"] == d.proc.pid and report["problems"] == []
+    assert report["counts"]["done"] == len(expected) and report["wal_bytes"] is not None
+    assert d.status()["watches"][0]["events"] == "inotify"
+    r = ossyncd("state", "rebuild", "--force", "-c", d.config)
+    assert r.returncode == 1 and f"pid {d.proc.pid}" in r.stderr and d.db.exists(), r.stderr
+    assert d.stop() == 0
+    r = ossyncd("state", "rebuild", "-c", d.config)             # healthy: only with --force
+    assert r.returncode == 1 and "--force" in r.stderr and not list(tmp_path.glob("state.db.damaged-*"))
+    c = sqlite3.connect(str(d.db))                              # an impossible row: `done` recording no object
+    c.execute("UPDATE files SET crc64=NULL WHERE id=(SELECT min(id) FROM files WHERE state='done')")
+    c.commit()
+    c.close()
+    r = state_cli(d.config)
+    assert r.returncode == 1 and "1 done files without a recorded object" in r.stdout, r.stdout
+
+
+def read_only_refused(d: Daemon, mounts) -> None:
+    """The DB file on a read-only mount: refused naming the file and the fix, never "move it aside"."""
+    mounts("--bind", str(d.db), str(d.db))
+    mounts("-o", "remount,bind,ro", str(d.db))
+    try:
+        r = ossyncd("run", "-c", d.config, timeout=60)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"read-only file system on {d.db}" in r.stderr and f"write access to {d.db}" in r.stderr, r.stderr
+        assert "move it aside" not in r.stderr and "rebuild" not in r.stderr   # the DB is healthy
+        c = state_cli(d.config)
+        assert c.returncode == 1 and "cannot write" in c.stdout and "integrity_check: ok" in c.stdout, c.stdout
+    finally:
+        subprocess.run(["umount", str(d.db)], capture_output=True)
+
+
+def test_state_db_damage_is_refused_with_the_fix_checked_and_rebuilt(tmp_path, emulator, daemon_factory, mounts):
+    """`state check` under the running daemon; a read-only DB file; then truncated, garbage and
+    a future schema: `run` refuses once (exit 1, the file and the fix, no traceback),
+    `status` and `state check` say so, `state rebuild` moves it aside, and the daemon's rescan
+    brings every file back to `done`. An emptied DB starts over, saying so."""
     drop = tmp_path / "drop"
     d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
-    expected = workload(drop, random.Random(1), 5, big=MiB + 100_000)
+    expected = workload(drop, random.Random(1), 4, big=MiB + 100_000)
     d.start()
     d.wait_states({"done": len(expected)}, 60)
-    assert d.stop() == 0
-    good = d.db.read_bytes()
+    healthy_checks(d, tmp_path, expected)
+    good = d.db.read_bytes()                                   # stopped: no WAL, whole (one row now damaged)
+    read_only_refused(d, mounts)
     for kind in ("truncated", "garbage", "future"):
         d.db.write_bytes(good)
         damage(d.db, kind)
@@ -229,50 +268,6 @@ def test_a_damaged_state_db_is_refused_with_the_fix_and_rebuilt(tmp_path, emulat
                         "against the bucket")
     assert warn["path"] == str(d.db) and warn["level"] == "warning"
     assert d.stop() == 0
-
-
-def test_state_check_reads_a_healthy_db_under_the_running_daemon_and_rebuild_refuses(
-        tmp_path, emulator, daemon_factory):
-    drop = tmp_path / "drop"
-    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
-    expected = workload(drop, random.Random(2), 4)
-    d.start()
-    d.wait_states({"done": len(expected)}, 60)
-    c = state_cli(d.config, "--json")
-    assert c.returncode == 0, c.stdout + c.stderr
-    report = json.loads(c.stdout)
-    assert report["integrity"] == "ok" and report["daemon_pid"] == d.proc.pid and report["problems"] == []
-    assert report["counts"]["done"] == len(expected) and report["wal_bytes"] is not None
-    r = ossyncd("state", "rebuild", "--force", "-c", d.config)
-    assert r.returncode == 1 and f"pid {d.proc.pid}" in r.stderr and d.db.exists(), r.stderr
-    assert d.stop() == 0
-    r = ossyncd("state", "rebuild", "-c", d.config)             # healthy: only with --force
-    assert r.returncode == 1 and "--force" in r.stderr and not list(tmp_path.glob("state.db.damaged-*"))
-    # an impossible row: a `done` that records no object
-    c = sqlite3.connect(str(d.db))
-    c.execute("UPDATE files SET crc64=NULL WHERE id=(SELECT min(id) FROM files WHERE state='done')")
-    c.commit()
-    c.close()
-    r = state_cli(d.config)
-    assert r.returncode == 1 and "1 done files without a recorded object" in r.stdout, r.stdout
-
-
-def test_a_read_only_state_db_file_is_refused_naming_the_file_and_the_fix(tmp_path, emulator, daemon_factory,
-                                                                           mounts):
-    drop = tmp_path / "drop"
-    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
-    expected = workload(drop, random.Random(3), 3)
-    d.start()
-    d.wait_states({"done": len(expected)}, 60)
-    assert d.stop() == 0
-    mounts("--bind", str(d.db), str(d.db))
-    mounts("-o", "remount,bind,ro", str(d.db))
-    r = ossyncd("run", "-c", d.config, timeout=60)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert str(d.db) in r.stderr and "read-only file system" in r.stderr and "write access" in r.stderr, r.stderr
-    assert "move it aside" not in r.stderr and "rebuild" not in r.stderr   # the DB is healthy
-    c = state_cli(d.config)
-    assert c.returncode == 1 and "cannot write" in c.stdout and "integrity_check: ok" in c.stdout, c.stdout
 
 
 def test_readers_of_a_db_the_daemon_has_not_upgraded_yet_say_so(tmp_path, emulator):
@@ -342,7 +337,7 @@ def power_loss_round(tmp_path, emulator, daemon_factory, *, copies: int, files: 
 
 @pytest.mark.timeout(180)
 def test_power_loss_copies_hold_no_false_done_and_converge(tmp_path, emulator, daemon_factory):
-    figures = power_loss_round(tmp_path, emulator, daemon_factory, copies=3, files=8, seed=11)
+    figures = power_loss_round(tmp_path, emulator, daemon_factory, copies=3, files=6, seed=11, converge_every=2)
     assert figures["copies"] == 3
 
 
@@ -363,3 +358,51 @@ def userns_inotify_cmd(limit: int) -> list[str] | None:
         return None
     return ["unshare", "--user", "--map-root-user", "sh", "-c",
             f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$@"', "sh"]
+
+
+def limited(d: Daemon, prefix: list[str], nofile: int) -> Daemon:
+    """Start `d` with the open-files limit `nofile`, its command behind `prefix`."""
+    d.log = open(d.log_path, "ab")
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    d.proc = subprocess.Popen([*prefix, sys.executable, "-m", "ossyncd", "run", "-c", str(d.config)], env=env,
+                              stdout=d.log, stderr=subprocess.STDOUT, preexec_fn=_nofile(nofile))
+    return d
+
+
+@pytest.mark.timeout(180)
+def test_64_open_files_and_100_inotify_watches_degrade_to_polling_and_lose_nothing(tmp_path, emulator,
+                                                                                   daemon_factory):
+    prefix = userns_inotify_cmd(100)
+    if prefix is None:
+        pytest.skip("no user namespaces here (unshare --user --map-root-user failed)")
+    drop = tmp_path / "drop"
+    rng = random.Random(5)
+    expected = {}
+    for i in range(120):                                       # 120 folders: more than 100 watches
+        if i % 8 == 0:
+            key = f"d{i:03d}/f.bin"
+            expected[key] = random_file(drop / key, rng.choice([0, 5000, MiB + 7000]), seed=i)
+        else:
+            (drop / f"d{i:03d}").mkdir(parents=True)
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
+                       daemon={"rescan_interval": 300.0})
+    limited(d, prefix, 64)
+    wait_until(lambda: events(d, "inotify_limit_reached"), 30, what="the inotify limit logged")
+    limits = Path(f"/proc/{d.proc.pid}/limits").read_text()   # unshare and sh exec: the daemon's own
+    assert b"ossyncd" in Path(f"/proc/{d.proc.pid}/cmdline").read_bytes()
+    assert [ln.split()[3:5] for ln in limits.splitlines() if ln.startswith("Max open files")] == [["64", "64"]]
+    (hit,) = events(d, "inotify_limit_reached")
+    assert hit["sysctl"] == "fs.inotify.max_user_watches" and "polling" in hit["fallback"], hit
+    (w,) = wait_until(lambda: [w for w in d.status()["watches"] if w.get("events") == "polling"], 15,
+                      interval=0.3, what="status showing the watch polling")
+    assert w["state"] == "ok" and "fs.inotify.max_user_watches" in w["why"], w
+    text = ossyncd("status", "-c", d.config).stdout
+    assert f"watch[0] {drop}: ok (events by polling: " in text and "max_user_watches" in text, text
+    d.wait_states({"done": len(expected)}, 90)
+    for i in range(3):                                         # files arriving after the fallback
+        key = f"d{100 + i:03d}/late{i}.bin"
+        expected[key] = random_file(drop / key, rng.choice([100, MiB + 3000]), seed=500 + i)
+    d.wait_states({"done": len(expected), "failed": 0}, 90)
+    for key, data in expected.items():
+        assert object_bytes(emulator, key) == data, key
+    assert d.stop() == 0
