@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_storage_chaos_short as short
-from tests.helpers import MiB, events, fast_upload, ossyncd, random_file, wait_until
+from tests.helpers import MiB, events, fast_upload, ossyncd, random_file, sts_credentials, wait_until, write_config
 from tests.test_state_errors import fill
 from tests.test_storage_chaos_short import (
     converged,
@@ -188,7 +188,8 @@ def test_64_open_files_and_100_inotify_watches_at_scale(tmp_path, emulator, daem
         expected[key] = random_file(drop / key, rng.choice([0, rng.randint(1, 80_000), rng.randint(MiB, 3 * MiB)]),
                                     seed=rng.randrange(1 << 30))
     d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
-                       upload=fast_upload(max_files_in_flight=4, parallel_parts=8),
+                       # more sockets and files than 64 descriptors hold: the limit is really met
+                       upload=fast_upload(max_files_in_flight=16, parallel_parts=48),
                        daemon={"rescan_interval": 300.0, "orphan_max_age": 0, "orphan_sweep_interval": 2.0})
     limited(d, prefix, 64)
     wait_until(lambda: events(d, "inotify_limit_reached"), 60, what="the inotify limit logged")
@@ -206,7 +207,48 @@ def test_64_open_files_and_100_inotify_watches_at_scale(tmp_path, emulator, daem
     figures = verify(d, expected)
     assert any(w.get("events") == "polling" for w in d.status()["watches"])
     assert not [e for e in events(d, "upload crashed")], d.output()[-3000:]
+    emfile = [e for e in events(d, "upload will be retried") if "Too many open files" in e.get("error", "")]
+    assert emfile, "the open-files limit was never met; raise the concurrency"   # the scenario really ran
     assert d.stop() == 0
     record("64 open files, 100 inotify watches", seconds=round(time.monotonic() - t0, 1), files=len(expected),
-           bytes=sum(map(len, expected.values())), folders=400, peak_fds=peak, lost=0, false_done=0, orphans=0,
-           integrity="ok", **{k: figures[k] for k in ("resent_bytes",) if k in figures})
+           bytes=sum(map(len, expected.values())), folders=400, peak_fds=peak, emfile_retries=len(emfile), lost=0,
+           false_done=0, orphans=0, integrity="ok", **{k: figures[k] for k in ("resent_bytes",) if k in figures})
+
+
+def _body_bytes(emulator) -> int:
+    by_op = emulator.stats()["bytes_received_by_op"]
+    return by_op.get("PutObject", 0) + by_op.get("UploadPart", 0)
+
+
+@pytest.mark.timeout(600)
+def test_what_a_rebuild_costs_under_each_overwrite_mode(tmp_path, emulator, daemon_factory):
+    """docs/state-recovery.md's figures: a rebuilt DB under `allow` sends every byte again;
+    under `forbid` (with the HeadObject its policy adds) an unchanged object is recognised and
+    no part is sent again (a refused PutObject still carries its body)."""
+    t0 = time.monotonic()
+    drop = tmp_path / "drop"
+    expected = workload(drop, random.Random(SEED + 4), 12, big=3 * MiB)
+    total = sum(map(len, expected.values()))
+    simple = sum(len(v) for v in expected.values() if len(v) <= MiB)
+    watch = {"path": str(drop), "prefix": "", "settle_seconds": 0.3}
+    full = sts_credentials(emulator, scope_policy_to_prefixes=True, role_arn=emulator.full_role_arn)
+    d = daemon_factory([watch], credentials=full)
+    d.start()
+    converged(d, expected, 120)
+    assert d.stop() == 0
+    cost = {}
+    for mode in ("allow", "forbid"):
+        write_config(d.config, emulator, state=d.db, upload=fast_upload(), credentials=full,
+                     daemon={"rescan_interval": 5.0}, watches=[{**watch, "overwrite": mode}])
+        assert ossyncd("state", "rebuild", "--force", "-c", d.config).returncode == 0
+        before = _body_bytes(emulator)
+        d.start()
+        converged(d, expected, 120)
+        assert d.stop() == 0
+        cost[mode] = _body_bytes(emulator) - before
+        modes = {f["mode"] for f in d.files()}
+        assert modes == ({"simple", "multipart"} if mode == "allow" else {"recognised"}), (mode, modes)
+    assert cost["allow"] == total, cost                        # every byte once more
+    assert cost["forbid"] <= simple, cost                       # no part again; at most the simple bodies
+    record("rebuild from a rescan (cost)", seconds=round(time.monotonic() - t0, 1), files=len(expected), bytes=total,
+           resent_allow=cost["allow"], resent_forbid=cost["forbid"], lost=0, false_done=0, orphans=0, integrity="ok")
