@@ -340,6 +340,8 @@ def power_loss_round(tmp_path, emulator, daemon_factory, *, copies: int, files: 
         c = Daemon(tmp_path, emulator, [], name=f"run{i}")
         c.config, c.db = copy_config(d, db, f"copy{i}"), db
         c.start()
+        # its own startup rescan first: a copy already all `done` must be reconciled, not just read
+        wait_until(lambda: events(c, "rescan"), 60, what=f"the rescan of the daemon on copy {i}")
         verify(c, expected)
         assert c.stop() == 0
         started += 1
