@@ -29,6 +29,7 @@ from tests.helpers import (
     MiB,
     events,
     fast_upload,
+    json_lines,
     object_bytes,
     ossyncd,
     random_file,
@@ -231,7 +232,7 @@ def test_state_db_damage_is_refused_with_the_fix_checked_and_rebuilt(tmp_path, e
     """`state check` under the running daemon; a read-only DB file; then truncated, garbage and
     a future schema: `run` refuses once (exit 1, the file and the fix, no traceback),
     `status` and `state check` say so, `state rebuild` moves it aside, and the daemon's rescan
-    brings every file back to `done`. An emptied DB starts over, saying so."""
+    brings every file back to `done`."""
     drop = tmp_path / "drop"
     d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
     expected = workload(drop, random.Random(1), 4, big=MiB + 100_000)
@@ -265,17 +266,23 @@ def test_state_db_damage_is_refused_with_the_fix_checked_and_rebuilt(tmp_path, e
     converged(d, expected, 60)
     assert d.stop() == 0
 
-    for extra in ("-wal", "-shm"):
-        Path(f"{d.db}{extra}").unlink(missing_ok=True)
-    d.db.write_bytes(b"")                                      # e.g. `> state.db` by mistake
-    s = ossyncd("status", "-c", d.config)                       # was: "no such table: files", exit 1
+
+def test_an_emptied_state_db_reads_as_empty_and_starts_over_saying_so(tmp_path, emulator):
+    """`> state.db` by mistake: `status` said "no such table: files" (exit 1); it shows no
+    files, and the daemon's open warns that every file is re-checked (tests/chaos runs the
+    daemon through it to convergence)."""
+    db = tmp_path / "state.db"
+    db.write_bytes(b"")
+    cfg = write_config(tmp_path / "c.toml", emulator, state=db, watches=[{"path": str(tmp_path), "prefix": ""}])
+    s = ossyncd("status", "-c", cfg)
     assert s.returncode == 0 and "files: none" in s.stdout, s.stdout + s.stderr
-    d.start()
-    converged(d, expected, 60)
-    (warn,) = events(d, "state DB was empty; starting a new one: every file in the watch folders is re-checked "
-                        "against the bucket")
-    assert warn["path"] == str(d.db) and warn["level"] == "warning"
-    assert d.stop() == 0
+    code = ("import sys; from ossyncd import log; log.configure('info', 'json', stream=sys.stdout); "
+            f"from ossyncd.state import State; State({str(db)!r}).close()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (warn,) = [e for e in json_lines(r.stdout) if e["event"].startswith("state DB was empty")]
+    assert warn["path"] == str(db) and warn["level"] == "warning" and "re-checked" in warn["event"], warn
+    assert ossyncd("state", "check", "-c", cfg).returncode == 0 and State(db, readonly=True).schema == len(MIGRATIONS)
 
 
 def test_readers_of_a_db_the_daemon_has_not_upgraded_yet_say_so(tmp_path, emulator):
