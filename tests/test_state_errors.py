@@ -105,6 +105,8 @@ def test_disk_full_is_shown_retried_and_recovers(tmp_path, emulator, daemon_fact
         assert object_bytes(emulator, name) == body
     assert d.status()["daemon"]["state_error"] is None
     assert d.stop() == 0
+    r = ossyncd("state", "check", "-c", d.config)      # the DB stayed intact through the full disk
+    assert r.returncode == 0 and "integrity_check: ok" in r.stdout, r.stdout
 
 
 # ------------------------------------------------------------------------ fatal: corrupt, deleted

@@ -123,7 +123,8 @@ class Daemon:
         self.scheduler = sched = Scheduler(stack.state, stack.uploader, cfg, publish=stack.publish_credentials,
                                            on_done=m.on_done if m else None,
                                            on_rearm=self.watcher.add,        # a root deleted and recreated
-                                           source_alive=self.watcher.alive)  # a root whose event thread died
+                                           source_alive=self.watcher.alive,  # a root whose event thread died
+                                           source_info=self.watcher.source)  # inotify, or polling and why
         self.sweeper = Sweeper(stack.store, stack.state, cfg, on_abort=m.on_orphan_aborted if m else None)
         self.deliverer = Deliverer(stack.state, cfg, on_result=m.on_event_result if m else None)
         if m is not None:

@@ -33,10 +33,14 @@ def _open_state(cfg: Config, *, readonly: bool):
     from ossyncd.state import State
     if readonly and not cfg.state.path.exists():
         return None
-    return State(cfg.state.path, readonly=readonly)
+    state = State(cfg.state.path, readonly=readonly)
+    if readonly and state.schema == 0:   # created, never migrated: no rows yet
+        state.close()
+        return None
+    return state
 
 
-_NO_SDK = {"status", "list", "policy", "broker"}   # `broker run` sets up its own logging
+_NO_SDK = {"status", "list", "policy", "state", "broker"}   # `broker run` sets up its own logging
 
 
 class _Main(click.Group):
@@ -330,3 +334,66 @@ def pause(config_path):
 def resume(config_path):
     """Resume uploads, continuing from checkpoints."""
     _set_paused(config_path, False)
+
+
+@main.group(name="state")
+def state_group():
+    """Check the state DB, or move a damaged one aside (docs/state-recovery.md)."""
+
+
+@state_group.command(name="check")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def state_check(config_path, as_json):
+    """Check the state DB without writing to it (safe while the daemon runs): integrity_check,
+    the schema against this ossyncd, rows in impossible states, the WAL. Exit 0 healthy, 1 damaged."""
+    from ossyncd.state import check_db
+    cfg = _load_local(config_path, watch_dirs_must_exist=False)
+    d = check_db(cfg.state.path)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        _render_check(d)
+    sys.exit(1 if d["problems"] else 0)
+
+
+def _render_check(d: dict) -> None:
+    running = f"in use by ossyncd pid {d['daemon_pid']}" if d["daemon_pid"] else "no daemon running"
+    out.print(output.styled(("state DB", "bold"), f" {d['path']}: {running}"))
+    if d["size"] is not None:
+        wal = f", WAL {d['wal_bytes']} bytes" if d["wal_bytes"] is not None else ", no WAL"
+        integrity = {None: "not run", "ok": "ok"}.get(d["integrity"], "FAILED")
+        out.print(output.styled(f"size {d['size']} bytes{wal}; schema {d['schema']} (this ossyncd: "
+                                f"{d['schema_expected']}); integrity_check: {integrity}"))
+    if d["counts"]:
+        out.print(output.styled("files: " + ", ".join(f"{s} {n}" for s, n in sorted(d["counts"].items()))))
+    for n in d["notes"]:
+        out.print(output.styled(("note:", "yellow"), f" {n}"))
+    for p in d["problems"]:
+        out.print(output.styled(("problem:", "red"), f" {p}"))
+    out.print(output.styled(("damaged", "red") if d["problems"] else ("ok", "green"),
+                            " (see docs/state-recovery.md)" if d["problems"] else ""))
+
+
+@state_group.command(name="rebuild")
+@config_option
+@click.option("--force", is_flag=True, help="also when `state check` finds the DB healthy")
+def state_rebuild(config_path, force):
+    """Move the state DB (and its -wal, -shm) aside and start an empty one; the daemon then
+    re-checks every file against the bucket at its next start. Refused while the daemon runs."""
+    from ossyncd.state import State, check_db, move_aside
+    cfg = _load_local(config_path, watch_dirs_must_exist=False)
+    path = cfg.state.path
+    d = check_db(path)
+    if not d["exists"]:
+        raise CommandFailed(f"state DB {path}", "does not exist; nothing to rebuild (the daemon creates it)")
+    if not d["problems"] and not force:
+        raise CommandFailed(f"state DB {path}", "`ossyncd state check` finds it healthy; a rebuild makes the daemon "
+                            "re-check every file against the bucket (see docs/state-recovery.md): add --force to "
+                            "rebuild anyway")
+    moved = move_aside(path)
+    State(path).close()
+    for m in moved:
+        click.echo(f"moved aside: {m}")
+    click.echo(f"new empty state DB: {path}; start ossyncd and it rescans every watch folder "
+               "(what that costs: docs/state-recovery.md)")

@@ -66,13 +66,15 @@ class Scheduler:
     """Takes what it decides about, nothing more: the state, the uploader, the config (the
     watches), and hooks: `publish` (the credentials status, every STATUS_EVERY), `on_done`
     (row, outcome: metrics), `on_rearm` (watch: restart its event source), `source_alive`
-    (watch -> False when its event source died)."""
+    (watch -> False when its event source died), `source_info` (watch -> how its events
+    arrive, shown by `status`: inotify, or polling and why)."""
 
     def __init__(self, state: State, uploader: Uploader, cfg: Config, *,
                  publish: Callable[[], None] | None = None,
                  on_done: Callable[[FileRow, Outcome], None] | None = None,
                  on_rearm: Callable[[WatchConfig], None] | None = None,
-                 source_alive: Callable[[WatchConfig], bool] | None = None):
+                 source_alive: Callable[[WatchConfig], bool] | None = None,
+                 source_info: Callable[[WatchConfig], dict] | None = None):
         self.state = state
         self.uploader = uploader
         self.cfg = cfg
@@ -80,6 +82,7 @@ class Scheduler:
         self.on_done = on_done
         self.on_rearm = on_rearm
         self.source_alive = source_alive
+        self.source_info = source_info
         self.intake: queue.SimpleQueue = queue.SimpleQueue()
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -348,6 +351,10 @@ class Scheduler:
         """A deleted watch root loses its inotify watch: show it in `status`, and re-arm the
         watch once the folder is back (also when it was replaced between two checks)."""
         for root, h in self.health.items():
+            source = self.source_info(self.watches[root]) if self.source_info is not None else {}
+            if source != h.get("source", {}):   # e.g. fell back to polling at an inotify limit
+                h["source"] = source
+                self._health_dirty = True
             ident = _dir_ident(root)
             if ident == h["ident"]:
                 if ident is None or self.source_alive is None or self.source_alive(self.watches[root]):
@@ -374,7 +381,8 @@ class Scheduler:
             self._health_dirty = False
             self.state.set_meta("watches", json.dumps(
                 [{"index": self.watches[r].index, "path": r, "state": h["state"], "since": h["since"],
-                  **({"error": h["error"]} if "error" in h else {})} for r, h in self.health.items()]))
+                  **h.get("source", {}), **({"error": h["error"]} if "error" in h else {})}
+                 for r, h in self.health.items()]))
 
     def _rescan(self, now: float) -> None:
         """Start the rescans that are due, then run those in progress for one slice."""

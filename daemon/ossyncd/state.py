@@ -260,7 +260,7 @@ HEALTH_SIZE = 4096      # the health file is rewritten in place, so a full disk 
 
 
 def _write_problem(directory: Path) -> str | None:
-    """Why the process cannot write in `directory` (read-only mount, permissions), or None."""
+    """Why the process cannot write in `directory`, or to a file (read-only mount, permissions), or None."""
     try:
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
             return f"read-only file system on {directory}"
@@ -286,8 +286,7 @@ def state_error(path: Path, e: sqlite3.Error) -> StateError:
         return StateError(f"state DB {path} was deleted or replaced while in use; restore it from a backup, "
                           f"or restart ossyncd to start a new one (files are re-checked and re-uploaded)")
     if base in (_CORRUPT, _NOTADB):
-        return StateError(f"state DB {path}: {e} (corrupt); stop ossyncd and move it aside (files will be "
-                          f"re-checked and re-uploaded as needed)")
+        return _damaged(path, f"is corrupt ({e})")
     if base == _FULL:
         return StateError(f"state DB {path}: disk full; free space on {d}", clearable=True)
     if base == _IOERR:
@@ -302,6 +301,40 @@ def state_error(path: Path, e: sqlite3.Error) -> StateError:
     return StateError(f"state DB {path}: {e}")
 
 
+RECOVERY = "docs/state-recovery.md"
+_MAGIC = b"SQLite format 3\0"
+
+
+def _truncation(path: Path) -> str | None:
+    """Why the DB file at `path` is cut short or is no SQLite file at all, from its 100-byte
+    header (no SQLite call), or None. A short file with an empty WAL is what a truncation
+    leaves; SQLite itself would only fail once it reads a missing page, long after start."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+        size = os.stat(path).st_size
+        wal = os.stat(f"{path}-wal").st_size if os.path.exists(f"{path}-wal") else 0
+    except OSError:
+        return None   # opening it reports the cause
+    if size == 0:
+        return None
+    if len(head) < 100 or head[:16] != _MAGIC:
+        return f"is not a SQLite database ({size} bytes of something else)"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages, counter, valid_for = (int.from_bytes(head[o:o + 4], "big") for o in (28, 24, 92))
+    # the in-header size is valid only when written by the same change (SQLite file format 1.3.7);
+    # with frames in the WAL the file may legitimately lag behind until the next checkpoint
+    if valid_for == counter and wal == 0 and pages * page > size:
+        return f"is truncated: {size} bytes, its header says {pages * page}"
+    return None
+
+
+def _damaged(path: Path, why: str) -> StateError:
+    return StateError(f"state DB {path} {why}; stop ossyncd and move it aside (`ossyncd state rebuild` does: "
+                      f"files are then re-checked and re-uploaded as needed, see {RECOVERY})")
+
+
 class State:
     """The daemon's durable record of files, multipart uploads and parts.
 
@@ -314,19 +347,29 @@ class State:
         self._health: int | None = None
         self._health_failed = False
         self._closed = False
+        self._readonly = readonly
         self.router: Router | None = None    # set by the daemon from its [[hook]] sections
         if self.path.is_dir():
             raise StateError(f"state.path {self.path} is a directory; set state.path to a file in it, "
                              f"e.g. {self.path / 'state.db'}")
+        cut = _truncation(self.path)
+        if cut:
+            raise _damaged(self.path, cut)
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
             else:
-                self._create_file()
+                emptied = self._create_file()
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
             self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys=ON")
-            if not readonly:
+            self.schema: int = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if readonly:
+                self._check_schema_readonly()
+            else:
+                if emptied:
+                    log.warning("state DB was empty; starting a new one: every file in the watch folders is "
+                                "re-checked against the bucket", path=str(self.path), recovery=RECOVERY)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL survives a process crash (kill -9); a power loss may drop
                 # the last commits, which only causes a re-upload, never a false `done`.
@@ -337,33 +380,48 @@ class State:
         except sqlite3.Error as e:
             raise state_error(self.path, e) from None
 
-    def _create_file(self) -> None:
+    def _create_file(self) -> bool:
+        """Create the DB file (0600) if missing; True if it existed with 0 bytes (its content lost)."""
         new = not self.path.exists()
+        emptied = not new and self.path.stat().st_size == 0 and not os.path.exists(f"{self.path}-wal")
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:
             raise StateError(f"state DB {self.path}: directory {self.path.parent} does not exist; create it "
                              f"(the unit's StateDirectory= does) or change state.path") from None
         except OSError as e:
-            why = _write_problem(self.path.parent) or e.strerror
+            # the file itself may be what is read-only (a bind mount, chattr +i), not its folder
+            where = self.path if self.path.exists() and _write_problem(self.path) else self.path.parent
+            why = _write_problem(where) or e.strerror
             raise StateError(f"state DB {self.path}: cannot open it for writing: {why}; "
-                             f"{_unwritable_fix(self.path.parent)}, or change state.path") from None
+                             f"{_unwritable_fix(where)}, or change state.path") from None
         os.close(fd)
         if new:
             os.chmod(self.path, 0o600)
+        return emptied
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def _newer(self) -> StateError:
+        return StateError(f"state DB {self.path} has schema {self.schema}, newer than this ossyncd "
+                          f"({len(MIGRATIONS)}): a newer ossyncd wrote it; upgrade ossyncd, or move the DB aside "
+                          f"to start a new one (`ossyncd state rebuild`, see {RECOVERY})")
+
+    def _check_schema_readonly(self) -> None:
+        """A reader cannot read a newer schema; 0 (a new, empty DB) reads as no rows (cli)."""
+        if self.schema > len(MIGRATIONS):
+            raise self._newer()
 
     def _migrate(self) -> None:
         with self._lock:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
-                raise StateError(f"state DB {self.path} has schema {version}, newer than this ossyncd "
-                                 f"({len(MIGRATIONS)}); upgrade ossyncd")
+                raise self._newer()
             for n, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 with self.db.atomic():
                     migration(self.db)
                     self.db.execute(f"PRAGMA user_version={n}")
+                self.schema = n
 
     @staticmethod
     def _lock_path(db_path: str | os.PathLike) -> str:
@@ -487,6 +545,12 @@ class State:
                         yield
                 else:
                     yield
+            except sqlite3.OperationalError as e:
+                if self._readonly and 0 < self.schema < len(MIGRATIONS) and str(e).startswith("no such"):
+                    raise StateError(f"state DB {self.path} has schema {self.schema}, older than this ossyncd "
+                                     f"({len(MIGRATIONS)}): the daemon upgrades it when it starts; start or "
+                                     f"restart it (`ossyncd run`), then try again") from None
+                raise state_error(self.path, e) from None
             except sqlite3.Error as e:
                 raise state_error(self.path, e) from None
 
@@ -847,3 +911,119 @@ class State:
             self._write("DELETE FROM meta WHERE name=?", [name])
         else:
             self._write("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", [name, value])
+
+
+# -- `ossyncd state check` and `state rebuild` (docs/state-recovery.md) ---------------------
+
+# rows no code path writes: each query counts them, with what it means
+_IMPOSSIBLE = [
+    ("files in an unknown state", "SELECT count(*) FROM files WHERE state NOT IN ({states})"),
+    ("done files without a recorded object (url, etag or crc64 missing)",
+     "SELECT count(*) FROM files WHERE state='done' AND (url IS NULL OR etag IS NULL OR crc64 IS NULL)"),
+    ("files with a negative size or attempt count", "SELECT count(*) FROM files WHERE size < 0 OR attempts < 0"),
+]
+
+
+def check_db(path: str | os.PathLike) -> dict:
+    """Inspect the state DB at `path` without writing to it (safe while the daemon runs):
+    the file, `PRAGMA integrity_check`, the schema against this build, rows in impossible
+    states, the WAL. `problems` lists each defect with its fix; empty means healthy."""
+    path = Path(path)
+    wal = Path(f"{path}-wal")
+    out: dict = {"path": str(path), "exists": path.exists(), "size": None, "schema": None,
+                 "schema_expected": len(MIGRATIONS), "integrity": None, "wal_bytes": None,
+                 "daemon_pid": State.lock_holder(path), "counts": {}, "problems": [], "notes": []}
+    problems, notes = out["problems"], out["notes"]
+    if path.is_dir():
+        problems.append(f"state.path {path} is a directory; set state.path to a file in it")
+        return out
+    if not path.exists():
+        notes.append("no state DB yet: the daemon creates one and uploads every file it finds")
+        return out
+    out["size"] = path.stat().st_size
+    out["wal_bytes"] = wal.stat().st_size if wal.exists() else None
+    if out["wal_bytes"] and out["daemon_pid"] is None:
+        notes.append(f"{wal} holds {out['wal_bytes']} bytes of commits not yet in the DB file (normal after a "
+                     "crash; the next start applies them): copy or move the DB only together with its -wal")
+    where = path if _write_problem(path) else path.parent
+    why = _write_problem(where)
+    if why:
+        problems.append(f"the daemon cannot write it: {why}; {_unwritable_fix(where)}")
+    cut = _truncation(path)
+    if cut:
+        problems.append(f"{path} {cut}; move it aside: `ossyncd state rebuild`")
+        return out
+    if out["size"] == 0:
+        notes.append("the DB file is empty: the daemon starts a new one and re-checks every file")
+        return out
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            _check_open(conn, out)
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        problems.append(str(state_error(path, e)))
+    return out
+
+
+def _check_open(conn: sqlite3.Connection, out: dict) -> None:
+    problems = out["problems"]
+    out["schema"] = version = conn.execute("PRAGMA user_version").fetchone()[0]
+    integrity = [r[0] for r in conn.execute("PRAGMA integrity_check(20)").fetchall()]
+    out["integrity"] = "ok" if integrity == ["ok"] else integrity
+    if integrity != ["ok"]:
+        problems.append(f"integrity_check failed ({'; '.join(integrity[:3])}); stop ossyncd and move it aside: "
+                        "`ossyncd state rebuild`")
+        return
+    if version > len(MIGRATIONS):
+        problems.append(f"schema {version} is newer than this ossyncd ({len(MIGRATIONS)}); upgrade ossyncd, "
+                        "or move it aside: `ossyncd state rebuild`")
+        return
+    if version < len(MIGRATIONS):
+        out["notes"].append(f"schema {version}: the daemon upgrades it to {len(MIGRATIONS)} at its next start")
+    if version == 0:
+        return
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    missing = {"files", "uploads", "parts", "meta"} - tables
+    if missing:
+        problems.append(f"schema {version} but tables {', '.join(sorted(missing))} are missing; move it aside: "
+                        "`ossyncd state rebuild`")
+        return
+    out["counts"] = dict(conn.execute("SELECT state, count(*) FROM files GROUP BY state").fetchall())
+    states = ",".join(f"'{s}'" for s in STATES)
+    for what, sql in _IMPOSSIBLE:
+        n = conn.execute(sql.format(states=states)).fetchone()[0]
+        if n:
+            problems.append(f"{n} {what}; move it aside: `ossyncd state rebuild`")
+    orphans = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if orphans:
+        tables_hit = sorted({r[0] for r in orphans})
+        problems.append(f"{len(orphans)} rows in {', '.join(tables_hit)} point at rows that do not exist; "
+                        "move it aside: `ossyncd state rebuild`")
+
+
+def move_aside(path: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Rename the DB and its -wal and -shm to '<db>.damaged-<UTC time>' (+ '-wal', '-shm',
+    so the moved copy still opens whole), refusing while a daemon holds it. Returns the new
+    names; the next open starts a new, empty DB."""
+    path = Path(path)
+    pid = State.lock_holder(path)
+    if pid is not None:
+        raise StateError(f"state DB {path} is in use by a running ossyncd (pid {pid}); stop it first "
+                         "(systemctl stop ossyncd)")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    base = path.with_name(f"{path.name}.damaged-{stamp}")
+    moved = []
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            dst = Path(f"{base}{suffix}")
+            try:
+                os.rename(src, dst)
+            except OSError as e:
+                why = _write_problem(path.parent) or e.strerror
+                raise StateError(f"state DB {path}: cannot move {src} aside: {why}; "
+                                 f"{_unwritable_fix(path.parent)}") from None
+            moved.append(dst)
+    return moved

@@ -115,7 +115,8 @@ def _watches(state: State) -> list[dict]:
 def _render_watches(watches: list[dict], console: Console) -> None:
     for w in watches:
         if w["state"] == "ok":
-            console.print(styled(f"watch[{w['index']}] {w['path']}: ok"))
+            polling = f" (events by polling: {w['why']})" if w.get("events") == "polling" and w.get("why") else ""
+            console.print(styled(f"watch[{w['index']}] {w['path']}: ok", (polling, "yellow")))
             continue
         why = f": {w['error']}" if w.get("error") else ""
         console.print(styled((f"watch[{w['index']}] {w['path']}: {w['state'].upper()} since {w['since']}{why}", "red"),

@@ -218,6 +218,18 @@ class Watcher:
         r = self._roots.get(watch.index)
         return r.backend if r is not None else None
 
+    def source(self, watch) -> dict:
+        """How a started root's events arrive, for `status`: {"events": "inotify" | "polling"},
+        with "why" when polling stands in for an inotify limit (the sysctl to raise)."""
+        r = self._roots.get(watch.index)
+        if r is None or r.backend is None:
+            return {}
+        out = {"events": r.backend}
+        e = r.limit_error
+        if r.backend == "polling" and e is not None and e.errno in _LIMIT_HINTS:
+            out["why"] = f"{e.strerror or e}; raise {_LIMIT_HINTS[e.errno][0]}"
+        return out
+
     # -- observers ---------------------------------------------------------
 
     def _forced(self, r: _Root) -> bool:
