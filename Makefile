@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-systemd soak bench demo lint venv clean
+.PHONY: test test-systemd soak chaos bench demo lint venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ test-systemd: $(STAMP)
 
 soak: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -m soak -o addopts=''
+
+# The chaos suite (tests/chaos/, about 15 min on 2 cores; each scenario has its own deadline).
+# Prints the summary table at the end; the figures go to $$OSSYNCD_CHAOS_REPORT when set.
+chaos: $(STAMP)
+	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -m chaos -o addopts='' -p no:cacheprovider tests/chaos
 
 bench: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m tests.bench

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import structlog
 
+from ossyncd import crashpoint
 from ossyncd.scanner import DirGroup, Entry, scan_dirs
 from ossyncd.state import KnownRow, printable_path
 
@@ -71,6 +72,7 @@ class Rescan:
                 self._entry(group.self_entry, KnownRow(row.path, row.state, row.identity) if row else None)
                 return
             self._merge(group)
+            crashpoint.hit("in_rescan")
             yield   # one folder's scandir and merge run together: no row is added in between
         log.info("rescan", root=self.root, files=self.files, seconds=round(time.monotonic() - self.t0, 3),
                  rows_held=self.rows_held, entries_held=self.entries_held)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import structlog
 
+from ossyncd import crashpoint
 from ossyncd.config import Config, WatchConfig
 from ossyncd.errors import StateError
 from ossyncd.model import Identity
@@ -470,6 +471,7 @@ class Scheduler:
             log.info("source changed after upload; kept", path=row.path)
             return
         try:
+            crashpoint.hit("after_upload_action")
             if w.after_upload == "delete":
                 os.unlink(row.path)
                 log.info("source deleted after verified upload", path=row.path)
