@@ -1,0 +1,170 @@
+"""The chaos suite's mixed workload: files from 0 B up to `max_size` (simple and multipart),
+written by cp, rsync, slow appenders and plain writes; some rewritten or deleted while they
+upload; temp files that never settle; batches added while the daemon is down.
+
+It keeps what the bucket must hold at the end (`expected`: key -> final bytes), the keys that
+must never get an object (`never`), and the bytes legitimately sent more than once
+(`legit_extra`: versions replaced and files deleted mid-upload may be sent whole)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests.helpers import MiB, wait_until
+
+KiB = 1024
+WRITERS = ("write", "cp", "rsync", "append")
+
+
+def sizes(rng: random.Random, n: int, *, threshold: int, part: int, max_size: int) -> list[int]:
+    """n sizes spanning 0 B, the threshold's edges, a few parts, and one of max_size."""
+    edges = [0, 1, threshold - 1, threshold, threshold + 1, 3 * part + 1, max_size]
+    out = [s for s in edges if s <= max_size][:n]
+    while len(out) < n:
+        out.append(rng.choice([rng.randint(0, 64 * KiB), rng.randint(0, threshold),
+                               rng.randint(threshold, min(max_size, threshold + 8 * part))]))
+    rng.shuffle(out)
+    return out
+
+
+class Workload:
+    def __init__(self, root: Path, prefix: str, seed: int, *, staging: Path, threshold: int, part: int,
+                 max_size: int = 64 * MiB):
+        self.root, self.prefix, self.staging = root, prefix, staging
+        self.rng = random.Random(seed)
+        self.threshold, self.part, self.max_size = threshold, part, max_size
+        self.expected: dict[str, bytes] = {}
+        self.never: set[str] = set()
+        self.legit_extra = 0
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+        self._n = 0
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
+
+    def key(self, rel: str) -> str:
+        return self.prefix + rel
+
+    def _name(self, tag: str) -> str:
+        with self._lock:
+            self._n += 1
+            n = self._n
+        return f"d{n % 4}/{tag}{n:05d}.bin"
+
+    def _data(self, size: int) -> bytes:
+        return self.rng.randbytes(size)
+
+    # ---------------------------------------------------------------- writers
+    def write(self, rel: str, data: bytes, how: str) -> None:
+        dest = self.root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if how == "write":
+            dest.write_bytes(data)
+        elif how in ("cp", "rsync"):
+            src = self.staging / rel.replace("/", "_")
+            src.write_bytes(data)
+            cmd = ["cp", str(src), str(dest)] if how == "cp" else ["rsync", "-q", str(src), str(dest)]
+            subprocess.run(cmd, check=True, timeout=120)
+            src.unlink()
+        else:   # a slow appender: one open file, written in a few pieces with pauses
+            with open(dest, "wb") as f:
+                step = max(1, len(data) // 4)
+                for i in range(0, max(1, len(data)), step):
+                    f.write(data[i:i + step])
+                    f.flush()
+                    time.sleep(0.05)
+        with self._lock:
+            self.expected[self.key(rel)] = data
+
+    def _bg(self, fn, *args) -> None:
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:   # surfaced by wait()
+                self.errors.append(e)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    # ---------------------------------------------------------------- the mix
+    def batch(self, n: int, *, churn: float = 0.1, background: bool = True) -> list[str]:
+        """n files of mixed sizes and writers; a `churn` share is rewritten or deleted soon
+        after it lands (while it settles or uploads)."""
+        keys = []
+        for size in sizes(self.rng, n, threshold=self.threshold, part=self.part, max_size=self.max_size):
+            rel = self._name("f")
+            how = self.rng.choice(WRITERS) if size <= 8 * MiB else self.rng.choice(("write", "cp"))
+            fate = self.rng.random()
+            data = self._data(size)
+            if fate < churn / 2:
+                self._bg(self._rewrite_later, rel, data, how)
+            elif fate < churn:
+                self._bg(self._delete_later, rel, data, how)
+            elif background:
+                self._bg(self.write, rel, data, how)
+            else:
+                self.write(rel, data, how)
+            keys.append(self.key(rel))
+        return keys
+
+    def _rewrite_later(self, rel: str, data: bytes, how: str) -> None:
+        self.write(rel, data, how)
+        time.sleep(self.rng.uniform(0.05, 1.5))
+        new = self._data(self.rng.choice([len(data), self.rng.randint(0, self.threshold * 2)]))
+        with self._lock:
+            self.legit_extra += len(data)
+        self.write(rel, new, "write")
+
+    def _delete_later(self, rel: str, data: bytes, how: str) -> None:
+        self.write(rel, data, how)
+        time.sleep(self.rng.uniform(0.05, 1.5))
+        with self._lock:
+            self.expected.pop(self.key(rel), None)
+            self.legit_extra += len(data)
+        (self.root / rel).unlink()
+
+    def never_settled(self, n: int) -> list[str]:
+        """Temp-named files left behind (rsync's .name.XXXXXX, *.part): never uploaded."""
+        keys = []
+        for i in range(n):
+            rel = f"d{i % 4}/.tmp{self.rng.randrange(10**6):06d}.bin.Ab{i:04d}" if i % 2 else f"d{i % 4}/dl{i}.part"
+            p = self.root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(self._data(self.rng.randint(0, 64 * KiB)))
+            self.never.add(self.key(rel))
+            keys.append(self.key(rel))
+        return keys
+
+    def wait(self, timeout: float = 120) -> None:
+        for t in self.threads:
+            t.join(timeout)
+        self.threads = [t for t in self.threads if t.is_alive()]
+        assert not self.threads, "workload writers still running"
+        assert not self.errors, f"workload writer failed: {self.errors[0]!r}"
+
+    def clean(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def wait_converged(d, n_done: int | None, timeout: float, what: str = "") -> dict:
+    """Wait until nothing is settling, queued, uploading or waiting for a retry (and, when
+    given, `n_done` rows are done); the daemon must stay alive."""
+    def ok():
+        assert d.proc.poll() is None, d.output()[-3000:]
+        c = d.status()["counts"]
+        busy = c["settling"] + c["queued"] + c["uploading"] + c["retry_wait"]
+        return c if busy == 0 and (n_done is None or c["done"] >= n_done) else None
+    return wait_until(ok, timeout, interval=0.5, what=f"converged {what} (log: {d.log_path})")
+
+
+def sweep_config(**kw) -> dict:
+    """[daemon] for chaos: orphans swept fast, rescans often (they find what arrived while down)."""
+    return {"rescan_interval": 3.0, "orphan_max_age": 0, "orphan_sweep_interval": 2.0, **kw}
+
+
