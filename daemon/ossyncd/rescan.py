@@ -132,8 +132,17 @@ class Rescan:
         if k is not None and k.identity == e.identity and k.state not in ("gone", "skipped"):
             if k.state == "settling":
                 tracker.observe(e.path, e.size, stamp(e), self.now, False)
+            elif k.state == "done" and s.watches[self.root].after_upload != "keep":
+                self._finish_after_upload(e.path)
             return
         tracker.observe(e.path, e.size, stamp(e), self.now, False)
+
+    def _finish_after_upload(self, path: str) -> None:
+        """A `done` source still in a delete or move watch: a kill fell between the commit of
+        `done` and the action (docs/architecture.md §4, durability order 3); do it now."""
+        row = self.sched.state.get(path)
+        if row is not None and not any(j.row.path == path for j in self.sched.jobs.values()):
+            self.sched._after_upload(row)
 
     def _unseen(self, k: KnownRow) -> None:
         """A row whose file the walk did not find."""

@@ -1,0 +1,42 @@
+"""Short versions of the chaos scenarios (tests/chaos/, `make chaos`) in `make test`: the same
+code at small counts, so a regression shows here first."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.chaos import scenarios
+from tests.helpers import MiB, events, object_bytes, random_file, wait_until
+
+
+@pytest.mark.timeout(120)
+def test_kills_short(tmp_path, daemon_factory):
+    f = scenarios.kills(tmp_path, daemon_factory, random_kills=4, per_point=1, max_size=2 * MiB, deadline=100)
+    assert f["kills"] == 4 + 6 and f["lost"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("action", ["delete", "move"])
+def test_after_upload_action_finished_after_a_kill_before_it(tmp_path, emulator, daemon_factory, action):
+    # Regression (found by the kill scenario): a kill between the commit of `done` and the
+    # delete or move left the source in the drop folder for good; a rescan saw a `done` row
+    # with the same identity and did nothing.
+    moved = tmp_path / "moved"
+    src = tmp_path / "drop" / "a.bin"
+    data = random_file(src, 3000, seed=1)
+    extra = {"move_to": moved} if action == "move" else {}
+    d = daemon_factory([{"path": tmp_path / "drop", "prefix": "p/", "after_upload": action, "settle_seconds": 0.2,
+                         **extra}])
+    d.start(env={"OSSYNCD_CRASHPOINT": "after_upload_action:1"})
+    wait_until(lambda: d.proc.poll() is not None, 30, what="the crash point")
+    d.stop()
+    assert d.proc.returncode == -signal.SIGKILL and events(d, "crashpoint"), d.output()[-2000:]
+    assert src.read_bytes() == data and d.status()["counts"]["done"] == 1
+    d.start()
+    wait_until(lambda: not src.exists(), 30, what=f"the source {action}d after the restart")
+    if action == "move":
+        assert (moved / "a.bin").read_bytes() == data
+    assert object_bytes(emulator, "p/a.bin") == data
+    d.stop()
