@@ -204,3 +204,14 @@ def test_wrong_and_missing_crc64(emulator):
     r = oss2.Bucket(oss2.Auth(emulator.root.id, emulator.root.secret), emulator.oss_url, "drop").complete_multipart_upload(
         "m", up, [oss2.models.PartInfo(1, p.etag)])
     assert r.crc == (CRC.calc(b"p" * 1000) + 1) % (1 << 64)
+
+
+def test_refuse_performs_nothing(root_bucket, emulator):
+    emulator.set_faults([{"op": "InitiateMultipartUpload", "refuse": True, "count": 1},
+                         {"op": "PutObject", "refuse": True, "count": 1}])
+    with pytest.raises(oss2.exceptions.RequestError):
+        root_bucket.init_multipart_upload("r")
+    with pytest.raises(oss2.exceptions.RequestError):
+        root_bucket.put_object("r", b"")
+    s = emulator.stats()
+    assert s["uploads_open"] == 0 and not root_bucket.object_exists("r") and s["bytes_received"] == 0

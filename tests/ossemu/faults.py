@@ -20,10 +20,13 @@ A fault rule is a dict:
                                   # Content-Length, send only this many bytes of it, then close
      "crc64": "wrong",            # perform the operation; its x-oss-hash-crc64ecma (header and XML) is
                                   # "wrong" (off by one) or "missing"
+     "refuse": true,              # close at once: nothing read, nothing performed, no response
+                                  # (what a client sees as a refused or reset connection)
     }
 
 A delay longer than the client's read timeout is a stall. STS (AssumeRole, AssumeRoleWithOIDC)
-applies status, retry_after, delay_ms, reset_after_bytes and bad_error_body; the others are OSS-only.
+applies status, retry_after, delay_ms, reset_after_bytes, bad_error_body and refuse; the others are
+OSS-only.
 
 The first rule (in list order) that matches and fires is applied; at most one per request.
 """
@@ -34,8 +37,9 @@ from collections import defaultdict
 
 RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
                "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response", "retry_after",
-               "bad_error_body", "truncate_body", "crc64"}
-ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response", "truncate_body", "crc64"}
+               "bad_error_body", "truncate_body", "crc64", "refuse"}
+ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response", "truncate_body", "crc64",
+           "refuse"}
 NEED_STATUS = ("retry_after", "bad_error_body")   # they shape an error reply
 CRC64_FAULTS = ("wrong", "missing")
 
@@ -57,6 +61,7 @@ class Fault:
         self.bad_error_body = bool(rule.get("bad_error_body"))
         self.truncate_body = rule.get("truncate_body")
         self.crc64 = rule.get("crc64")
+        self.refuse = bool(rule.get("refuse"))
 
     def sleep(self):
         if self.delay > 0:   # cut short when the emulator stops, so a long delay does not hold it up

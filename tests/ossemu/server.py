@@ -263,6 +263,8 @@ class _BaseHandler(BaseHTTPRequestHandler):
             if fault is not None:
                 emu.counters.fault(op)
                 req.body.fault = fault
+                if fault.refuse:
+                    raise ConnectionAbort("refused")
             body = b""
             while True:
                 chunk = req.body.read(65536)
@@ -340,6 +342,8 @@ class OSSHandler(_BaseHandler):
             if fault is not None:
                 emu.counters.fault(op)
                 req.body.fault = fault
+                if fault.refuse:
+                    raise ConnectionAbort("refused")
                 if fault.status:
                     raise OSSError(int(fault.status), fault.code, fault.message)
             emu.storage.bucket(req.bucket)
