@@ -40,3 +40,34 @@ def test_after_upload_action_finished_after_a_kill_before_it(tmp_path, emulator,
         assert (moved / "a.bin").read_bytes() == data
     assert object_bytes(emulator, "p/a.bin") == data
     d.stop()
+
+
+@pytest.mark.timeout(120)
+def test_faults_short(tmp_path, emulator, daemon_factory):
+    f = scenarios.faults(tmp_path, daemon_factory, emulator, target=150, per_round=12, deadline=90)
+    print(f)
+    assert f["faults"] >= 150 and f["lost"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_rotations_short(tmp_path, emulator, daemon_factory):
+    f = scenarios.rotations(tmp_path, daemon_factory, emulator, target=4, deadline=90)
+    assert f["rotations"] >= 4
+
+
+@pytest.mark.timeout(120)
+def test_sts_down_short(tmp_path, emulator, daemon_factory):
+    f = scenarios.sts_down(tmp_path, daemon_factory, emulator, down=10)
+    assert f["waited"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_oss_down_short(tmp_path, emulator, daemon_factory):
+    f = scenarios.oss_down(tmp_path, daemon_factory, emulator, down=12)
+    print(f)
+    assert f["max_attempts"] >= 2
+
+
+@pytest.mark.timeout(120)
+def test_sigstop_short(tmp_path, emulator, daemon_factory):
+    scenarios.sigstop(tmp_path, daemon_factory, emulator, stopped=4)

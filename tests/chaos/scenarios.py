@@ -5,6 +5,7 @@ workload, ends with `invariants.check` and returns its figures for `report.recor
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -38,7 +39,8 @@ class Setup:
         modes = {"keep": {}, "delete": {"after_upload": "delete"},
                  "move": {"after_upload": "move", "move_to": str(self.moved)}}
         self.loads = {m: Workload(tmp_path / f"drop-{m}", f"{m}/", seed + i, staging=tmp_path / f"staging-{m}",
-                                  threshold=THRESHOLD, part=PART, max_size=max_size if m == "keep" else 4 * MiB)
+                                  threshold=THRESHOLD, part=PART, max_size=max_size if m == "keep" else 4 * MiB,
+                                  rewrites=m == "keep")
                       for i, m in enumerate(modes)}
         watches = [{"path": str(w.root), "prefix": w.prefix, "settle_seconds": settle, **modes[m]}
                    for m, w in self.loads.items()]
@@ -138,3 +140,210 @@ def kills(tmp_path: Path, daemon_factory, *, random_kills: int, per_point: int, 
     figures = s.check(resend_bound=n_kills * PER_KILL + _resends(d, sizes))
     d.stop()
     return {"kills": n_kills, "crashpoints": fired, **figures}
+
+
+# ------------------------------------------------------------------------------------- faults
+def fault_rules(p: float) -> list[dict]:
+    """Every kind of fault on every write and listing operation, each rule firing with
+    probability `p` (rules are drawn in order; the first that fires applies)."""
+    writes = ("PutObject", "UploadPart", "InitiateMultipartUpload", "CompleteMultipartUpload")
+    rules: list[dict] = []
+    seed = 100
+    for op in writes + ("ListParts", "ListMultipartUploads", "AbortMultipartUpload"):
+        kinds: list[dict] = [{"status": 500, "code": "InternalError"}, {"status": 503},
+                             {"status": 429, "code": "Throttling", "retry_after": 1},
+                             {"status": 502, "bad_error_body": True},
+                             {"delay_ms": 300},                 # slow
+                             {"drop_response": True}]
+        if op in ("PutObject", "UploadPart"):
+            kinds += [{"reset_after_bytes": 4096}, {"flip_bit": True}, {"crc64": "wrong"}, {"crc64": "missing"},
+                      {"delay_ms": 1500, "probability_scale": 0.2}]   # a stall past the 1 s read timeout
+        else:
+            kinds += [{"truncate_body": 25}]
+        if op == "CompleteMultipartUpload":
+            kinds += [{"crc64": "wrong"}, {"crc64": "missing"}]
+        for k in kinds:
+            scale = k.pop("probability_scale", 1.0)
+            seed += 1
+            rules.append({"op": op, "probability": p * scale, "seed": seed, **k})
+    return rules
+
+
+def faults(tmp_path: Path, daemon_factory, emulator, *, target: int, p: float = 0.06, max_size: int = 2 * MiB,
+           per_round: int = 30, deadline: float = 600, seed: int = 16) -> dict:
+    """Rounds of the mixed workload under a high fault rate until `target` faults fired."""
+    end = time.monotonic() + deadline
+    s = Setup(tmp_path, daemon_factory, seed, max_size=max_size, oss={"read_timeout": 1.0},
+              upload=upload_cfg(request_retries=12, file_retry_delay=0.3, file_retry_delay_max=1.0))
+    d = s.d
+    s.loads["keep"].never_settled(4)
+    emulator.set_faults(fault_rules(p))
+    d.start()
+    rounds = 0
+
+    def fired() -> int:
+        return sum(emulator.stats()["faults"].values())
+    while fired() < target:
+        assert time.monotonic() < end, f"faults: deadline passed with {fired()} of {target} faults"
+        s.batch(per_round)
+        rounds += 1
+        s.wait_writers()
+        wait_converged(d, len(s.expected()), max(30.0, end - time.monotonic()), f"fault round {rounds}")
+    n = fired()
+    stats = emulator.stats()
+    emulator.clear_faults()
+    figures = s.check(uploads_timeout=60)
+    d.stop()
+    return {"faults": n, "fault_kinds": len({(r["op"], tuple(sorted(set(r) - {"op", "probability", "seed"})))
+                                             for r in fault_rules(p)}),
+            "requests": sum(stats["requests"].values()), **figures}
+
+
+# ---------------------------------------------------------------------------------- STS
+def sts_cfg(emulator, duration: int, **kw) -> dict:
+    from tests.helpers import sts_credentials
+    return sts_credentials(emulator, duration_seconds=duration, **kw)
+
+
+def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline: float = 300, seed: int = 17) -> dict:
+    """3-second tokens and forced expiries while parts are in flight, until `target` rotations."""
+    end = time.monotonic() + deadline
+    s = Setup(tmp_path, daemon_factory, seed, max_size=4 * MiB,
+              credentials=sts_cfg(emulator, 3, retry_backoff=0.3, retry_backoff_max=1.0))
+    d = s.d
+    emulator.set_faults([{"op": "UploadPart", "delay_ms": 200}])   # parts stay in flight across rotations
+    d.start()
+    wait_until(lambda: emulator.stats()["sts_issued"] >= 1, 30, what="the first token")
+    base = emulator.stats()["sts_issued"]
+    forced = 0
+    while emulator.stats()["sts_issued"] - base < target:
+        assert time.monotonic() < end, f"rotations: deadline passed at {emulator.stats()['sts_issued'] - base}"
+        s.batch(6)
+        time.sleep(0.7)
+        emulator.expire_tokens()   # what a revoked or clock-skewed token looks like mid-request
+        forced += 1
+        assert d.proc.poll() is None, d.output()[-3000:]
+        assert d.status()["counts"]["failed"] == 0, d.files("failed")
+    n = emulator.stats()["sts_issued"] - base
+    emulator.clear_faults()
+    s.wait_writers()
+    wait_converged(d, len(s.expected()), max(60.0, end - time.monotonic()), "after the rotations")
+    figures = s.check()
+    d.stop()
+    return {"rotations": n, "forced_expiries": forced, **figures}
+
+
+def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int = 18) -> dict:
+    """STS answers 503 or resets for `down` seconds with 5-second tokens while files arrive:
+    nothing fails, `status` says why, and every file is done within one credentials retry
+    interval (plus settle and a margin) of STS coming back."""
+    backoff_max, settle, margin = 5.0, 0.3, 5.0
+    s = Setup(tmp_path, daemon_factory, seed, max_size=2 * MiB, settle=settle,
+              credentials=sts_cfg(emulator, 5, retry_backoff=0.5, retry_backoff_max=backoff_max),
+              upload=upload_cfg(file_retry_delay=30.0, file_retry_delay_max=3600.0))
+    d = s.d
+    d.start()
+    wait_until(lambda: d.status()["credentials"]["expires_at"], 30, what="the first token")
+    emulator.set_faults([{"op": "AssumeRole", "reset_after_bytes": 0, "probability": 0.5, "seed": 7},
+                         {"op": "AssumeRole", "status": 503, "code": "ServiceUnavailable"}])
+    t0 = time.monotonic()
+    explained = 0
+    while time.monotonic() - t0 < down:
+        if time.monotonic() - t0 > 6:   # the last token has expired: files wait for credentials
+            s.batch(3)
+            st = d.status()
+            c = st["credentials"]
+            assert c["error"] and "will retry" in c["error"] and c["next_attempt_at"], c
+            assert st["counts"]["failed"] == 0, d.files("failed")
+            explained += 1
+        time.sleep(min(2.0, max(0.1, down / 30)))
+    s.wait_writers()
+    waiting = sum(1 for r in d.files() if r["state"] != "done")
+    emulator.clear_faults()
+    back = time.monotonic()
+    wait_converged(d, len(s.expected()), backoff_max + settle + margin + 30, "after STS came back")
+    recovery = time.monotonic() - back
+    assert recovery <= backoff_max + settle + margin, f"done {recovery:.1f}s after STS came back"
+    assert waiting > 0, "no file waited for credentials: the outage was not felt"
+    figures = s.check()
+    assert d.status()["credentials"]["error"] is None
+    d.stop()
+    return {"sts_down_s": round(down), "waited": waiting, "recovery_s": round(recovery, 1),
+            "status_checks": explained, **figures}
+
+
+# ----------------------------------------------------------------------------- OSS down
+def _file_lines(d, since: int, rows: list[dict]) -> dict[str, int]:
+    """Log lines about each file (by its path, its key, or its key in an error), from line `since`."""
+    by_key = {r["key"]: r["path"] for r in rows}
+    lines: dict[str, int] = {}
+    for e in [json.loads(x) for x in d.output().splitlines()[since:] if x.startswith("{")]:
+        path = e.get("path") or by_key.get(e.get("key", "")) or next(
+            (p for k, p in by_key.items() if f"'{k}'" in e.get("error", "")), None)
+        if path:
+            lines[path] = lines.get(path, 0) + 1
+    return lines
+
+
+def oss_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int = 19) -> dict:
+    """Every OSS operation fails (503, then refused connections) for `down` seconds under load:
+    files wait in retry_wait with a growing backoff, nothing fails, and the log says at most
+    one line per file per state change; when OSS is back every file is done."""
+    retry_max = max(2.0, down / 6)
+    s = Setup(tmp_path, daemon_factory, seed, max_size=2 * MiB,
+              upload=upload_cfg(request_retries=3, file_retry_delay=0.5, file_retry_delay_max=retry_max))
+    d = s.d
+    d.start()
+    wait_until(lambda: d.status()["credentials"]["expires_at"], 30, what="the first token")
+    log_from = len(d.output().splitlines())
+    emulator.set_faults([{"op": "*", "status": 503, "code": "ServiceUnavailable"}])
+    s.batch(24)
+    s.wait_writers()
+    t0 = time.monotonic()
+    attempts: dict[str, list[int]] = {}
+    while time.monotonic() - t0 < down:
+        if time.monotonic() - t0 > down / 2:
+            emulator.set_faults([{"op": "*", "refuse": True}])
+        for r in d.files():
+            attempts.setdefault(r["path"], []).append(r["attempts"])
+        c = d.status()["counts"]
+        assert c["failed"] == 0 and c["done"] == 0, c
+        time.sleep(min(5.0, max(0.5, down / 20)))
+    rows = d.files()
+    lines = _file_lines(d, log_from, rows)
+    emulator.clear_faults()
+    # the backoff grew: past the first delay's window (full jitter in [0, base * 2**n] plus base / 2),
+    # never past the cap's
+    max_attempts = max(r["attempts"] for r in rows)
+    assert max_attempts >= 2, rows[:3]
+    waits = [e["retry_in"] for e in events(d, "upload will be retried")]
+    assert max(waits) > 0.5 * 1.5 and all(w <= retry_max + 0.5 for w in waits), sorted(waits)
+    # no log flood: each attempt is one state change (uploading -> retry_wait) and says so once at most
+    flood = {p: (n, a) for p, n in lines.items()
+             for a in [next((r["attempts"] for r in rows if r["path"] == p), 0)] if n > 2 * a + 3}
+    assert not flood, f"log lines per file over one per state change: {list(flood.items())[:5]}"
+    wait_converged(d, len(s.expected()), retry_max + 60, "after OSS came back")
+    figures = s.check(uploads_timeout=60)
+    d.stop()
+    return {"oss_down_s": round(down), "max_attempts": max_attempts, "longest_wait_s": max(waits),
+            "log_lines_per_file": max(lines.values()) if lines else 0, **figures}
+
+
+def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, seed: int = 20) -> dict:
+    """SIGSTOP longer than a token lives (3 s tokens) with uploads in flight, then SIGCONT."""
+    s = Setup(tmp_path, daemon_factory, seed, max_size=4 * MiB,
+              credentials=sts_cfg(emulator, 3, retry_backoff=0.3, retry_backoff_max=1.0))
+    d = s.d
+    emulator.set_faults([{"op": "UploadPart", "delay_ms": 100}])
+    d.start()
+    s.batch(12)
+    wait_until(lambda: d.status()["counts"]["uploading"] > 0, 30, what="uploads in flight")
+    d.proc.send_signal(signal.SIGSTOP)
+    time.sleep(stopped)   # the outage itself: the daemon is frozen, there is no condition to wait for
+    d.proc.send_signal(signal.SIGCONT)
+    emulator.clear_faults()
+    s.wait_writers()
+    wait_converged(d, len(s.expected()), 120, "after SIGCONT")
+    figures = s.check()
+    d.stop()
+    return {"stopped_s": stopped, **figures}
