@@ -3,12 +3,14 @@ code at small counts, so a regression shows here first."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 
 import pytest
 
 from tests.chaos import scenarios
-from tests.helpers import MiB, events, object_bytes, random_file, wait_until
+from tests.helpers import MiB, events, object_bytes, ossyncd, random_file, wait_until, write_config
 
 
 @pytest.mark.timeout(120)
@@ -71,3 +73,16 @@ def test_oss_down_short(tmp_path, emulator, daemon_factory):
 @pytest.mark.timeout(120)
 def test_sigstop_short(tmp_path, emulator, daemon_factory):
     scenarios.sigstop(tmp_path, daemon_factory, emulator, stopped=4)
+
+
+def test_status_while_the_first_start_creates_the_state_db(tmp_path, emulator):
+    # Regression (found by the SIGSTOP scenario): `status` run while a first start had created
+    # the DB file but not yet its schema failed with "no such table: files".
+    cfg = write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db",
+                       watches=[{"path": str(tmp_path), "prefix": "p/"}])
+    sqlite3.connect(tmp_path / "state.db").execute("PRAGMA journal_mode=WAL").fetchall()   # schema version 0
+    for cmd in ("status", "list"):
+        r = ossyncd(cmd, "-c", cfg, "--json")
+        assert r.returncode == 0, r.stderr
+    assert json.loads(ossyncd("status", "-c", cfg, "--json").stdout)["counts"]["done"] == 0
+    assert json.loads(ossyncd("list", "-c", cfg, "--json").stdout) == []

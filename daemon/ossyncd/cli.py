@@ -33,7 +33,11 @@ def _open_state(cfg: Config, *, readonly: bool):
     from ossyncd.state import State
     if readonly and not cfg.state.path.exists():
         return None
-    return State(cfg.state.path, readonly=readonly)
+    state = State(cfg.state.path, readonly=readonly)
+    if readonly and state.schema_version() == 0:   # a daemon creating it right now: nothing recorded yet
+        state.close()
+        return None
+    return state
 
 
 _NO_SDK = {"status", "list", "policy"}

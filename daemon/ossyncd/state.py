@@ -354,6 +354,11 @@ class State:
                     migration(self.db)
                     self.db.execute(f"PRAGMA user_version={n}")
 
+    def schema_version(self) -> int:
+        """0 while the daemon's first start has not created the schema yet."""
+        row = self._one("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
     @staticmethod
     def _lock_path(db_path: str | os.PathLike) -> str:
         # the resolved path: a symlink to the DB must meet the same lock
