@@ -15,8 +15,8 @@ from tests.helpers import MiB, events, object_bytes, ossyncd, random_file, wait_
 
 @pytest.mark.timeout(120)
 def test_kills_short(tmp_path, daemon_factory):
-    f = scenarios.kills(tmp_path, daemon_factory, random_kills=4, per_point=1, max_size=2 * MiB, deadline=100)
-    assert f["kills"] == 4 + 6 and f["lost"] == 0
+    f = scenarios.kills(tmp_path, daemon_factory, random_kills=2, per_point=1, max_size=2 * MiB, deadline=100)
+    assert f["kills"] == 2 + 6 and f["lost"] == 0
 
 
 @pytest.mark.timeout(60)

@@ -57,3 +57,10 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.1f}"
     return str(v)
+
+
+if __name__ == "__main__":   # make chaos: the table of every scenario of the run
+    import sys
+
+    items = rows(Path(sys.argv[1]))
+    print("\n== chaos summary ==\n" + (table(items) or "(no scenario recorded)"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ossyncd import crashpoint
 from tests.chaos import invariants
-from tests.chaos.workload import Workload, sweep_config, wait_converged
+from tests.chaos.workload import Workload, counts, sweep_config, wait_converged
 from tests.helpers import MiB, events, fast_upload, wait_until
 
 THRESHOLD = 1 * MiB
@@ -26,25 +26,26 @@ PER_KILL = FILES_IN_FLIGHT * max(THRESHOLD, PARALLEL_PARTS * PART)
 
 
 def upload_cfg(**kw) -> dict:
-    return fast_upload(multipart_threshold=THRESHOLD, part_size=PART, parallel_parts=PARALLEL_PARTS,
-                       max_files_in_flight=FILES_IN_FLIGHT, **kw)
+    return fast_upload(**{"multipart_threshold": THRESHOLD, "part_size": PART, "parallel_parts": PARALLEL_PARTS,
+                          "max_files_in_flight": FILES_IN_FLIGHT, **kw})
 
 
 class Setup:
     """Three watches (keep, delete after upload, move after upload) fed by one workload each."""
 
-    def __init__(self, tmp_path: Path, daemon_factory, seed: int, *, max_size: int, settle: float = 0.3, **sections):
+    def __init__(self, tmp_path: Path, daemon_factory, seed: int, *, max_size: int, settle: float = 0.3,
+                 threshold: int = THRESHOLD, part: int = PART, tiny: float = 0.25, **sections):
         self.tmp = tmp_path
         self.moved = tmp_path / "moved"
         modes = {"keep": {}, "delete": {"after_upload": "delete"},
                  "move": {"after_upload": "move", "move_to": str(self.moved)}}
         self.loads = {m: Workload(tmp_path / f"drop-{m}", f"{m}/", seed + i, staging=tmp_path / f"staging-{m}",
-                                  threshold=THRESHOLD, part=PART, max_size=max_size if m == "keep" else 4 * MiB,
-                                  rewrites=m == "keep")
+                                  threshold=threshold, part=part, max_size=max_size if m == "keep" else 4 * MiB,
+                                  rewrites=m == "keep", tiny=tiny)
                       for i, m in enumerate(modes)}
         watches = [{"path": str(w.root), "prefix": w.prefix, "settle_seconds": settle, **modes[m]}
                    for m, w in self.loads.items()]
-        sections.setdefault("upload", upload_cfg())
+        sections.setdefault("upload", upload_cfg(multipart_threshold=threshold, part_size=part))
         sections.setdefault("daemon", sweep_config())
         self.d = daemon_factory(watches, **sections)
 
@@ -84,6 +85,14 @@ def _kill(d) -> None:
     d.stop()
 
 
+def _wait_started(d, offset: int) -> None:
+    def started():
+        with open(d.log_path, "rb") as f:
+            f.seek(offset)
+            return b'"event": "started"' in f.read() or d.proc.poll() is not None
+    wait_until(started, 60, interval=0.05, what=f"the daemon started (log: {d.log_path})")
+
+
 def _resends(d, sizes: dict[str, int]) -> int:
     """Bytes of files sent whole again because a kill fell between Complete and the commit of
     `done` (their checkpointed upload is gone at restart; docs/verification.md): the one
@@ -114,15 +123,22 @@ def kills(tmp_path: Path, daemon_factory, *, random_kills: int, per_point: int, 
         if i % 3 == 0:
             s.batch(3 + rng.randrange(4))   # arrive while it runs
         if point is None:
+            offset = d.log_path.stat().st_size if d.log_path.exists() else 0
             d.start()
-            time.sleep(rng.uniform(0.2, 2.0))
+            _wait_started(d, offset)
+            time.sleep(rng.uniform(0.0, 1.2))   # a random moment of its work (startup rescan, uploads)
         else:
-            nth = rng.randint(1, 3) if point != "in_commit" else rng.randint(1, 60)
+            # work of every kind the point needs: a simple and a multipart file, and a file
+            # in each after-upload watch
+            s.loads["keep"].batch(2, only=[rng.randint(0, THRESHOLD - 1), rng.randint(THRESHOLD, 3 * THRESHOLD)])
+            s.loads["delete"].batch(1, only=[rng.randint(0, 64 * 1024)])
+            s.loads["move"].batch(1, only=[rng.randint(0, 64 * 1024)])
+            nth = rng.randint(1, 2) if point != "in_commit" else rng.randint(1, 60)
             d.start(env={"OSSYNCD_CRASHPOINT": f"{point}:{nth}"})
             try:
-                wait_until(lambda: d.proc.poll() is not None, 30, interval=0.1, what=f"crash point {point}:{nth}")
-            except AssertionError:   # not reached: more work of the kind it needs, then try the next time
-                s.batch(4)
+                wait_until(lambda: d.proc.poll() is not None, 20, interval=0.1, what=f"crash point {point}:{nth}")
+            except AssertionError:   # not reached this time (the files went elsewhere); killed below
+                pass
         _kill(d)
         if point is not None and d.proc.returncode == -signal.SIGKILL:
             hit[point] = hit.get(point, 0) + 1
@@ -169,12 +185,15 @@ def fault_rules(p: float) -> list[dict]:
     return rules
 
 
-def faults(tmp_path: Path, daemon_factory, emulator, *, target: int, p: float = 0.06, max_size: int = 2 * MiB,
+def faults(tmp_path: Path, daemon_factory, emulator, *, target: int, p: float = 0.15, max_size: int = 1 * MiB,
            per_round: int = 30, deadline: float = 600, seed: int = 16) -> dict:
     """Rounds of the mixed workload under a high fault rate until `target` faults fired."""
     end = time.monotonic() + deadline
+    # small files and parts: faults are per request, and requests are what 2 cores can afford
     s = Setup(tmp_path, daemon_factory, seed, max_size=max_size, oss={"read_timeout": 1.0},
-              upload=upload_cfg(request_retries=12, file_retry_delay=0.3, file_retry_delay_max=1.0))
+              threshold=200 * 1024, part=100 * 1024, tiny=0.5,
+              upload=upload_cfg(multipart_threshold=200 * 1024, part_size=100 * 1024, request_retries=12,
+                                file_retry_delay=0.3, file_retry_delay_max=1.0))
     d = s.d
     s.loads["keep"].never_settled(4)
     emulator.set_faults(fault_rules(p))
@@ -185,10 +204,15 @@ def faults(tmp_path: Path, daemon_factory, emulator, *, target: int, p: float = 
         return sum(emulator.stats()["faults"].values())
     while fired() < target:
         assert time.monotonic() < end, f"faults: deadline passed with {fired()} of {target} faults"
-        s.batch(per_round)
-        rounds += 1
-        s.wait_writers()
-        wait_converged(d, len(s.expected()), max(30.0, end - time.monotonic()), f"fault round {rounds}")
+        c = counts(d)
+        if c["settling"] + c["queued"] + c["uploading"] + c["retry_wait"] < per_round:
+            s.batch(per_round)   # keep it busy: files keep arriving while the faults fire
+            rounds += 1
+        assert c["failed"] == 0, d.files("failed")
+        assert d.proc.poll() is None, d.output()[-3000:]
+        time.sleep(0.3)
+    s.wait_writers()
+    wait_converged(d, len(s.expected()), max(60.0, end - time.monotonic()), "after the faults")
     n = fired()
     stats = emulator.stats()
     emulator.clear_faults()
@@ -223,7 +247,7 @@ def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline
         emulator.expire_tokens()   # what a revoked or clock-skewed token looks like mid-request
         forced += 1
         assert d.proc.poll() is None, d.output()[-3000:]
-        assert d.status()["counts"]["failed"] == 0, d.files("failed")
+        assert counts(d)["failed"] == 0, d.files("failed")
     n = emulator.stats()["sts_issued"] - base
     emulator.clear_faults()
     s.wait_writers()
@@ -337,7 +361,7 @@ def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, seed: i
     emulator.set_faults([{"op": "UploadPart", "delay_ms": 100}])
     d.start()
     s.batch(12)
-    wait_until(lambda: d.status()["counts"]["uploading"] > 0, 30, what="uploads in flight")
+    wait_until(lambda: counts(d)["uploading"] > 0, 30, what="uploads in flight")
     d.proc.send_signal(signal.SIGSTOP)
     time.sleep(stopped)   # the outage itself: the daemon is frozen, there is no condition to wait for
     d.proc.send_signal(signal.SIGCONT)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -21,26 +22,35 @@ KiB = 1024
 WRITERS = ("write", "cp", "rsync", "append")
 
 
-def sizes(rng: random.Random, n: int, *, threshold: int, part: int, max_size: int) -> list[int]:
-    """n sizes spanning 0 B, the threshold's edges, a few parts, and one of max_size."""
-    edges = [0, 1, threshold - 1, threshold, threshold + 1, 3 * part + 1, max_size]
-    out = [s for s in edges if s <= max_size][:n]
-    while len(out) < n:
-        out.append(rng.choice([rng.randint(0, 64 * KiB), rng.randint(0, threshold),
-                               rng.randint(threshold, min(max_size, threshold + 8 * part))]))
-    rng.shuffle(out)
+def sizes(rng: random.Random, n: int, *, threshold: int, part: int, tiny: float = 0.25) -> list[int]:
+    """n sizes: empty and tiny files (a `tiny` share), simple ones, the threshold's edges,
+    multipart ones."""
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        r = r * (1 - tiny) / 0.75 + tiny - 0.25 if r >= tiny else 0.0
+        if r < 0.25:
+            out.append(rng.choice([0, 1, rng.randint(2, 4 * KiB)]))
+        elif r < 0.6:
+            out.append(rng.randint(4 * KiB, threshold - 1))
+        elif r < 0.7:
+            out.append(rng.choice([threshold - 1, threshold, threshold + 1, 3 * part + 1]))
+        else:
+            out.append(rng.randint(threshold, threshold + 8 * part))
     return out
 
 
 class Workload:
     def __init__(self, root: Path, prefix: str, seed: int, *, staging: Path, threshold: int, part: int,
-                 max_size: int = 64 * MiB, rewrites: bool = True):
+                 max_size: int = 64 * MiB, rewrites: bool = True, tiny: float = 0.25):
         self.root, self.prefix, self.staging = root, prefix, staging
         self.rng = random.Random(seed)
         self.threshold, self.part, self.max_size = threshold, part, max_size
         # off for delete and move watches: a rewrite racing the daemon's delete of the uploaded
         # version is the writer's race (the check before the unlink cannot close it)
         self.rewrites = rewrites
+        self.tiny = tiny
+        self.big_left = 1 if max_size > threshold + 8 * part else 0   # one file of max_size per workload
         self.expected: dict[str, bytes] = {}
         self.never: set[str] = set()
         self.legit_extra = 0
@@ -96,11 +106,15 @@ class Workload:
         self.threads.append(t)
 
     # ---------------------------------------------------------------- the mix
-    def batch(self, n: int, *, churn: float = 0.1, background: bool = True) -> list[str]:
-        """n files of mixed sizes and writers; a `churn` share is rewritten or deleted soon
-        after it lands (while it settles or uploads)."""
+    def batch(self, n: int, *, churn: float = 0.1, background: bool = True, only: list[int] | None = None) -> list[str]:
+        """n files of mixed sizes and writers (or of the sizes `only`); a `churn` share is
+        rewritten or deleted soon after it lands (while it settles or uploads)."""
         keys = []
-        for size in sizes(self.rng, n, threshold=self.threshold, part=self.part, max_size=self.max_size):
+        todo = list(only) if only is not None else sizes(self.rng, n, threshold=self.threshold, part=self.part,
+                                                         tiny=self.tiny)
+        if self.big_left and n:
+            todo[0], self.big_left = self.max_size, 0
+        for size in todo:
             rel = self._name("f")
             how = self.rng.choice(WRITERS) if size <= 8 * MiB else self.rng.choice(("write", "cp"))
             fate = self.rng.random()
@@ -155,12 +169,29 @@ class Workload:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def counts(d) -> dict[str, int]:
+    """Rows per state, read straight from the state DB (cheaper than a `status` process per
+    poll; the end-of-scenario checks go through the CLI)."""
+    out = dict.fromkeys(("settling", "queued", "uploading", "retry_wait", "done", "failed", "gone"), 0)
+    if not d.db.exists():
+        return out
+    try:
+        con = sqlite3.connect(f"file:{d.db}?mode=ro", uri=True, timeout=5)
+        try:
+            out.update(dict(con.execute("SELECT state, count(*) FROM files GROUP BY state").fetchall()))
+        finally:
+            con.close()
+    except sqlite3.OperationalError:   # the schema is not there yet (first start)
+        pass
+    return out
+
+
 def wait_converged(d, n_done: int | None, timeout: float, what: str = "") -> dict:
     """Wait until nothing is settling, queued, uploading or waiting for a retry (and, when
     given, `n_done` rows are done); the daemon must stay alive."""
     def ok():
         assert d.proc.poll() is None, d.output()[-3000:]
-        c = d.status()["counts"]
+        c = counts(d)
         busy = c["settling"] + c["queued"] + c["uploading"] + c["retry_wait"]
         return c if busy == 0 and (n_done is None or c["done"] >= n_done) else None
     return wait_until(ok, timeout, interval=0.5, what=f"converged {what} (log: {d.log_path})")
