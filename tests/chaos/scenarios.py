@@ -105,7 +105,7 @@ def _sizes(s: Setup) -> dict[str, int]:
 
 
 def kills(tmp_path: Path, daemon_factory, *, random_kills: int, per_point: int, max_size: int, seed: int = 15,
-          deadline: float = 600) -> dict:
+          deadline: float = 600, points: tuple[str, ...] = crashpoint.NAMES) -> dict:
     """kill -9 at random moments and at every crash point on purpose, with files arriving
     while the daemon is down; then converge and check."""
     rng = random.Random(seed)
@@ -116,7 +116,7 @@ def kills(tmp_path: Path, daemon_factory, *, random_kills: int, per_point: int, 
     s.loads["keep"].never_settled(4)
     hit: dict[str, int] = {}
     sizes: dict[str, int] = {}
-    plan = [None] * random_kills + [p for p in crashpoint.NAMES for _ in range(per_point)]
+    plan = [None] * random_kills + [p for p in points for _ in range(per_point)]
     rng.shuffle(plan)
     for i, point in enumerate(plan):
         assert time.monotonic() < end, f"kills: deadline passed after {i} kills"
@@ -150,7 +150,7 @@ def kills(tmp_path: Path, daemon_factory, *, random_kills: int, per_point: int, 
     d.start()
     wait_converged(d, len(s.expected()), max(60.0, end - time.monotonic()), "after the kills")
     fired = sum(1 for e in events(d, "crashpoint"))
-    missing = [p for p in crashpoint.NAMES if hit.get(p, 0) < 1]
+    missing = [p for p in points if hit.get(p, 0) < 1]
     assert not missing, f"crash points never hit: {missing} (hits {hit})"
     n_kills = len(plan)
     figures = s.check(resend_bound=n_kills * PER_KILL + _resends(d, sizes))
@@ -257,13 +257,14 @@ def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline
     return {"rotations": n, "forced_expiries": forced, **figures}
 
 
-def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int = 18) -> dict:
+def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, token: int = 5, backoff_max: float = 5.0,
+             seed: int = 18) -> dict:
     """STS answers 503 or resets for `down` seconds with 5-second tokens while files arrive:
     nothing fails, `status` says why, and every file is done within one credentials retry
     interval (plus settle and a margin) of STS coming back."""
-    backoff_max, settle, margin = 5.0, 0.3, 5.0
+    settle, margin = 0.3, 5.0
     s = Setup(tmp_path, daemon_factory, seed, max_size=2 * MiB, settle=settle,
-              credentials=sts_cfg(emulator, 5, retry_backoff=0.5, retry_backoff_max=backoff_max),
+              credentials=sts_cfg(emulator, token, retry_backoff=0.5, retry_backoff_max=backoff_max),
               upload=upload_cfg(file_retry_delay=30.0, file_retry_delay_max=3600.0))
     d = s.d
     d.start()
@@ -273,7 +274,7 @@ def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int
     t0 = time.monotonic()
     explained = 0
     while time.monotonic() - t0 < down:
-        if time.monotonic() - t0 > 6:   # the last token has expired: files wait for credentials
+        if time.monotonic() - t0 > token + 1:   # the last token has expired: files wait for credentials
             s.batch(3)
             st = d.status()
             c = st["credentials"]
@@ -292,7 +293,7 @@ def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int
     figures = s.check()
     assert d.status()["credentials"]["error"] is None
     d.stop()
-    return {"sts_down_s": round(down), "waited": waiting, "recovery_s": round(recovery, 1),
+    return {"sts_down_s": round(down), "token_s": token, "waited": waiting, "recovery_s": round(recovery, 1),
             "status_checks": explained, **figures}
 
 
@@ -353,10 +354,11 @@ def oss_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int
             "log_lines_per_file": max(lines.values()) if lines else 0, **figures}
 
 
-def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, seed: int = 20) -> dict:
-    """SIGSTOP longer than a token lives (3 s tokens) with uploads in flight, then SIGCONT."""
+def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, token: int = 3, seed: int = 20) -> dict:
+    """SIGSTOP longer than a token lives with uploads in flight, then SIGCONT."""
+    assert stopped > token
     s = Setup(tmp_path, daemon_factory, seed, max_size=4 * MiB,
-              credentials=sts_cfg(emulator, 3, retry_backoff=0.3, retry_backoff_max=1.0))
+              credentials=sts_cfg(emulator, token, retry_backoff=0.3, retry_backoff_max=1.0))
     d = s.d
     emulator.set_faults([{"op": "UploadPart", "delay_ms": 100}])
     d.start()
@@ -370,4 +372,4 @@ def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, seed: i
     wait_converged(d, len(s.expected()), 120, "after SIGCONT")
     figures = s.check()
     d.stop()
-    return {"stopped_s": stopped, **figures}
+    return {"stopped_s": stopped, "token_s": token, **figures}
