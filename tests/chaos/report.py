@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 ENV = "OSSYNCD_CHAOS_REPORT"
-COLUMNS = ("scenario", "seconds", "kills", "faults", "rotations", "files", "bytes", "resent_bytes",
+COLUMNS = ("scenario", "kills", "faults", "rotations", "files", "bytes", "resent_bytes",
            "lost", "false_done", "orphans", "integrity")
+MIB_COLUMNS = ("bytes", "resent_bytes")   # shown in MiB
 
 
 def path() -> Path | None:
@@ -43,11 +44,13 @@ def table(items: list[dict]) -> str:
     for c in COLUMNS[1:]:
         vals = [r.get(c) for r in items if isinstance(r.get(c), (int, float))]
         if vals:
-            total[c] = round(sum(vals), 1) if c == "seconds" else sum(vals)
+            total[c] = sum(vals)
     total["integrity"] = "ok" if all(r.get("integrity") == "ok" for r in items) else "NOT ok"
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    heads = [f"{c} (MiB)" if c in MIB_COLUMNS else c for c in COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(COLUMNS)]
     for r in items + [total]:
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |")
+        cells = [_cell(r.get(c) / 1048576 if c in MIB_COLUMNS and r.get(c) is not None else r.get(c)) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

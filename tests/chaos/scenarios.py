@@ -105,14 +105,14 @@ def _sizes(s: Setup) -> dict[str, int]:
 
 
 def kills(tmp_path: Path, daemon_factory, *, random_kills: int, per_point: int, max_size: int, seed: int = 15,
-          deadline: float = 600, points: tuple[str, ...] = crashpoint.NAMES) -> dict:
+          deadline: float = 600, points: tuple[str, ...] = crashpoint.NAMES, first: int = 12) -> dict:
     """kill -9 at random moments and at every crash point on purpose, with files arriving
     while the daemon is down; then converge and check."""
     rng = random.Random(seed)
     end = time.monotonic() + deadline
     s = Setup(tmp_path, daemon_factory, seed, max_size=max_size)
     d = s.d
-    s.batch(12)
+    s.batch(first)
     s.loads["keep"].never_settled(4)
     hit: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -229,10 +229,11 @@ def sts_cfg(emulator, duration: int, **kw) -> dict:
     return sts_credentials(emulator, duration_seconds=duration, **kw)
 
 
-def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline: float = 300, seed: int = 17) -> dict:
+def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline: float = 300, files: int = 6,
+              max_size: int = 4 * MiB, seed: int = 17) -> dict:
     """3-second tokens and forced expiries while parts are in flight, until `target` rotations."""
     end = time.monotonic() + deadline
-    s = Setup(tmp_path, daemon_factory, seed, max_size=4 * MiB,
+    s = Setup(tmp_path, daemon_factory, seed, max_size=max_size,
               credentials=sts_cfg(emulator, 3, retry_backoff=0.3, retry_backoff_max=1.0))
     d = s.d
     emulator.set_faults([{"op": "UploadPart", "delay_ms": 200}])   # parts stay in flight across rotations
@@ -242,7 +243,7 @@ def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline
     forced = 0
     while emulator.stats()["sts_issued"] - base < target:
         assert time.monotonic() < end, f"rotations: deadline passed at {emulator.stats()['sts_issued'] - base}"
-        s.batch(6)
+        s.batch(files)
         time.sleep(0.7)
         emulator.expire_tokens()   # what a revoked or clock-skewed token looks like mid-request
         forced += 1
@@ -258,12 +259,12 @@ def rotations(tmp_path: Path, daemon_factory, emulator, *, target: int, deadline
 
 
 def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, token: int = 5, backoff_max: float = 5.0,
-             seed: int = 18) -> dict:
+             files: int = 3, max_size: int = 2 * MiB, seed: int = 18) -> dict:
     """STS answers 503 or resets for `down` seconds with 5-second tokens while files arrive:
     nothing fails, `status` says why, and every file is done within one credentials retry
     interval (plus settle and a margin) of STS coming back."""
     settle, margin = 0.3, 5.0
-    s = Setup(tmp_path, daemon_factory, seed, max_size=2 * MiB, settle=settle,
+    s = Setup(tmp_path, daemon_factory, seed, max_size=max_size, settle=settle,
               credentials=sts_cfg(emulator, token, retry_backoff=0.5, retry_backoff_max=backoff_max),
               upload=upload_cfg(file_retry_delay=30.0, file_retry_delay_max=3600.0))
     d = s.d
@@ -275,7 +276,7 @@ def sts_down(tmp_path: Path, daemon_factory, emulator, *, down: float, token: in
     explained = 0
     while time.monotonic() - t0 < down:
         if time.monotonic() - t0 > token + 1:   # the last token has expired: files wait for credentials
-            s.batch(3)
+            s.batch(files)
             st = d.status()
             c = st["credentials"]
             assert c["error"] and "will retry" in c["error"] and c["next_attempt_at"], c
@@ -310,19 +311,20 @@ def _file_lines(d, since: int, rows: list[dict]) -> dict[str, int]:
     return lines
 
 
-def oss_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int = 19) -> dict:
+def oss_down(tmp_path: Path, daemon_factory, emulator, *, down: float, files: int = 24, max_size: int = 2 * MiB,
+             seed: int = 19) -> dict:
     """Every OSS operation fails (503, then refused connections) for `down` seconds under load:
     files wait in retry_wait with a growing backoff, nothing fails, and the log says at most
     one line per file per state change; when OSS is back every file is done."""
     retry_max = max(2.0, down / 6)
-    s = Setup(tmp_path, daemon_factory, seed, max_size=2 * MiB,
+    s = Setup(tmp_path, daemon_factory, seed, max_size=max_size,
               upload=upload_cfg(request_retries=3, file_retry_delay=0.5, file_retry_delay_max=retry_max))
     d = s.d
     d.start()
     wait_until(lambda: d.status()["credentials"]["expires_at"], 30, what="the first token")
     log_from = len(d.output().splitlines())
     emulator.set_faults([{"op": "*", "status": 503, "code": "ServiceUnavailable"}])
-    s.batch(24)
+    s.batch(files)
     s.wait_writers()
     t0 = time.monotonic()
     attempts: dict[str, list[int]] = {}
@@ -354,15 +356,16 @@ def oss_down(tmp_path: Path, daemon_factory, emulator, *, down: float, seed: int
             "log_lines_per_file": max(lines.values()) if lines else 0, **figures}
 
 
-def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, token: int = 3, seed: int = 20) -> dict:
+def sigstop(tmp_path: Path, daemon_factory, emulator, *, stopped: float, token: int = 3, files: int = 12,
+            max_size: int = 4 * MiB, seed: int = 20) -> dict:
     """SIGSTOP longer than a token lives with uploads in flight, then SIGCONT."""
     assert stopped > token
-    s = Setup(tmp_path, daemon_factory, seed, max_size=4 * MiB,
+    s = Setup(tmp_path, daemon_factory, seed, max_size=max_size,
               credentials=sts_cfg(emulator, token, retry_backoff=0.3, retry_backoff_max=1.0))
     d = s.d
     emulator.set_faults([{"op": "UploadPart", "delay_ms": 100}])
     d.start()
-    s.batch(12)
+    s.batch(files)
     wait_until(lambda: counts(d)["uploading"] > 0, 30, what="uploads in flight")
     d.proc.send_signal(signal.SIGSTOP)
     time.sleep(stopped)   # the outage itself: the daemon is frozen, there is no condition to wait for
