@@ -1,4 +1,4 @@
-"""Crash points: a test seam that kills the daemon at a named moment (docs/architecture.md §4).
+"""Crash points: a test seam that kills the daemon at a named moment (docs/architecture.md §11).
 
 `OSSYNCD_CRASHPOINT=name` (or `name:nth`, the nth time that point is reached, counting from 1)
 makes `hit(name)` SIGKILL the process there, as `kill -9` would, after one JSON line on stderr
