@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-systemd soak bench demo lint venv clean
+.PHONY: test test-systemd soak chaos bench demo lint venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,21 @@ test-systemd: $(STAMP)
 
 soak: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -m soak -o addopts=''
+
+# The chaos suite (tests/chaos/; each scenario has its own deadline). The outages mostly wait,
+# so they run beside the kills and faults: about 15 min on 2 cores. Exits non-zero if either
+# half fails; prints the summary table of both (the figures: $(CHAOS_REPORT)).
+CHAOS_REPORT ?= .cache/chaos-report.jsonl
+CHAOS_PYTEST := NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost OSSYNCD_CHAOS_REPORT=$(CHAOS_REPORT) \
+	$(BIN)/python -m pytest -q -m chaos -o addopts='' -p no:cacheprovider
+
+chaos: $(STAMP)
+	mkdir -p $(dir $(CHAOS_REPORT)) && rm -f $(CHAOS_REPORT)
+	$(CHAOS_PYTEST) tests/chaos/test_outages.py > $(CHAOS_REPORT).outages.log 2>&1 & outages=$$!; \
+	$(CHAOS_PYTEST) tests/chaos/test_kills.py tests/chaos/test_faults.py; busy=$$?; \
+	wait $$outages; out=$$?; cat $(CHAOS_REPORT).outages.log; \
+	$(BIN)/python -m tests.chaos.report $(CHAOS_REPORT); \
+	test $$busy -eq 0 -a $$out -eq 0
 
 bench: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m tests.bench

@@ -157,3 +157,61 @@ def test_control_endpoints(root_bucket, emulator):
     s = requests.post(f"{emulator.oss_url}/-/stats/reset").json()
     assert s["requests"] == {} and s["bytes_received"] == 0 and s["uploads_open"] == 1
     assert requests.get(f"{emulator.oss_url}/-/info").json() == emulator.info()
+
+
+def test_retry_after_and_unparsable_error_bodies(root_bucket, emulator):
+    emulator.set_faults([{"op": "PutObject", "status": 429, "code": "Throttling", "retry_after": 3, "count": 1},
+                         {"op": "PutObject", "status": 503, "bad_error_body": True, "count": 1}])
+    with pytest.raises(oss2.exceptions.ServerError) as ei:
+        root_bucket.put_object("ra", b"x")
+    assert (ei.value.status, ei.value.code) == (429, "Throttling")
+    assert ei.value.headers["Retry-After"] == "3"
+    with pytest.raises(oss2.exceptions.ServerError) as ei:
+        root_bucket.put_object("ra", b"x")
+    assert ei.value.status == 503 and not ei.value.code   # nothing to parse a code from
+    assert root_bucket.put_object("ra", b"x").status == 200
+    for bad in ({"op": "PutObject", "retry_after": 1}, {"op": "PutObject", "bad_error_body": True},
+                {"op": "PutObject", "crc64": "bogus"}, {"op": "PutObject", "truncate_body": -1}):
+        assert requests.post(f"{emulator.oss_url}/-/faults", json=[bad]).status_code == 400, bad
+
+
+def test_truncated_response_body(root_bucket, emulator):
+    emulator.set_faults([{"op": "InitiateMultipartUpload", "truncate_body": 20, "count": 1},
+                         {"op": "GetObject", "truncate_body": 5, "count": 1}])
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):   # oss2 lets it through while parsing
+        root_bucket.init_multipart_upload("t")
+    assert emulator.stats()["errors"]["InitiateMultipartUpload"]["TruncatedResponse"] == 1
+    assert emulator.stats()["uploads_open"] == 1   # performed; only the answer was cut
+    root_bucket.put_object("t", b"0123456789")
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        root_bucket.get_object("t").read()
+    assert root_bucket.get_object("t").read() == b"0123456789"
+
+
+def test_wrong_and_missing_crc64(emulator):
+    crc_bucket = oss2.Bucket(oss2.Auth(emulator.root.id, emulator.root.secret), emulator.oss_url, "drop",
+                             enable_crc=True)
+    emulator.set_faults([{"op": "PutObject", "crc64": "wrong", "count": 1},
+                         {"op": "PutObject", "crc64": "missing", "count": 1}])
+    with pytest.raises(oss2.exceptions.InconsistentError):
+        crc_bucket.put_object("c", b"abc")
+    r = crc_bucket.put_object("c", b"abc")
+    assert r.crc is None and "x-oss-hash-crc64ecma" not in r.headers
+    assert crc_bucket.put_object("c", b"abc").crc == CRC.calc(b"abc")
+    up = crc_bucket.init_multipart_upload("m").upload_id
+    p = crc_bucket.upload_part("m", up, 1, b"p" * 1000)
+    emulator.set_faults([{"op": "CompleteMultipartUpload", "crc64": "wrong", "count": 1}])
+    r = oss2.Bucket(oss2.Auth(emulator.root.id, emulator.root.secret), emulator.oss_url, "drop").complete_multipart_upload(
+        "m", up, [oss2.models.PartInfo(1, p.etag)])
+    assert r.crc == (CRC.calc(b"p" * 1000) + 1) % (1 << 64)
+
+
+def test_refuse_performs_nothing(root_bucket, emulator):
+    emulator.set_faults([{"op": "InitiateMultipartUpload", "refuse": True, "count": 1},
+                         {"op": "PutObject", "refuse": True, "count": 1}])
+    with pytest.raises(oss2.exceptions.RequestError):
+        root_bucket.init_multipart_upload("r")
+    with pytest.raises(oss2.exceptions.RequestError):
+        root_bucket.put_object("r", b"")
+    s = emulator.stats()
+    assert s["uploads_open"] == 0 and not root_bucket.object_exists("r") and s["bytes_received"] == 0

@@ -42,7 +42,8 @@ def test_fault_soak_200_files(tmp_path, emulator, daemon_factory):
                        oss={"read_timeout": 1.0},
                        upload=fast_upload(multipart_threshold="300KiB", part_size="100KiB", request_retries=10,
                                           max_files_in_flight=8, file_retry_delay=0.5, file_retry_delay_max=1.0),
-                       daemon={"rescan_interval": 30.0, "orphan_max_age": 0, "orphan_sweep_interval": 3.0}).start()
+                       daemon={"rescan_interval": 30.0, "orphan_max_age": 0, "orphan_sweep_interval": 3.0,
+                               "log_level": "debug"}).start()   # request retries are debug lines
 
     def all_done():
         counts = d.status()["counts"]

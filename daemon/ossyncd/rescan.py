@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import structlog
 
+from ossyncd import crashpoint
 from ossyncd.scanner import DirGroup, Entry, scan_dirs
 from ossyncd.state import KnownRow, printable_path
 
@@ -71,6 +72,7 @@ class Rescan:
                 self._entry(group.self_entry, KnownRow(row.path, row.state, row.identity) if row else None)
                 return
             self._merge(group)
+            crashpoint.hit("in_rescan")
             yield   # one folder's scandir and merge run together: no row is added in between
         log.info("rescan", root=self.root, files=self.files, seconds=round(time.monotonic() - self.t0, 3),
                  rows_held=self.rows_held, entries_held=self.entries_held)
@@ -130,8 +132,17 @@ class Rescan:
         if k is not None and k.identity == e.identity and k.state not in ("gone", "skipped"):
             if k.state in ("settling", "waiting"):   # waiting: its marker may have come meanwhile
                 tracker.observe(e.path, e.size, stamp(e), self.now, False)
+            elif k.state == "done" and s.watches[self.root].after_upload != "keep":
+                self._finish_after_upload(e.path)
             return
         tracker.observe(e.path, e.size, stamp(e), self.now, False)
+
+    def _finish_after_upload(self, path: str) -> None:
+        """A `done` source still in a delete or move watch: a kill fell between the commit of
+        `done` and the action (docs/architecture.md §4, durability order 3); do it now."""
+        row = self.sched.state.get(path)
+        if row is not None and not any(j.row.path == path for j in self.sched.jobs.values()):
+            self.sched._after_upload(row)
 
     def _unseen(self, k: KnownRow) -> None:
         """A row whose file the walk did not find."""

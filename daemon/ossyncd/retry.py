@@ -82,7 +82,8 @@ class RetryingStore:
                 if self.on_retry:
                     self.on_retry(op, e)
                 wait = self.backoff.delay(failures - 1)
-                log.info("retrying", op=op, error=str(e), attempt=failures, wait=round(wait, 2))
+                # debug: one line per file state change, not per request (docs/architecture.md §7)
+                log.debug("retrying", op=op, error=str(e), attempt=failures, wait=round(wait, 2))
                 if cancel is not None:
                     if cancel.wait(wait):
                         raise Cancelled(f"{op}: cancelled") from None

@@ -23,6 +23,7 @@ from typing import Callable
 
 import structlog
 
+from ossyncd import crashpoint
 from ossyncd.config import Config, WatchConfig
 from ossyncd.errors import StateError
 from ossyncd.markers import Gate
@@ -521,6 +522,7 @@ class Scheduler:
     def _act(self, w: WatchConfig, path: str) -> bool:
         """Delete or move one source; False (logged) when it stays."""
         try:
+            crashpoint.hit("after_upload_action")
             if w.after_upload == "delete":
                 os.unlink(path)
                 log.info("source deleted after verified upload", path=path)

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import sqlite_utils
 
+from ossyncd import crashpoint
 from ossyncd.errors import StateError
 from ossyncd.log import get_logger
 from ossyncd.model import Identity, PartRow
@@ -543,6 +544,7 @@ class State:
                 if write:
                     with self.db.atomic():
                         yield
+                        crashpoint.hit("in_commit")   # a kill with the transaction open (tests/chaos)
                 else:
                     yield
             except sqlite3.OperationalError as e:

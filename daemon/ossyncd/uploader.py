@@ -20,6 +20,7 @@ from typing import Callable
 
 import structlog
 
+from ossyncd import crashpoint
 from ossyncd.body import Body, RateLimiter
 from ossyncd.config import ObjectSpec, UploadConfig
 from ossyncd.errors import (
@@ -333,6 +334,7 @@ class Uploader:
         spec, facts = self._object(row)
         result = self.store.put(key, body, headers={**put_headers(spec, facts), **callback_headers(spec, facts)},
                                 cancel=scope)
+        crashpoint.hit("after_put")
         if result.crc64 != crc:  # the file changed between the checksum pass and the send
             raise FileChanged(row.path, "file changed while it was being uploaded")
         self._check_identity(row)
@@ -355,6 +357,7 @@ class Uploader:
         if up is None:
             part_size = choose_part_size(row.size, self.cfg)
             upload_id = self.store.init_multipart(key, headers=put_headers(*self._object(row)), cancel=scope)
+            crashpoint.hit("after_initiate")
             up = self.state.begin_upload(row.id, upload_id, key, part_size, row.identity)
             self._abort_strays(key, scope)
         ranges = part_ranges(row.size, up.part_size)
@@ -418,6 +421,7 @@ class Uploader:
             if e.code == "FileAlreadyExists":   # written meanwhile: this upload can never complete
                 self._abort(up)
             raise
+        crashpoint.hit("after_complete")
         self._mark_done(row, key, result, "multipart")
         return len(todo)
 

@@ -15,7 +15,19 @@ A fault rule is a dict:
                                   # before it is stored and checksummed
      "drop_response": true,       # perform the operation, then close without a response
      "strip_headers": ["ETag"],   # perform the operation, answer without these headers (a proxy)
+     "retry_after": 2,            # with "status": a Retry-After header (seconds) on the error reply
+     "bad_error_body": true,      # with "status": an error body that is not XML (a proxy's HTML page cut short)
+     "truncate_body": 10,         # perform the operation, announce the whole response body in
+                                  # Content-Length, send only this many bytes of it, then close
+     "crc64": "wrong",            # perform the operation; its x-oss-hash-crc64ecma (header and XML) is
+                                  # "wrong" (off by one) or "missing"
+     "refuse": true,              # close at once: nothing read, nothing performed, no response
+                                  # (what a client sees as a refused or reset connection)
     }
+
+A delay longer than the client's read timeout is a stall. STS (AssumeRole, AssumeRoleWithOIDC)
+applies status, retry_after, delay_ms, reset_after_bytes, bad_error_body and refuse; the others are
+OSS-only.
 
 The first rule (in list order) that matches and fires is applied; at most one per request.
 """
@@ -25,8 +37,13 @@ import threading
 from collections import defaultdict
 
 RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
-               "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response", "strip_headers"}
-ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response", "strip_headers"}
+RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
+               "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response", "retry_after",
+               "bad_error_body", "truncate_body", "crc64", "refuse", "strip_headers"}
+ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response", "truncate_body", "crc64",
+           "refuse", "strip_headers"}
+NEED_STATUS = ("retry_after", "bad_error_body")   # they shape an error reply
+CRC64_FAULTS = ("wrong", "missing")
 
 
 class Fault:
@@ -43,6 +60,11 @@ class Fault:
         self.flip_offset = rule.get("flip_offset")
         self.drop_response = bool(rule.get("drop_response"))
         self.strip_headers = {h.lower() for h in rule.get("strip_headers") or ()}
+        self.retry_after = rule.get("retry_after")
+        self.bad_error_body = bool(rule.get("bad_error_body"))
+        self.truncate_body = rule.get("truncate_body")
+        self.crc64 = rule.get("crc64")
+        self.refuse = bool(rule.get("refuse"))
 
     def sleep(self):
         if self.delay > 0:   # cut short when the emulator stops, so a long delay does not hold it up
@@ -72,7 +94,13 @@ class FaultEngine:
         p = rule.get("probability", 1)
         if not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError("probability must be a number in [0, 1]")
-        for k in ("count", "skip", "reset_after_bytes", "delay_ms", "status", "flip_offset"):
+        for k in NEED_STATUS:
+            if rule.get(k) and not rule.get("status"):
+                raise ValueError(f"{k} shapes an error reply: it needs 'status'")
+        if "crc64" in rule and rule["crc64"] not in CRC64_FAULTS:
+            raise ValueError(f"crc64 must be one of {list(CRC64_FAULTS)}")
+        for k in ("count", "skip", "reset_after_bytes", "delay_ms", "status", "flip_offset", "retry_after",
+                  "truncate_body"):
             if k in rule and rule[k] is not None and (not isinstance(rule[k], (int, float)) or rule[k] < 0):
                 raise ValueError(f"{k} must be a non-negative number")
 

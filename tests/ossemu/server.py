@@ -36,7 +36,8 @@ from .sts import error_json
 
 DRAIN_LIMIT = 1 << 30
 BODY_OPS = ("PutObject", "UploadPart")
-NO_CRC64_XML = re.compile(rb"<HashCrc64ecma>[^<]*</HashCrc64ecma>")
+NO_CRC64_XML = re.compile(rb"<HashCrc64ecma>([^<]*)</HashCrc64ecma>")
+BAD_ERROR_BODY = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad"
 
 
 def _request_id():
@@ -263,6 +264,8 @@ class _BaseHandler(BaseHTTPRequestHandler):
             if fault is not None:
                 emu.counters.fault(op)
                 req.body.fault = fault
+                if fault.refuse:
+                    raise ConnectionAbort("refused")
             body = b""
             while True:
                 chunk = req.body.read(65536)
@@ -290,8 +293,12 @@ class _BaseHandler(BaseHTTPRequestHandler):
             self._json(200, result)
         except StsError as e:
             emu.counters.error(op, e.code)
-            self._send(e.status, [("Content-Type", "application/json;charset=utf-8")],
-                       error_json(e, req.request_id))
+            headers = [("Content-Type", "application/json;charset=utf-8")]
+            if fault is not None and fault.retry_after is not None:
+                headers.append(("Retry-After", str(int(fault.retry_after))))
+            bad = fault is not None and fault.bad_error_body and fault.status
+            self._send(e.status, [("Content-Type", "text/html")] if bad else headers,
+                       BAD_ERROR_BODY if bad else error_json(e, req.request_id))
         except ConnectionAbort:
             emu.counters.error(op, "ConnectionReset")
             self._abort()
@@ -339,6 +346,8 @@ class OSSHandler(_BaseHandler):
             if fault is not None:
                 emu.counters.fault(op)
                 req.body.fault = fault
+                if fault.refuse:
+                    raise ConnectionAbort("refused")
                 if fault.status:
                     raise OSSError(int(fault.status), fault.code, fault.message)
             emu.storage.bucket(req.bucket)
@@ -359,7 +368,9 @@ class OSSHandler(_BaseHandler):
                         resp.file[0].close()
                     raise ConnectionAbort("reset fault")
                 fault.sleep()
-            self._reply(req, resp)
+            if fault is not None and fault.truncate_body is not None:
+                return self._truncated(op, req, resp, fault.truncate_body)
+            self._reply(req, resp, fault)
             emu.counters.success(op)
         except OSSError as e:
             emu.counters.error(op, e.code)
@@ -376,12 +387,18 @@ class OSSHandler(_BaseHandler):
             self._error(req, OSSError(500, "InternalError", "We encountered an internal error. Please try again."),
                         None)
 
-    def _reply(self, req, resp):
+    def _reply(self, req, resp, fault=None):
         head = req.method == "HEAD"
         headers = [("x-oss-request-id", req.request_id)] + resp.headers
-        if not self.server.emu.crc64:  # like a server (or proxy) that sends no CRC64 at all
+        crc_fault = fault.crc64 if fault is not None else None
+        if not self.server.emu.crc64 or crc_fault == "missing":  # like a server (or proxy) that sends no CRC64
             headers = [(k, v) for k, v in headers if k.lower() != "x-oss-hash-crc64ecma"]
             resp.body = NO_CRC64_XML.sub(b"", resp.body)
+        elif crc_fault == "wrong":
+            headers = [(k, str((int(v) + 1) % (1 << 64)) if k.lower() == "x-oss-hash-crc64ecma" else v)
+                       for k, v in headers]
+            resp.body = NO_CRC64_XML.sub(lambda m: b"<HashCrc64ecma>%d</HashCrc64ecma>" % (
+                (int(m.group(1) or 0) + 1) % (1 << 64)), resp.body)
         if resp.file is None:
             self._send(resp.status, headers, resp.body, length=resp.length, head=head)
             return
@@ -390,6 +407,22 @@ class OSSHandler(_BaseHandler):
             self._send(resp.status, headers, length=count, head=True)
             if not head and count:
                 reader.sendfile(self.connection, offset, count)
+
+    def _truncated(self, op, req, resp, n):
+        """The truncate_body fault: the whole body announced, n bytes of it sent, then closed."""
+        if resp.file is not None:
+            reader, offset, length = resp.file
+            sent = b""
+            with reader:
+                for chunk in reader.chunks(offset, length):
+                    sent += chunk
+                    if len(sent) >= n:
+                        break
+        else:
+            sent, length = resp.body, len(resp.body)
+        self._send(resp.status, [("x-oss-request-id", req.request_id)] + resp.headers, sent[:n], length=length)
+        self.server.emu.counters.error(op, "TruncatedResponse")
+        self._abort()
 
     def _error(self, req, e, fault):
         close = False
@@ -405,6 +438,10 @@ class OSSHandler(_BaseHandler):
         host = (req.header("host") or "localhost").split(":")[0]
         body = X.error_body(e.code, e.message, req.request_id, host, e.ec, e.extra)
         headers = [("x-oss-request-id", req.request_id), ("Content-Type", "application/xml")]
+        if fault is not None and fault.retry_after is not None:
+            headers.append(("Retry-After", str(int(fault.retry_after))))
+        if fault is not None and fault.bad_error_body:   # a proxy's page cut short: not XML, no code
+            body, headers[1] = BAD_ERROR_BODY, ("Content-Type", "text/html")
         if e.ec:
             headers.append(("x-oss-ec", e.ec))
         headers += list(e.headers.items())
