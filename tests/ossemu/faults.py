@@ -37,7 +37,6 @@ import threading
 from collections import defaultdict
 
 RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
-RULE_FIELDS = {"op", "probability", "count", "skip", "key_prefix", "seed", "status", "code", "message",
                "delay_ms", "reset_after_bytes", "flip_bit", "flip_offset", "drop_response", "retry_after",
                "bad_error_body", "truncate_body", "crc64", "refuse", "strip_headers"}
 ACTIONS = {"status", "delay_ms", "reset_after_bytes", "flip_bit", "drop_response", "truncate_body", "crc64",
