@@ -25,7 +25,7 @@ soak: $(STAMP)
 	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -m soak -o addopts=''
 
 # The chaos suite (tests/chaos/; each scenario has its own deadline). The outages mostly wait,
-# so they run beside the kills and faults: about 15 min on 2 cores. Exits non-zero if either
+# so they run (with the state-DB scenarios) beside the kills and faults: 15-20 min on 2 cores. Exits non-zero if either
 # half fails; prints the summary table of both (the figures: $(CHAOS_REPORT)).
 CHAOS_REPORT ?= .cache/chaos-report.jsonl
 CHAOS_PYTEST := NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost OSSYNCD_CHAOS_REPORT=$(CHAOS_REPORT) \
@@ -33,7 +33,7 @@ CHAOS_PYTEST := NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost OSSYNC
 
 chaos: $(STAMP)
 	mkdir -p $(dir $(CHAOS_REPORT)) && rm -f $(CHAOS_REPORT)
-	$(CHAOS_PYTEST) tests/chaos/test_outages.py > $(CHAOS_REPORT).outages.log 2>&1 & outages=$$!; \
+	$(CHAOS_PYTEST) tests/chaos/test_outages.py tests/chaos/test_storage.py > $(CHAOS_REPORT).outages.log 2>&1 & outages=$$!; \
 	$(CHAOS_PYTEST) tests/chaos/test_kills.py tests/chaos/test_faults.py; busy=$$?; \
 	wait $$outages; out=$$?; cat $(CHAOS_REPORT).outages.log; \
 	$(BIN)/python -m tests.chaos.report $(CHAOS_REPORT); \

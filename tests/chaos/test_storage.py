@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_storage_chaos_short as short
+from tests.chaos import invariants, report
 from tests.helpers import MiB, events, fast_upload, ossyncd, random_file, sts_credentials, wait_until, write_config
 from tests.test_state_errors import fill
 from tests.test_storage_chaos_short import (
@@ -28,11 +29,6 @@ from tests.test_storage_chaos_short import (
     workload,
 )
 
-try:   # the suite's frame (tests/chaos/invariants.py, report.py)
-    from tests.chaos import invariants, report
-except ImportError:   # pragma: no cover - only before the frame is merged
-    invariants = report = None   # type: ignore[assignment]
-
 pytestmark = pytest.mark.chaos
 mounts = short.mounts   # the fixture: mount(*args), unmounted at teardown
 
@@ -43,14 +39,14 @@ DISK_FULL_CYCLES = int(os.environ.get("OSSYNCD_CHAOS_DISK_FULL_CYCLES", "5"))
 
 def record(scenario: str, **figures) -> dict:
     print(f"{scenario}: {figures}")
-    return report.record(scenario, **figures) if report is not None else figures
+    return report.record(scenario, **figures)
 
 
 def verify(d, expected: dict[str, bytes]) -> dict:
     """Converged, then the suite's invariants (byte-equal, no false `done`, no open upload,
     integrity_check, status agrees with the bucket)."""
     converged(d, expected, 180)
-    return invariants.check_daemon(d, expected) if invariants is not None else {}
+    return invariants.check_daemon(d, expected)
 
 
 @pytest.mark.timeout(1200)
