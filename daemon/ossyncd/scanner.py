@@ -260,10 +260,27 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
         yield DirGroup(dpath, entries, subdirs)
 
 
+_RULES_CACHE: dict[int, tuple[object, _Rules]] = {}   # id(watch) -> (watch, its rules); configs are frozen
+
+
+def _rules_of(watch) -> _Rules:
+    """The rules of a watch, built once per config object (stat_entry runs per watcher event)."""
+    hit = _RULES_CACHE.get(id(watch))
+    if hit is not None and hit[0] is watch:
+        r = hit[1]
+        r._root_real = None   # resolved afresh per call, as a new _Rules would: the root link may move
+        return r
+    if len(_RULES_CACHE) >= 64:   # reloads leave old configs behind
+        _RULES_CACHE.clear()
+    r = _Rules(watch)
+    _RULES_CACHE[id(watch)] = (watch, r)
+    return r
+
+
 def stat_entry(watch, path: str | os.PathLike, *, with_temp: bool = False) -> Entry | None:
     """Classify one path by the scan rules, e.g. for a watcher event or the
     restat before upload. None when it is gone, a directory or ignored."""
-    r = _Rules(watch)
+    r = _rules_of(watch)
     path = os.path.normpath(os.fspath(path))
     try:
         relpath = relpath_of(r.root, path)
