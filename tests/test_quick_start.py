@@ -10,7 +10,9 @@ import pytest
 
 from tests.helpers import write_config
 
-HEAVY = ("structlog", "oss2", "aliyunsdkcore", "watchdog", "prometheus_client", "requests")
+HEAVY = ("structlog", "oss2", "aliyunsdkcore", "aliyunsdksts", "watchdog", "prometheus_client", "requests", "urllib3",
+         "anycrc", "sqlite_utils", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
+         "ossyncd.scheduler")
 PROBE = """
 import json, sys
 from ossyncd.cli import main
