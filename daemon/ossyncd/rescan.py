@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import structlog
 
+from ossyncd.model import Identity
 from ossyncd.scanner import DirGroup, Entry, scan_dirs
 from ossyncd.state import KnownRow, printable_path
 
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 _KEY = itemgetter(0)
+
+
+def _same(i: Identity, e: Entry) -> bool:
+    """i == e.identity, without building an Identity per file of the tree."""
+    return (i.size, i.mtime_ns, i.inode, i.ctime_ns) == (e.size, e.mtime_ns, e.inode, e.ctime_ns)
 
 
 def stamp(entry: Entry) -> tuple[int, int | None]:
@@ -127,7 +133,7 @@ class Rescan:
                 s.state.mark_skipped(e.path, self.root, e.reason)
                 log.warning("skipped", path=e.path, reason=e.reason)
             return
-        if k is not None and k.identity == e.identity and k.state not in ("gone", "skipped"):
+        if k is not None and _same(k.identity, e) and k.state not in ("gone", "skipped"):
             if k.state == "settling":
                 tracker.observe(e.path, e.size, stamp(e), self.now, False)
             return

@@ -15,7 +15,7 @@ import stat as st_
 from dataclasses import dataclass
 from typing import Iterator
 
-from .model import Identity
+from .model import Identity, clamp_ns
 from .objectspec import FileFacts, object_key_for
 from .paths import (
     check_key,
@@ -94,8 +94,9 @@ class _Rules:
         bad = check_key(key)
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)
-        i = Identity.of(s)
-        return Entry(path, relpath, "file", key, i.size, i.mtime_ns, i.inode, s.st_dev, ctime_ns=i.ctime_ns)
+        # Identity.of's fields, without building it: this runs once per file of every rescan
+        return Entry(path, relpath, "file", key, s.st_size, clamp_ns(s.st_mtime_ns), s.st_ino, s.st_dev,
+                     ctime_ns=clamp_ns(s.st_ctime_ns))
 
     def temp(self, path: str, relpath: str, s: os.stat_result, rule: str) -> Entry:
         i = Identity.of(s)
