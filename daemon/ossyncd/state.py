@@ -1,4 +1,4 @@
-"""Durable state: the only module that talks to SQLite.
+"""Durable state: the only module that talks to SQLite (through sqlite-utils).
 
 Every transition is one transaction. The DB runs in WAL mode so that
 ``ossyncd status`` can read while the daemon writes. CRC64 values are
@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
+
+import sqlite_utils
 
 from ossyncd.errors import StateError
 from ossyncd.log import get_logger
@@ -125,55 +127,7 @@ def printable_path(path: str) -> str:
         return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-class Db:
-    """The connection with the two calls state.py needs: `execute` (autocommitted outside a
-    transaction) and `atomic` (a transaction; nested blocks are savepoints). On sqlite3 itself,
-    not sqlite-utils, whose import alone cost every command about 0.1 s of start-up."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        conn.isolation_level = None   # no implicit transactions: BEGIN only in atomic()
-        self.conn = conn
-        self._savepoints = 0
-
-    def execute(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params if isinstance(params, (list, tuple, dict)) else list(params))
-
-    @contextmanager
-    def atomic(self) -> Iterator["Db"]:
-        if self.conn.in_transaction:
-            self._savepoints += 1
-            name = f"sp{self._savepoints}"
-            self.conn.execute(f"SAVEPOINT {name}")
-            try:
-                yield self
-            except BaseException:
-                if self.conn.in_transaction:   # a RAISE(ROLLBACK) trigger may have ended it already
-                    self.conn.execute(f"ROLLBACK TO {name}")
-                    self.conn.execute(f"RELEASE {name}")
-                raise
-            else:
-                self.conn.execute(f"RELEASE {name}")
-            return
-        self.conn.execute("BEGIN")
-        try:
-            yield self
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        else:
-            try:
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def _migration_1(db: Db) -> None:
+def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute("""
         CREATE TABLE files (
             id INTEGER PRIMARY KEY,
@@ -220,30 +174,30 @@ def _migration_1(db: Db) -> None:
     db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
 
 
-def _migration_2(db: Db) -> None:
+def _migration_2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX files_state_id ON files(state, id)")
 
 
-def _migration_verification(db: Db) -> None:
+def _migration_verification(db: sqlite_utils.Database) -> None:
     """files.verification: crc64 or md5 (a server that returns no CRC64); NULL before this."""
     db.execute("ALTER TABLE files ADD COLUMN verification TEXT")
 
 
-def _migration_ctime(db: Db) -> None:
+def _migration_ctime(db: sqlite_utils.Database) -> None:
     # NULL ctime_ns on existing rows means "unknown": compared by CRC64, not re-uploaded
     db.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
     db.execute("ALTER TABLE files ADD COLUMN check_crc INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE uploads ADD COLUMN ctime_ns INTEGER")
 
 
-def _migration_stored_key(db: Db) -> None:
+def _migration_stored_key(db: sqlite_utils.Database) -> None:
     """files.stored_key: the key overwrite = "rename" chose (NULL: `key` itself)."""
     db.execute("ALTER TABLE files ADD COLUMN stored_key TEXT")
 
 
 
 
-def _migration_events(db: Db) -> None:
+def _migration_events(db: sqlite_utils.Database) -> None:
     """The outbox: one row per event and hook, written in the transaction of the file's state
     change; `event_id` is the same for every hook, so receivers can de-duplicate."""
     db.execute("""
@@ -374,7 +328,7 @@ class State:
             else:
                 self._create_file()
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-            self.db = Db(conn)
+            self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys=ON")
             if not readonly:
                 self.db.execute("PRAGMA journal_mode=WAL")
