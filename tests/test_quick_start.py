@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import write_config
 
 HEAVY = ("structlog", "oss2", "aliyunsdkcore", "aliyunsdksts", "watchdog", "prometheus_client", "requests", "urllib3",
-         "anycrc", "sqlite_utils", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
+         "anycrc", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
          "ossyncd.scheduler")
 PROBE = """
 import json, sys
