@@ -10,7 +10,9 @@ import pytest
 
 from tests.helpers import write_config
 
-HEAVY = ("structlog", "oss2", "aliyunsdkcore", "watchdog", "prometheus_client", "requests", "ossyncd.broker")
+HEAVY = ("structlog", "oss2", "aliyunsdkcore", "aliyunsdksts", "watchdog", "prometheus_client", "requests", "urllib3",
+         "anycrc", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
+         "ossyncd.scheduler", "ossyncd.broker")
 PROBE = """
 import json, sys
 from ossyncd.cli import main

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import click
 
@@ -129,6 +128,7 @@ def upload(config_path, prefix, files):
         def one(row):
             return stack.upload_now(row, lambda new: progress.update(tasks[new.id], total=new.size))
 
+        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(cfg.upload.max_files_in_flight) as pool:
             results = list(pool.map(one, rows))
     for row, outcome in results:

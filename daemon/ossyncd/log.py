@@ -12,6 +12,7 @@ from typing import Any, Iterable, MutableMapping
 
 _secrets: set[str] = set()
 _configured = False
+_level = logging.CRITICAL   # the configured threshold (level_enabled)
 
 
 class _LazyLogger:
@@ -35,6 +36,11 @@ def get_logger(name: str) -> Any:
     return _LazyLogger(name)
 
 
+def level_enabled(level: str) -> bool:
+    """Would a line at `level` be written? Lets a hot path skip building one that is dropped."""
+    return getattr(logging, level.upper()) >= _level
+
+
 def register_secrets(values: Iterable[str | None]) -> None:
     """Values that must never reach a log line (keys, tokens), however they got there."""
     _secrets.update(v for v in values if v and len(v) >= 6)
@@ -53,9 +59,10 @@ def _redact(_, __, event: MutableMapping) -> MutableMapping:
 
 
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
-    global _configured
+    global _configured, _level
     import structlog
     _configured = True
+    _level = getattr(logging, level.upper())
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"

@@ -10,10 +10,10 @@ from typing import Protocol
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _clamp(ns: int) -> int:
+def clamp_ns(ns: int) -> int:
     # A clock set to 2300 gives st_mtime_ns beyond SQLite's INTEGER. Clamping in the one
     # place identities are built keeps both sides of every comparison equal.
-    return min(max(ns, _INT64_MIN), _INT64_MAX)
+    return ns if _INT64_MIN <= ns <= _INT64_MAX else min(max(ns, _INT64_MIN), _INT64_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class Identity:
 
     @classmethod
     def of(cls, st: os.stat_result) -> "Identity":
-        return cls(st.st_size, _clamp(st.st_mtime_ns), st.st_ino, _clamp(st.st_ctime_ns))
+        return cls(st.st_size, clamp_ns(st.st_mtime_ns), st.st_ino, clamp_ns(st.st_ctime_ns))
 
     def same_but_ctime(self, other: "Identity") -> bool:
         """Equal size, mtime and inode: a different ctime alone may be a chmod."""

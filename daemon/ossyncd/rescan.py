@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import structlog
 
 from ossyncd import crashpoint
+from ossyncd.model import Identity
 from ossyncd.scanner import DirGroup, Entry, scan_dirs
 from ossyncd.state import KnownRow, printable_path
 
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 _KEY = itemgetter(0)
+
+
+def _same(i: Identity, e: Entry) -> bool:
+    """i == e.identity, without building an Identity per file of the tree."""
+    return (i.size, i.mtime_ns, i.inode, i.ctime_ns) == (e.size, e.mtime_ns, e.inode, e.ctime_ns)
 
 
 def stamp(entry: Entry) -> tuple[int, int | None]:
@@ -129,7 +135,7 @@ class Rescan:
                 s.state.mark_skipped(e.path, self.root, e.reason)
                 log.warning("skipped", path=e.path, reason=e.reason)
             return
-        if k is not None and k.identity == e.identity and k.state not in ("gone", "skipped"):
+        if k is not None and _same(k.identity, e) and k.state not in ("gone", "skipped"):
             if k.state in ("settling", "waiting"):   # waiting: its marker may have come meanwhile
                 tracker.observe(e.path, e.size, stamp(e), self.now, False)
             elif k.state == "done" and s.watches[self.root].after_upload != "keep":

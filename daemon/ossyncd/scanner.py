@@ -15,7 +15,7 @@ import stat as st_
 from dataclasses import dataclass
 from typing import Iterator
 
-from .model import Identity
+from .model import Identity, clamp_ns
 from .objectspec import FileFacts, object_key_for
 from .paths import (
     check_key,
@@ -94,8 +94,9 @@ class _Rules:
         bad = check_key(key)
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)
-        i = Identity.of(s)
-        return Entry(path, relpath, "file", key, i.size, i.mtime_ns, i.inode, s.st_dev, ctime_ns=i.ctime_ns)
+        # Identity.of's fields, without building it: this runs once per file of every rescan
+        return Entry(path, relpath, "file", key, s.st_size, clamp_ns(s.st_mtime_ns), s.st_ino, s.st_dev,
+                     ctime_ns=clamp_ns(s.st_ctime_ns))
 
     def temp(self, path: str, relpath: str, s: os.stat_result, rule: str) -> Entry:
         i = Identity.of(s)
@@ -260,10 +261,27 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
         yield DirGroup(dpath, entries, subdirs)
 
 
+_RULES_CACHE: dict[int, tuple[object, _Rules]] = {}   # id(watch) -> (watch, its rules); configs are frozen
+
+
+def _rules_of(watch) -> _Rules:
+    """The rules of a watch, built once per config object (stat_entry runs per watcher event)."""
+    hit = _RULES_CACHE.get(id(watch))
+    if hit is not None and hit[0] is watch:
+        r = hit[1]
+        r._root_real = None   # resolved afresh per call, as a new _Rules would: the root link may move
+        return r
+    if len(_RULES_CACHE) >= 64:   # reloads leave old configs behind
+        _RULES_CACHE.clear()
+    r = _Rules(watch)
+    _RULES_CACHE[id(watch)] = (watch, r)
+    return r
+
+
 def stat_entry(watch, path: str | os.PathLike, *, with_temp: bool = False) -> Entry | None:
     """Classify one path by the scan rules, e.g. for a watcher event or the
     restat before upload. None when it is gone, a directory or ignored."""
-    r = _Rules(watch)
+    r = _rules_of(watch)
     path = os.path.normpath(os.fspath(path))
     try:
         relpath = relpath_of(r.root, path)

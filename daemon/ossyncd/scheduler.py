@@ -43,6 +43,7 @@ STATUS_EVERY = 1.0
 STATE_BACKOFF_MIN, STATE_BACKOFF_MAX = 1.0, 30.0   # seconds between retries of an unusable state DB
 FILE_CHECK_EVERY = 2.0                              # seconds between checks that state.db is still ours
 ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exists
+DUE_MARGIN = 64          # extra due rows read while multipart files wait for a lane
 RESCAN_SLICE = 0.05      # seconds of rescan work per tick: intake, settle and dispatch run between slices
 SENTINEL_CHECK_EVERY = 10.0   # seconds between full checks of the folders whose ready_file waits
 
@@ -440,7 +441,10 @@ class Scheduler:
             return
         big_limit = max(1, self.cfg.upload.max_files_in_flight - 1)
         big = sum(1 for j in self.jobs.values() if j.multipart)
-        for row in self.state.due(now, limit=slots + len(self.jobs) + 64):
+        # rows of finished jobs not reaped yet may still be due; multipart rows past the limit are passed over
+        margin = len(self.jobs) + (DUE_MARGIN if big >= big_limit - 1 else 0)
+        picked: list[tuple[FileRow, bool]] = []
+        for row in self.state.due(now, limit=slots + margin):
             if slots <= 0:
                 break
             if row.id in self.jobs or row.watch not in self.watches:
@@ -452,12 +456,23 @@ class Scheduler:
                 continue
             big += multipart
             slots -= 1
+            picked.append((row, multipart))
+        self._start_jobs(picked)
+
+    def _start_jobs(self, picked: list[tuple[FileRow, bool]]) -> None:
+        """Move the picked rows to `uploading` in one transaction, then hand them to the pool."""
+        if not picked:
+            return
+        claimed = self.state.start_uploads([row for row, _ in picked])
+        for row, multipart in picked:
+            if row.id not in claimed:   # a newer version was seen since the due query
+                continue
             self.jobs[row.id] = _Job(row, multipart)
-            fut = self.file_pool.submit(self.uploader.run, row, self.scope)
+            fut = self.file_pool.submit(self.uploader.run, row, self.scope, claimed=True)
             fut.add_done_callback(partial(self._finished, row))
 
     def _finished(self, row: FileRow, fut) -> None:
-        if fut.cancelled():   # never started (shutdown): the row is still queued
+        if fut.cancelled():   # never started (shutdown): left `uploading`, queued again at the next start
             return
         exc = fut.exception()
         outcome = Outcome("retry_wait", f"internal error: {exc!r}") if exc else fut.result()

@@ -98,6 +98,19 @@ class UploadRow:
         return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
 
+@dataclass(slots=True)
+class _DoneRequest:
+    """One mark_done call waiting for the group commit that holds its row."""
+    file_id: int
+    identity: Identity
+    values: list
+    now: float
+    callback_failed: bool = False
+    result: bool | None = None
+    error: StateError | None = None
+    finished: bool = False
+
+
 ROW_PAGE = 500   # rows the rescan holds at once (State.child_rows)
 
 
@@ -350,6 +363,10 @@ class State:
         self._closed = False
         self._readonly = readonly
         self.router: Router | None = None    # set by the daemon from its [[hook]] sections
+        self._done_mu = threading.Lock()     # guards _done_queue only (mark_done's group commit)
+        self._done_queue: list[_DoneRequest] = []
+        self.done_commits = 0                # transactions mark_done's group commit ran
+        self._tx_thread: int | None = None   # the thread inside transaction(), if any
         if self.path.is_dir():
             raise StateError(f"state.path {self.path} is a directory; set state.path to a file in it, "
                              f"e.g. {self.path / 'state.db'}")
@@ -649,8 +666,21 @@ class State:
             if self.db.execute(sql, params).rowcount != 1:
                 return False
             if before is not None and before[0] != state:   # a state change, never a repeat of one
-                self._emit(self.get_by_id(file_id), now)
+                self._emit_for(file_id, now)
             return True
+
+    def start_uploads(self, rows: Iterable[FileRow], *, now: float | None = None) -> set[int]:
+        """Dispatch: move these rows to `uploading` in one transaction, each only if it still
+        has the identity it was read with. Returns the ids that moved."""
+        now = time.time() if now is None else now
+        moved: set[int] = set()
+        with self._guard(write=True):
+            for r in rows:
+                if self.db.execute(
+                        "UPDATE files SET state='uploading', error=NULL, next_attempt_at=NULL, updated_at=?"
+                        " WHERE id=?" + _IDENTITY_SQL, [now, r.id, *_identity_params(r.identity)]).rowcount:
+                    moved.add(r.id)
+        return moved
 
     def mark_unchanged(self, file_id: int, identity: Identity, *, now: float | None = None) -> bool:
         """Only the ctime moved and the CRC64 still matches the object: done again, with
@@ -664,24 +694,57 @@ class State:
                   mode: str, verification: str = "crc64", stored_key: str | None = None,
                   callback: str | None = None, callback_detail: str | None = None,
                   now: float | None = None) -> bool:
-        """The object of this version is verified: record it (and its upload callback's outcome)
-        and forget the upload, in one transaction. False (and nothing written) if the row moved
-        on to a newer version. A failed callback is a `callback_failed` event besides `uploaded`."""
+        """The object of this version is verified: record it (and its upload callback's outcome),
+        its event and forget the upload, in one transaction. False (and nothing written) if the row
+        moved on to a newer version. A failed callback is a `callback_failed` event besides `uploaded`.
+
+        Group commit (docs/architecture.md §4): the rows of workers that finish meanwhile go
+        into the same transaction; each call returns only after the commit holding its row."""
         now = time.time() if now is None else now
-        with self._guard(write=True):
-            n = self.db.execute(
-                "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
-                " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, stored_key=?, callback=?,"
-                " callback_detail=?, updated_at=? WHERE id=?" + _IDENTITY_SQL,
-                [url, etag, str(crc64), mode, verification, now, stored_key, callback, callback_detail, now,
-                 file_id, *_identity_params(identity)]).rowcount
-            if n:
-                self.db.execute("DELETE FROM uploads WHERE file=?", [file_id])
-                row = self.get_by_id(file_id)
-                self._emit(row, now)
-                if callback == "failed":
-                    self._emit(row, now, kind=CALLBACK_FAILED)
-            return n == 1
+        req = _DoneRequest(file_id, identity, [url, etag, str(crc64), mode, verification, now, stored_key, callback,
+                                               callback_detail, now], now, callback == "failed")
+        if self._tx_thread == threading.get_ident():   # inside this thread's transaction(): it commits
+            with self._guard(write=True):
+                return self._apply_done(req)
+        with self._done_mu:
+            self._done_queue.append(req)
+        with self._lock:   # whoever gets the lock first commits every row queued so far
+            if not req.finished:
+                self._commit_done_batch()
+        if req.error is not None:
+            raise req.error
+        return bool(req.result)
+
+    def _commit_done_batch(self) -> None:
+        """One transaction for the queued `done` rows; results are handed out only after it
+        committed, so no caller reports `done` that a crash could still undo."""
+        with self._done_mu:
+            batch, self._done_queue = self._done_queue, []
+        results: list[bool] = []
+        try:
+            with self._guard(write=True):
+                results = [self._apply_done(r) for r in batch]
+        except StateError as e:
+            for r in batch:
+                r.error, r.finished = e, True
+            return
+        self.done_commits += 1
+        for r, ok in zip(batch, results):
+            r.result, r.finished = ok, True
+
+    def _apply_done(self, r: "_DoneRequest") -> bool:
+        n = self.db.execute(
+            "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
+            " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, stored_key=?, callback=?,"
+            " callback_detail=?, updated_at=? WHERE id=?" + _IDENTITY_SQL, [*r.values, r.file_id, *_identity_params(r.identity)]).rowcount
+        if n:
+            self.db.execute("DELETE FROM uploads WHERE file=?", [r.file_id])
+            if self.router is not None:   # without hooks the row is not even read
+                row = self.get_by_id(r.file_id)
+                self._emit(row, r.now)
+                if r.callback_failed:
+                    self._emit(row, r.now, kind=CALLBACK_FAILED)
+        return n == 1
 
     def set_progress(self, file_id: int, bytes_done: int) -> None:
         self._write("UPDATE files SET bytes_done=? WHERE id=?", [bytes_done, file_id])
@@ -845,16 +908,27 @@ class State:
             self.db.execute("INSERT INTO events (event_id, hook, kind, path, payload, next_attempt_at, created_at)"
                             " VALUES (?, ?, ?, ?, ?, ?, ?)", [event_id, hook, kind, row.path, payload, now, now])
 
+    def _emit_for(self, file_id: int, now: float) -> None:
+        """_emit for a row by id; without hooks the row is not even read."""
+        if self.router is not None:
+            self._emit(self.get_by_id(file_id), now)
+
     def emit_event(self, file_id: int, *, now: float | None = None) -> None:
         """Record the event of a file's current state (for a state change written elsewhere:
         call it in the same `with state.transaction()` block)."""
-        self._emit(self.get_by_id(file_id), time.time() if now is None else now)
+        self._emit_for(file_id, time.time() if now is None else now)
 
     @contextmanager
     def transaction(self):
         """One transaction around several calls (they nest in it)."""
         with self._guard(write=True):
-            yield
+            outer = self._tx_thread is None
+            self._tx_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                if outer:
+                    self._tx_thread = None
 
     def events(self, state: str | None = None, *, limit: int | None = None) -> list[EventRow]:
         return [EventRow(*r) for r in self._listing(f"SELECT {_EVENT_COLS} FROM events", "id", state, limit)]

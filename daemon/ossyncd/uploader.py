@@ -39,6 +39,7 @@ from ossyncd.errors import (
     StoreError,
     TransientError,
 )
+from ossyncd.log import level_enabled
 from ossyncd.model import CRC64, Identity, PartRow, WriteResult
 from ossyncd.objectspec import FileFacts, callback_headers, complete_headers, put_headers
 from ossyncd.plan import choose_part_size, is_multipart, part_ranges
@@ -120,15 +121,17 @@ class Uploader:
 
     # -- entry point -----------------------------------------------------------------------
 
-    def run(self, row: FileRow, cancel: CancelScope | threading.Event | None = None) -> Outcome:
+    def run(self, row: FileRow, cancel: CancelScope | threading.Event | None = None, *,
+            claimed: bool = False) -> Outcome:
         """Upload one queued file and record the outcome in state. Never raises for a
-        problem with this file; raises StateError only if the state DB fails."""
+        problem with this file; raises StateError only if the state DB fails. `claimed`: the
+        caller already moved the row to `uploading` (the scheduler does it per batch)."""
         scope = CancelScope(cancel)
         started = time.monotonic()
-        if not self.state.transition(row.id, "uploading", identity=row.identity):
+        if not claimed and not self.state.transition(row.id, "uploading", identity=row.identity):
             return Outcome("queued", "superseded by a newer version")
         try:
-            mode, parts = self._upload(row, scope)
+            mode, parts, key = self._upload(row, scope)
         except Cancelled:
             self.state.transition(row.id, "queued", identity=row.identity)
             return Outcome("queued", "cancelled", cancelled=True)
@@ -173,10 +176,10 @@ class Uploader:
             log.info("unchanged; only its ctime moved, the object already holds these bytes", path=row.path,
                      key=row.key, crc64=str(row.crc64))
             return Outcome("done", unchanged=True)
-        done = self.state.get_by_id(row.id)
-        key = done.object_key if done is not None else row.key
-        log.info("uploaded", path=row.path, key=key, size=row.size, mode=mode, parts=parts,
-                 seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2), url=self.url_for(key))
+        if level_enabled("info"):   # building the line costs as much as a small file's DB work
+            log.info("uploaded", path=row.path, key=key, size=row.size, mode=mode, parts=parts,
+                     seconds=round(seconds, 3), mib_s=round(row.size / 1048576 / max(seconds, 1e-6), 2),
+                     url=self.url_for(key))
         return Outcome("done")
 
     def _retry_later(self, row: FileRow, msg: str) -> Outcome:
@@ -228,7 +231,8 @@ class Uploader:
         if not row.identity.matches(now):
             raise FileChanged(row.path, "file changed since it was queued")
 
-    def _upload(self, row: FileRow, scope: CancelScope) -> tuple[str, int]:
+    def _upload(self, row: FileRow, scope: CancelScope) -> tuple[str, int, str]:
+        """(mode, parts sent, the key the object is at)."""
         self._check_identity(row)
         try:
             # O_NONBLOCK: a FIFO swapped in after the scan must not block us; fstat below rejects it
@@ -250,27 +254,27 @@ class Uploader:
             raise FileChanged(row.path, "replaced by another file since it was queued")
         try:
             if row.check_crc and row.crc64 is not None and self._unchanged(row, fd, scope):
-                return "unchanged", 0
+                return "unchanged", 0, row.object_key
             return self._send(row, fd, scope)
         finally:
             os.close(fd)
 
-    def _send(self, row: FileRow, fd: int, scope: CancelScope) -> tuple[str, int]:
+    def _send(self, row: FileRow, fd: int, scope: CancelScope) -> tuple[str, int, str]:
         """To row.key, or with overwrite = "rename" the first free stem-N.ext (docs/architecture.md §12).
         A 409 FileAlreadyExists whose object holds our bytes is ours (a crash lost the record)."""
         spec = self.spec_for(row.watch)
-        up = self.state.upload_for(row.id)
+        up = self.state.upload_for(row.id) if spec.overwrite == "rename" else None   # only rename resumes a key
         for key in _candidates(row.key, spec.overwrite, up.key if up is not None else None):
             try:
                 if is_multipart(row.size, self.cfg):
-                    return "multipart", self._multipart(row, fd, scope, key)
+                    return "multipart", self._multipart(row, fd, scope, key), key
                 self._simple(row, fd, scope, key)
-                return "simple", 1
+                return "simple", 1, key
             except PermanentError as e:
                 if e.code != "FileAlreadyExists":
                     raise
                 if self._ours(row, fd, key, scope):
-                    return "recognised", 0
+                    return "recognised", 0, key
                 if spec.overwrite == "skip":
                     raise ObjectExists(e.op, key, f"an object already exists at {key} (overwrite = \"skip\")",
                                        status=409, code=e.code) from None

@@ -1,0 +1,127 @@
+"""Start-up against peers measured in the same run, with and without PYTHONDONTWRITEBYTECODE=1:
+
+1. `ossyncd status` on an empty state DB, process start to exit, vs `python -c pass`
+   (targets: <= 0.25 s).
+2. `ossyncd upload` of a small file, process start to its first request reaching a local
+   listener (the endpoint; static credentials, so no STS call), vs `curl` to the same
+   listener (target: <= 0.3 s).
+Each figure is the median of OSSYNCD_BENCH_STARTS runs (default 9); the minimum is shown too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests.bench.bench_put import ROOT
+
+RUNS = int(os.environ.get("OSSYNCD_BENCH_STARTS", "9"))
+
+
+class FirstByte:
+    """A listener that records when each connection's first byte arrives, then hangs up."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.arrived = threading.Event()
+        self.at = 0.0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                if conn.recv(1):
+                    self.at = time.perf_counter()
+                    self.arrived.set()
+
+    def time_to_first_byte(self, cmd: list[str], env: dict) -> float:
+        self.arrived.clear()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if not self.arrived.wait(30):
+                raise RuntimeError(f"no request from {cmd[:3]} within 30 s")
+            return self.at - t0
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+def wall(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def config(tmp: Path, port: int) -> Path:
+    cfg = tmp / "c.toml"
+    cfg.write_text(f"""
+[oss]
+endpoint = "http://127.0.0.1:{port}"
+bucket = "drop"
+signature = "v1"
+[credentials]
+source = "static"
+access_key_id = "AKIDQUICKSTART"
+access_key_secret = "quickstartsecret"
+[state]
+path = "{tmp / 'state.db'}"
+[[watch]]
+path = "{tmp / 'drop'}"
+prefix = "in/"
+""")
+    os.chmod(cfg, 0o600)
+    (tmp / "drop").mkdir()
+    return cfg
+
+
+def line(what: str, times: list[float], peer: str, peer_times: list[float], target: float) -> str:
+    ours, theirs = statistics.median(times), statistics.median(peer_times)
+    return (f"  {what}: median {ours:.3f} s (min {min(times):.3f}), {peer} {theirs:.3f} s, "
+            f"difference {ours - theirs:+.3f} s, ratio {ours / theirs:.1f}x (target <= {target} s)")
+
+
+def main():
+    curl = shutil.which("curl")
+    with tempfile.TemporaryDirectory(prefix="bench-quickstart-") as tmp:
+        tmp = Path(tmp)
+        server = FirstByte()
+        cfg = config(tmp, server.port)
+        small = tmp / "small.bin"
+        small.write_bytes(os.urandom(4096))
+        ossyncd = [sys.executable, "-m", "ossyncd"]
+        for label, extra in (("byte-code cache on", {}), ("PYTHONDONTWRITEBYTECODE=1", {"PYTHONDONTWRITEBYTECODE": "1"})):
+            env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **extra}
+            status = [wall([*ossyncd, "status", "-c", str(cfg)], env) for _ in range(RUNS)]
+            bare = [wall([sys.executable, "-c", "pass"], env) for _ in range(RUNS)]
+            first = [server.time_to_first_byte([*ossyncd, "upload", "-c", str(cfg), str(small)], env)
+                     for _ in range(RUNS)]
+            print(f"{label}:")
+            print(line("ossyncd status", status, "python -c pass", bare, 0.25))
+            if curl:
+                peer = [server.time_to_first_byte([curl, "-s", "-m", "5", "-T", str(small),
+                                                   f"http://127.0.0.1:{server.port}/drop/x"], env) for _ in range(RUNS)]
+                print(line("ossyncd upload, start to first request", first, "curl -T", peer, 0.3))
+            else:
+                print(line("ossyncd upload, start to first request", first, "python -c pass", bare, 0.3))
+            print(flush=True)
+        server.sock.close()
+
+
+if __name__ == "__main__":
+    main()
