@@ -736,7 +736,8 @@ class State:
         n = self.db.execute(
             "UPDATE files SET state='done', url=?, etag=?, crc64=?, mode=?, verification=?, uploaded_at=?,"
             " error=NULL, check_crc=0, next_attempt_at=NULL, bytes_done=size, stored_key=?, callback=?,"
-            " callback_detail=?, updated_at=? WHERE id=?" + _IDENTITY_SQL, [*r.values, r.file_id, *_identity_params(r.identity)]).rowcount
+            " callback_detail=?, updated_at=? WHERE id=?" + _IDENTITY_SQL,
+            [*r.values, r.file_id, *_identity_params(r.identity)]).rowcount
         if n:
             self.db.execute("DELETE FROM uploads WHERE file=?", [r.file_id])
             if self.router is not None:   # without hooks the row is not even read
