@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two workers: most of a test's time is waiting on a daemon, emulator or broker subprocess.
 test: $(STAMP)
-	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q
+	NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost $(BIN)/python -m pytest -q -n 2 --durations=25
 
 # The shipped unit under a real systemd (a booted Debian container; root, mmdebstrap,
 # systemd-container). The rootfs is cached in .cache/systemd/.
