@@ -371,14 +371,20 @@ def test_healthz_503_when_the_registry_is_unusable(emu, tmp_path):
 # ---------------------------------------------------------------- (g) audit, and no secret anywhere
 def test_audit_lines_for_every_decision_and_no_secret_in_any_log(broker, broker_dir, emu):
     token = add(broker, "audited", "aud/")
-    assert fetch(broker, token)[0] == 200
+    status, _, doc = fetch(broker, token)
+    assert status == 200
+    full_id = doc["AccessKeyId"]
     assert fetch(broker, "not-a-token")[0] == 401
     bad = add(broker, "audited-bad", "aud2/", role="acs:ram::1234567890123456:role/gone")
     assert fetch(broker, bad)[0] == 502
     lines = broker.audit()
     mine = [a for a in lines if a["client"] == "audited"]
     assert mine and mine[-1]["decision"] == "allow" and mine[-1]["session_name"] == "audited"
-    assert mine[-1]["access_key_id"].endswith("****") and len(mine[-1]["access_key_id"]) == 8
+    # traceable (kind prefix + 4 characters) but never the whole id, in the audit and the registry
+    assert full_id.startswith("STS.") and len(full_id) > 12
+    assert mine[-1]["access_key_id"] == full_id[:8] + "****", (mine[-1]["access_key_id"], full_id[:8])
+    [listed] = [c for c in json.loads(broker.cli("list-clients", "--json").stdout) if c["name"] == "audited"]
+    assert listed["last_access_key_id"] == full_id[:8] + "****"
     assert len(mine[-1]["policy_sha256"]) == 64 and mine[-1]["expiry"].endswith("Z")
     assert any(a["decision"] == "deny" and a["status"] == 401 and a["client"] is None for a in lines)
     [denied] = [a for a in lines if a["client"] == "audited-bad"]
@@ -395,6 +401,7 @@ def test_audit_lines_for_every_decision_and_no_secret_in_any_log(broker, broker_
     assert texts and SECRETS and len(issued) >= 2   # at least this test's own token
     leaked = [s[:6] for s in SECRETS | issued for t in texts if s in t]
     assert not leaked, leaked
+    assert not [t for t in texts if full_id in t]
 
 
 # ---------------------------------------------------------------- config
