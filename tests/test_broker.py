@@ -162,10 +162,16 @@ def test_three_broker_only_hosts_upload_beat_and_show_in_fleet_status_then_disab
                interval=0.3, what="host3's heartbeat refused too")
     shown = ossyncd("status", "-c", d3.config).stdout
     assert "disabled at the broker" in shown, shown
+    assert st["credentials"]["next_attempt_at"]
+    assert len(events(d3, "heartbeat.failed")) == 1   # refused every 0.5 s meanwhile, logged once
     broker.cli("enable-client", "host3")
     d3.wait_states({"done": 3}, timeout=30)
     assert bucket.get_object("site3/c.txt").read() == sent["site3/c.txt"]
     assert not d3.files("failed")
+    wait_until(lambda: events(d3, "heartbeat.recovered"), 10, interval=0.1, what="host3's heartbeat recovery")
+    st = d3.status()
+    assert st["credentials"]["error"] is None and st["broker"]["heartbeat"]["error"] is None
+    assert not events(d3, "upload failed")
 
 
 def test_inline_policy_narrows_listing_and_writes_to_the_registration(broker, emu):
