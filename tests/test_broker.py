@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.broker_helpers import Broker
-from tests.helpers import fast_upload, ossyncd, random_file, root_bucket, wait_until
+from tests.helpers import events, fast_upload, ossyncd, random_file, root_bucket, wait_until
 
 SECRETS: set[str] = set()   # every client token, AccessKeySecret and SecurityToken the tests saw
 
@@ -79,11 +79,27 @@ def daemon_for(daemon_factory, broker, emu, tmp_path, name, token, prefix):
 
 
 # ---------------------------------------------------------------- (a) three hosts, own prefixes
-def test_three_clients_upload_byte_equal_under_their_own_prefixes(broker, emu, daemon_factory, tmp_path):
+def _nonzero(counts: dict) -> dict:
+    return {k: v for k, v in counts.items() if v}
+
+
+def test_three_broker_only_hosts_upload_beat_and_show_in_fleet_status_then_disable_enable(
+        broker, emu, daemon_factory, tmp_path):
+    """The fleet end to end: three hosts whose config is only broker_url + broker_token (no [oss]
+    bucket, endpoint or region), each under its own prefix; their heartbeats make `ossyncd broker
+    status --json` agree with each host's `ossyncd status --json`; a disabled client's files wait
+    (not failed) and finish once it is enabled again."""
     daemons = []
     for i in (1, 2, 3):
-        token = add(broker, f"host{i}", f"site{i}/")
-        daemons.append(daemon_for(daemon_factory, broker, emu, tmp_path, f"host{i}", token, f"site{i}/"))
+        # host3 gets 2 s tokens, so its disable bites at once (the broker's revocation is for new tokens)
+        token = add(broker, f"host{i}", f"site{i}/", **({"max_duration": 2} if i == 3 else {}))
+        watch = tmp_path / f"host{i}"
+        watch.mkdir()
+        d = daemon_factory([{"path": str(watch), "prefix": f"site{i}/", "settle_seconds": 0.3}], emu=emu,
+                           name=f"host{i}", upload=fast_upload(), oss={"endpoint": None, "bucket": None, "region": None},
+                           credentials={**broker.daemon_credentials(token), "broker_heartbeat_interval": 0.5})
+        daemons.append((d, watch))
+    assert "bucket" not in daemons[0][0].config.read_text()
     sent = {}
     for i, (d, watch) in enumerate(daemons, 1):
         sent[f"site{i}/a.bin"] = random_file(watch / "a.bin", 2 * 1024 * 1024 + i, seed=i)   # multipart
@@ -99,6 +115,63 @@ def test_three_clients_upload_byte_equal_under_their_own_prefixes(broker, emu, d
         assert sessions(emu, f"host{i}") >= 1
     for d, _ in daemons:
         assert "AccessDenied" not in d.output()   # the orphan sweep's narrowed listing is allowed too
+
+    def fleet() -> dict:
+        d = json.loads(broker.cli("status", "--json").stdout)
+        return {c["name"]: c for c in d["clients"] if c["name"] in ("host1", "host2", "host3")}
+
+    def agree() -> bool:   # the broker's view first (in-process, cheap), then each host's own status
+        clients = fleet()
+        beats = [clients[f"host{i}"]["hosts"] for i in (1, 2, 3)]
+        if any(len(h) != 1 or h[0]["states"].get("done") != 2 for h in beats):
+            return False
+        return all(_nonzero(h[0]["states"]) == _nonzero(d.status()["counts"]) for h, (d, _) in zip(beats, daemons))
+    wait_until(agree, 30, interval=0.2, what="broker status agreeing with each host's own status")
+    clients = fleet()
+    for i, (d, _) in enumerate(daemons, 1):
+        [h] = clients[f"host{i}"]["hosts"]
+        assert h["failures"] == 0 and h["queue"] == 0 and not h["silent"] and h["credential_expiry"]
+
+    # check-config and policy complete [oss] from the broker too
+    d1 = daemons[0][0]
+    r = ossyncd("check-config", "-c", d1.config)
+    assert r.returncode == 0, r.stderr
+    assert "bucket drop)" in r.stdout and f"endpoint {emu.oss_url}: ok (bucket drop reachable" in r.stdout, r.stdout
+    assert "uploads allowed under prefix(es) 'site1/'" in r.stdout
+    r = ossyncd("policy", "-c", d1.config)
+    assert r.returncode == 0, r.stderr
+    resources = [x for st in json.loads(r.stdout)["Statement"] for x in st["Resource"]]
+    assert "acs:oss:*:*:drop/site1/*" in resources and not [x for x in resources if ":/" in x or x.endswith(":")]
+
+    # disable host3: its next refresh is refused, its token runs out, its new file waits
+    d3, watch3 = daemons[2]
+    broker.cli("disable-client", "host3")
+    wait_until(lambda: [e for e in events(d3, "credentials.refresh_failed") if "disabled at the broker" in e["error"]],
+               30, interval=0.1, what="host3's refresh refused")
+    from ossyncd.credentials.base import parse_expiration
+    expiry = parse_expiration(events(d3, "credentials.refreshed")[-1]["expires_at"])
+    wait_until(lambda: time.time() > expiry, 10, what="host3's last token to expire")
+    sent["site3/c.txt"] = random_file(watch3 / "c.txt", 700, seed=33)
+    wait_until(lambda: [e for e in events(d3, "credentials unavailable") if str(e.get("path")).endswith("c.txt")],
+               30, interval=0.1, what="c.txt waiting for credentials")
+    [row] = [f for f in d3.files() if f["path"].endswith("c.txt")]
+    assert row["state"] == "retry_wait" and "ClientDisabled" in row["error"], row
+    st = d3.status()
+    assert st["counts"].get("failed", 0) == 0 and "disabled at the broker" in st["credentials"]["error"]
+    wait_until(lambda: "HTTP 403 (ClientDisabled" in (d3.status()["broker"]["heartbeat"]["error"] or ""), 10,
+               interval=0.3, what="host3's heartbeat refused too")
+    shown = ossyncd("status", "-c", d3.config).stdout
+    assert "disabled at the broker" in shown, shown
+    assert st["credentials"]["next_attempt_at"]
+    assert len(events(d3, "heartbeat.failed")) == 1   # refused every 0.5 s meanwhile, logged once
+    broker.cli("enable-client", "host3")
+    d3.wait_states({"done": 3}, timeout=30)
+    assert bucket.get_object("site3/c.txt").read() == sent["site3/c.txt"]
+    assert not d3.files("failed")
+    wait_until(lambda: events(d3, "heartbeat.recovered"), 10, interval=0.1, what="host3's heartbeat recovery")
+    st = d3.status()
+    assert st["credentials"]["error"] is None and st["broker"]["heartbeat"]["error"] is None
+    assert not events(d3, "upload failed")
 
 
 def test_inline_policy_narrows_listing_and_writes_to_the_registration(broker, emu):
@@ -371,14 +444,20 @@ def test_healthz_503_when_the_registry_is_unusable(emu, tmp_path):
 # ---------------------------------------------------------------- (g) audit, and no secret anywhere
 def test_audit_lines_for_every_decision_and_no_secret_in_any_log(broker, broker_dir, emu):
     token = add(broker, "audited", "aud/")
-    assert fetch(broker, token)[0] == 200
+    status, _, doc = fetch(broker, token)
+    assert status == 200
+    full_id = doc["AccessKeyId"]
     assert fetch(broker, "not-a-token")[0] == 401
     bad = add(broker, "audited-bad", "aud2/", role="acs:ram::1234567890123456:role/gone")
     assert fetch(broker, bad)[0] == 502
     lines = broker.audit()
     mine = [a for a in lines if a["client"] == "audited"]
     assert mine and mine[-1]["decision"] == "allow" and mine[-1]["session_name"] == "audited"
-    assert mine[-1]["access_key_id"].endswith("****") and len(mine[-1]["access_key_id"]) == 8
+    # traceable (kind prefix + 4 characters) but never the whole id, in the audit and the registry
+    assert full_id.startswith("STS.") and len(full_id) > 12
+    assert mine[-1]["access_key_id"] == full_id[:8] + "****", (mine[-1]["access_key_id"], full_id[:8])
+    [listed] = [c for c in json.loads(broker.cli("list-clients", "--json").stdout) if c["name"] == "audited"]
+    assert listed["last_access_key_id"] == full_id[:8] + "****"
     assert len(mine[-1]["policy_sha256"]) == 64 and mine[-1]["expiry"].endswith("Z")
     assert any(a["decision"] == "deny" and a["status"] == 401 and a["client"] is None for a in lines)
     [denied] = [a for a in lines if a["client"] == "audited-bad"]
@@ -395,6 +474,7 @@ def test_audit_lines_for_every_decision_and_no_secret_in_any_log(broker, broker_
     assert texts and SECRETS and len(issued) >= 2   # at least this test's own token
     leaked = [s[:6] for s in SECRETS | issued for t in texts if s in t]
     assert not leaked, leaked
+    assert not [t for t in texts if full_id in t]
 
 
 # ---------------------------------------------------------------- config

@@ -1,11 +1,13 @@
 """The daemon's half of the fleet (issue 11): a host whose config is just broker_url +
 broker_token, its registration's prefixes, refusals and outages of the broker, heartbeats.
 
-Every daemon is a real subprocess against the emulator. The broker is `broker_endpoint`: a
-test-local stand-in speaking the wire contract of docs/broker.md, which does a real AssumeRole on
-the emulator's STS (aliyun-python-sdk-sts) with an inline policy for the client's prefixes, so the
-emulator enforces the registration. Pointing these tests at the real broker means replacing that
-one fixture."""
+Every daemon is a real subprocess against the emulator. Where the real broker can do it, the
+host talks to one (`real_broker`: `ossyncd broker run`; stopping it is the outage). The end to end
+fleet (disable-client/enable-client, heartbeats in `broker status`) is in test_broker.py. The
+stand-in `broker_endpoint` (the wire contract of docs/broker.md, with a real AssumeRole on the
+emulator's STS and an inline policy for the client's prefixes) stays only for what the real
+broker cannot be made to do on demand: answer 429 with a chosen Retry-After, refuse with any
+code, and keep every heartbeat body it received (the real one stores the latest per host)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ossyncd.credentials.http import Registration
 from ossyncd.errors import ConfigError, CredentialsError
 from ossyncd.fleet import denied_reason, heartbeat_url, resolve_oss, uncovered_watches, watch_key_prefix
 from ossyncd.policy import inline_policy_json
+from tests.broker_helpers import Broker
 from tests.helpers import LoopbackServer, MiB, bucket_keys, events, object_bytes, random_file, wait_until
 from tests.helpers import ossyncd as run_ossyncd
 
@@ -171,13 +174,25 @@ def broker_endpoint(emulator):
     b.stop()
 
 
+@pytest.fixture
+def real_broker(emulator, tmp_path):
+    """`ossyncd broker run` (tests.broker_helpers.Broker) against this test's emulator."""
+    b = Broker(tmp_path, emulator, name="fleet-broker").start()
+    yield b
+    b.stop()
+    b.kill()
+
+
 def broker_host(daemon_factory, broker, tmp_path, *, prefixes=("host1/",), watches=("host1/",), duration=900,
                 name="host1", token_in_path=False, **credentials):
-    """A host registered at the broker whose config has no [oss] endpoint, bucket or region; its
-    token sent as a bearer header, or (token_in_path) as the URL's last segment."""
-    token = broker.register(name, list(prefixes), duration=duration)
-    auth = {"broker_url": f"{broker.url}/{token}"} if token_in_path else {"broker_url": broker.url,
-                                                                           "broker_token": token}
+    """A host registered at the broker (the stand-in, or a real one) whose config has no [oss]
+    endpoint, bucket or region; its token sent as a bearer header, or (token_in_path) as the URL's
+    last segment."""
+    if isinstance(broker, Broker):
+        token, url = broker.add_client(name, *prefixes, max_duration=duration), f"{broker.url}/v1/credentials"
+    else:
+        token, url = broker.register(name, list(prefixes), duration=duration), broker.url
+    auth = {"broker_url": f"{url}/{token}"} if token_in_path else {"broker_url": url, "broker_token": token}
     roots = []
     for i, prefix in enumerate(watches):
         roots.append(tmp_path / f"{name}-drop{i}")
@@ -337,10 +352,10 @@ def test_host_with_only_broker_url_and_token_uploads_byte_equal(daemon_factory, 
     assert token not in d.output()
 
 
-def test_startup_errors_name_the_broker(daemon_factory, broker_endpoint, tmp_path):
+def test_startup_errors_name_the_broker(daemon_factory, real_broker, tmp_path):
     """A configured bucket other than the broker's is a config error (exit 2, naming both); with
     [oss] left out and the broker down, the start fails (exit 1: systemd starts it again)."""
-    d, _, _ = broker_host(daemon_factory, broker_endpoint, tmp_path)
+    d, _, _ = broker_host(daemon_factory, real_broker, tmp_path)
     plain = d.config.read_text()
     d.config.write_text(plain.replace("[oss]\n", '[oss]\nbucket = "other"\n'))
     r = run_ossyncd("run", "-c", d.config, timeout=60)
@@ -348,44 +363,10 @@ def test_startup_errors_name_the_broker(daemon_factory, broker_endpoint, tmp_pat
     assert "oss.bucket: 'other' differs from 'drop', which the credentials broker" in r.stderr
     assert "remove oss.bucket" in r.stderr
     d.config.write_text(plain)
-    broker_endpoint.stop()
+    real_broker.stop()
     r = run_ossyncd("run", "-c", d.config, timeout=60)
     assert r.returncode == 1, r.stderr
     assert "unreachable: connection refused" in r.stderr and "the broker must answer once at start" in r.stderr
-
-
-def test_refused_by_the_broker_files_wait_then_finish(daemon_factory, broker_endpoint, tmp_path, emulator):
-    b = broker_endpoint
-    d, token, (drop,) = broker_host(daemon_factory, b, tmp_path, duration=2, broker_heartbeat_interval=1)
-    started(d)
-    random_file(drop / "a.bin", 500, 5)
-    wait_until(lambda: uploaded(d, "a.bin"), 30, interval=0.1, what="a.bin uploaded")
-    b.refuse("host1", 403, "ClientDisabled")
-    wait_until(lambda: logged(d, "credentials.refresh_failed", text="disabled at the broker"), 20, interval=0.1,
-               what="the refused refresh")
-    expiry = _epoch(events(d, "credentials.refreshed")[-1]["expires_at"])
-    wait_until(lambda: time.time() > expiry, 10, what="the last token to expire")
-    data = random_file(drop / "b.bin", 900, 6)
-    wait_until(lambda: logged(d, "credentials unavailable", "b.bin"), 20, interval=0.1, what="b.bin waiting")
-    wait_until(lambda: logged(d, "heartbeat.failed", text="HTTP 403"), 10, interval=0.1, what="a refused heartbeat")
-    row = file_row(d, "b.bin")
-    assert row["state"] == "retry_wait" and "waiting for credentials" in row["error"] and "ClientDisabled" in row["error"]
-    st = d.status()
-    assert st["counts"]["failed"] == 0
-    assert "disabled at the broker" in st["credentials"]["error"] and st["credentials"]["next_attempt_at"]
-    assert "HTTP 403 (ClientDisabled" in st["broker"]["heartbeat"]["error"]
-    # refused every second meanwhile, logged once
-    wait_until(lambda: len(b.heartbeat_refusals) >= 3, 10, interval=0.1, what="heartbeats refused again")
-    assert len(logged(d, "heartbeat.failed")) == 1
-
-    b.allow("host1")
-    wait_until(lambda: uploaded(d, "b.bin"), 20, interval=0.1, what="b.bin uploaded after the broker allowed it")
-    assert object_bytes(emulator, "host1/b.bin") == data
-    wait_until(lambda: logged(d, "heartbeat.recovered"), 10, interval=0.1, what="the heartbeat's recovery")
-    st = d.status()
-    assert st["counts"]["done"] == 2 and st["counts"]["failed"] == 0
-    assert st["credentials"]["error"] is None and st["broker"]["heartbeat"]["error"] is None
-    assert not logged(d, "upload failed") and token not in d.output()
 
 
 def _outage(daemon_factory, broker, tmp_path, emulator, down_for: float):
@@ -421,13 +402,13 @@ def _outage(daemon_factory, broker, tmp_path, emulator, down_for: float):
     assert st["counts"]["done"] == 2 and st["counts"]["failed"] == 0
 
 
-def test_broker_down_longer_than_a_token_lives(daemon_factory, broker_endpoint, tmp_path, emulator):
-    _outage(daemon_factory, broker_endpoint, tmp_path, emulator, down_for=1.0)
+def test_broker_down_longer_than_a_token_lives(daemon_factory, real_broker, tmp_path, emulator):
+    _outage(daemon_factory, real_broker, tmp_path, emulator, down_for=1.0)
 
 
 @pytest.mark.soak
-def test_broker_down_for_a_minute(daemon_factory, broker_endpoint, tmp_path, emulator):
-    _outage(daemon_factory, broker_endpoint, tmp_path, emulator, down_for=60.0)
+def test_broker_down_for_a_minute(daemon_factory, real_broker, tmp_path, emulator):
+    _outage(daemon_factory, real_broker, tmp_path, emulator, down_for=60.0)
 
 
 def test_prefix_outside_the_registration_fails_naming_it_and_heartbeats_match_status(

@@ -258,6 +258,14 @@ def policy(config_path, rrsa, oidc_provider_arn, oidc_issuer, namespace, service
                               indent=2))
         return
     cfg = _load(config_path)
+    if cfg.credentials.source == "broker":   # the bucket may come from the broker (docs/broker.md)
+        from ossyncd.stack import build_credentials, with_broker_oss
+        logsetup.configure("critical", "auto", stream=sys.stderr)   # stdout is the policy alone
+        creds = build_credentials(cfg)
+        try:
+            cfg = with_broker_oss(cfg, creds)
+        except CredentialsError as e:
+            raise CommandFailed(f"credentials ({creds.describe()})", str(e), e.exit_code) from None
     click.echo(json.dumps(upload_policy(cfg.oss.bucket, cfg.prefixes, **cfg.policy_features), indent=2))
 
 
@@ -267,14 +275,18 @@ def check_config(config_path):
     """Validate the config, then obtain credentials once and reach the endpoint."""
     from ossyncd.config import secret_file_warning
     from ossyncd.errors import StoreError
-    from ossyncd.stack import build_credentials, build_store
+    from ossyncd.stack import build_credentials, build_store, with_broker_oss
     cfg = _load(config_path)
+    creds = build_credentials(cfg)
+    try:
+        cfg = with_broker_oss(cfg, creds)   # source = "broker": [oss] completed from its answer
+    except CredentialsError as e:
+        raise CommandFailed(f"credentials ({creds.describe()})", str(e), e.exit_code) from None
     click.echo(f"config {cfg.source_path}: valid ({len(cfg.watch)} watch folder(s), bucket {cfg.oss.bucket})")
     warning = secret_file_warning(cfg)
     if warning:
         report("warning:", warning, style="yellow")
     try:
-        creds = build_credentials(cfg)
         snap = creds.current()
         click.echo(f"credentials ({creds.describe()}): ok"
                    + (f", expire {creds.status().get('expires_at')}" if snap.expires_at else ""))

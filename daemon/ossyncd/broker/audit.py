@@ -1,6 +1,6 @@
 """One JSON line per decision, to broker.audit_log and to the structlog log (`broker.issued`,
 `broker.denied`). The line never holds the client's token, an AccessKeySecret or a
-SecurityToken: only the masked STS AccessKeyId (first 4 characters + "****")."""
+SecurityToken: only the masked STS AccessKeyId (credentials.base.mask_key_id, as in the daemon's log)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ import time
 from pathlib import Path
 
 from ossyncd import log as logsetup
-from ossyncd.credentials.base import iso8601
+from ossyncd.credentials.base import iso8601, mask_key_id
 from ossyncd.errors import StateError
 
 log = logsetup.get_logger("ossyncd.broker")
-
-
-def mask(key_id: str | None) -> str:
-    return (key_id[:4] + "****") if key_id else ""
 
 
 class Audit:
@@ -35,7 +31,7 @@ class Audit:
                key_id: str | None = None, expiry: float | None = None, policy_sha256: str = "",
                sts_code: str | None = None, cached: bool | None = None, status: int = 200) -> dict:
         line = {"ts": iso8601(time.time()), "decision": decision, "status": status, "client": client,
-                "remote": remote, "session_name": session_name, "access_key_id": mask(key_id),
+                "remote": remote, "session_name": session_name, "access_key_id": mask_key_id(key_id),
                 "expiry": iso8601(expiry), "policy_sha256": policy_sha256, "sts_code": sts_code,
                 "reason": reason, "cached": cached}
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()

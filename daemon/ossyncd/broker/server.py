@@ -20,6 +20,7 @@ from typing import Any
 
 from ossyncd import log as logsetup
 from ossyncd.config import parse_listen
+from ossyncd.credentials.base import mask_key_id
 from ossyncd.errors import ConfigError, StateError
 from ossyncd.notify import Notifier
 
@@ -87,7 +88,7 @@ class Broker:
             if not cached:
                 try:
                     self.registry.record_issue(client.name, issued.fetched_at, issued.snap.expires_at,
-                                               issued.snap.access_key_id[:4] + "****")
+                                               mask_key_id(issued.snap.access_key_id))
                 except StateError as e:   # the token is good; only the status view misses it
                     log.error("broker.registry_error", error=str(e))
             self.audit.record(decision="allow", client=client.name, remote=remote, session_name=issued.session_name,

@@ -18,13 +18,17 @@ from ossyncd.errors import CredentialsError
 REDACTED = "<redacted>"
 
 
+KEY_ID_PREFIXES = ("STS.", "LTAI")   # shared by every id of a kind: shown, but not counted as a clue
+
+
 def mask_key_id(key_id: str | None) -> str:
-    """Enough of an AccessKeyId to tell keys apart in logs, not the whole id."""
+    """Enough of an AccessKeyId to trace it in logs and the broker's audit, never the whole id:
+    its kind prefix plus the next 4 characters, then ``****`` (``STS.NUd3****``)."""
     if not key_id:
         return ""
-    if len(key_id) <= 8:
-        return key_id[:2] + "***"
-    return key_id[:6] + "***" + key_id[-3:]
+    prefix = next((p for p in KEY_ID_PREFIXES if key_id.startswith(p)), "")
+    rest = key_id[len(prefix):]
+    return prefix + (rest[:4] if len(rest) >= 12 else "") + "****"
 
 
 def iso8601(ts: float | None) -> str | None:
