@@ -1,6 +1,8 @@
 """What the CLI prints: user data is never read as rich markup, and piped `list` output keeps
 whole values (tab-separated, one row per line)."""
 
+import io
+import logging
 import subprocess
 
 import pytest
@@ -74,3 +76,33 @@ def test_piped_list_keeps_long_urls_whole_and_cut_parses_it(tmp_path, emulator, 
     got = dict(line.split("\t") for line in cut.stdout.splitlines()[1:])
     assert got == {p: row["url"] for p, row in want.items()}
     assert len(got[str(f)]) > 200 and got[str(f)].endswith("columns%20%5Bv2%5D.bin"), got
+
+
+def test_each_log_line_is_written_whole_in_one_write(monkeypatch):
+    """A kill -9 between a line and its newline glued the next process's first line to it
+    (found by the chaos suite's kills): each line, the daemon's and the libraries', is one write."""
+    import structlog
+
+    from ossyncd import log
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return super().write(s)
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    stream = Recorder()
+    try:
+        log.configure("info", "json", stream=stream)
+        structlog.get_logger("t").info("uploaded", path="a/b.bin", size=3)
+        logging.getLogger("oss2").error("a library line")
+    finally:
+        structlog.reset_defaults()
+    assert len(stream.writes) == 2, stream.writes
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in stream.writes), stream.writes

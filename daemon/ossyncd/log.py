@@ -77,7 +77,9 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # a line and its newline in one write(): a kill -9 never leaves half a line that the
+        # next process's first line would continue (print() writes them apart)
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # Libraries log through stdlib logging: render their records the same way (one JSON line each

@@ -184,8 +184,8 @@ def test_64_open_files_and_100_inotify_watches_at_scale(tmp_path, emulator, daem
         expected[key] = random_file(drop / key, rng.choice([0, rng.randint(1, 80_000), rng.randint(MiB, 3 * MiB)]),
                                     seed=rng.randrange(1 << 30))
     d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}],
-                       # more sockets and files than 64 descriptors hold: the limit is really met
-                       upload=fast_upload(max_files_in_flight=16, parallel_parts=48),
+                       # more files in flight, slowed so that they overlap, than 64 descriptors hold: the limit is really met
+                       upload=fast_upload(max_files_in_flight=64, parallel_parts=48, bandwidth_limit="4MiB"),
                        daemon={"rescan_interval": 300.0, "orphan_max_age": 0, "orphan_sweep_interval": 2.0})
     limited(d, prefix, 64)
     wait_until(lambda: events(d, "inotify_limit_reached"), 60, what="the inotify limit logged")
