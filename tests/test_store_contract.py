@@ -223,3 +223,38 @@ def test_every_layer_has_the_protocol_signatures(cls):
         got = [(p.name, p.kind) for p in inspect.signature(getattr(cls, name)).parameters.values()]
         assert got == want, f"{cls.__name__}.{name}"
     assert not hasattr(cls, "__getattr__"), f"{cls.__name__} forwards unknown attributes"
+
+
+def test_a_servers_retry_after_is_a_floor_under_the_backoff(emulator, tmp_path, body_of):
+    """A 429 with Retry-After: 3 (real oss2 against the emulator) is waited out, not retried
+    at once by the jittered backoff."""
+    import threading
+
+    from ossyncd.config import load_config
+    from ossyncd.retry import Backoff
+    from ossyncd.stack import build_credentials
+
+    class RecordedWaits(threading.Event):   # the cancel flag: records each backoff wait, waits none
+        def __init__(self):
+            super().__init__()
+            self.waits = []
+
+        def wait(self, timeout=None):
+            self.waits.append(timeout)
+            return False
+
+    (tmp_path / "in").mkdir()
+    cfg = load_config(write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db",
+                                   watches=[{"path": str(tmp_path / "in"), "prefix": PREFIX}]))
+    creds = build_credentials(cfg)
+    store = RetryingStore(OssStore(cfg.oss, creds), creds, attempts=3, backoff=Backoff(base=0.01, cap=0.02))
+    emulator.set_faults([{"op": "PutObject", "status": 429, "code": "Throttling", "retry_after": 3, "count": 1}])
+    data = rand(5000, 7)
+    cancel = RecordedWaits()
+    store.put(PREFIX + "retry-after.bin", body_of(data), cancel=cancel)
+    assert cancel.waits == [3.0], cancel.waits
+    assert object_bytes(emulator, PREFIX + "retry-after.bin") == data
+    emulator.set_faults([{"op": "PutObject", "status": 503, "retry_after": 300, "count": 1}])
+    cancel = RecordedWaits()
+    store.put(PREFIX + "capped.bin", body_of(data), cancel=cancel)
+    assert cancel.waits == [60.0], cancel.waits   # RETRY_AFTER_MAX: longer waits are the file's retry

@@ -155,8 +155,11 @@ class HostLimit(FileProblem):
 
 
 class StoreError(OssyncdError):
+    """An OSS request failed. ``retry_after``: seconds the server asked us to wait (the
+    Retry-After header of a 429 or 503), if it said."""
+
     def __init__(self, op: str, key: str, message: str, *, status: int | None = None,
-                 code: str | None = None, request_id: str | None = None):
+                 code: str | None = None, request_id: str | None = None, retry_after: float | None = None):
         where = f"{op} {key!r}" if key else op
         bits = [b for b in (str(status) if status else None, code) if b]
         super().__init__(f"{where}: {' '.join(bits) + ': ' if bits else ''}{message}")
@@ -165,6 +168,7 @@ class StoreError(OssyncdError):
         self.status = status
         self.code = code
         self.request_id = request_id
+        self.retry_after = retry_after
 
 
 class TransientError(StoreError):

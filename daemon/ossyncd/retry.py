@@ -28,6 +28,9 @@ MAX_AUTH_REFRESHES = 5
 T = TypeVar("T")
 
 
+RETRY_AFTER_MAX = 60.0   # seconds: the most of a server's Retry-After that one request retry waits
+
+
 @dataclass(frozen=True)
 class Backoff:
     base: float = 0.5
@@ -81,7 +84,8 @@ class RetryingStore:
                     raise
                 if self.on_retry:
                     self.on_retry(op, e)
-                wait = self.backoff.delay(failures - 1)
+                # the server's Retry-After is a floor under the jittered backoff
+                wait = max(self.backoff.delay(failures - 1), min(e.retry_after or 0.0, RETRY_AFTER_MAX))
                 # debug: one line per file state change, not per request (docs/architecture.md §7)
                 log.debug("retrying", op=op, error=str(e), attempt=failures, wait=round(wait, 2))
                 if cancel is not None:

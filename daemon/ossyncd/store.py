@@ -169,9 +169,18 @@ def classify(op: str, key: str, exc: Exception) -> StoreError:
         if status == 501 or code == "NotImplemented":
             return NotSupported(op, key, msg, **kw)
         if (status is not None and (status >= 500 or status == 429)) or code in TRANSIENT_CODES or status in (-1, -2):
-            return TransientError(op, key, msg, **kw)
+            return TransientError(op, key, msg, retry_after=_retry_after(exc), **kw)
         return PermanentError(op, key, msg, **kw)
     return TransientError(op, key, f"{type(exc).__name__}: {_short(exc)}")
+
+
+def _retry_after(exc) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is not used by OSS)."""
+    value = (getattr(exc, "headers", None) or {}).get("Retry-After", "")
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _with(result: WriteResult, callback: tuple[str, str] | None) -> WriteResult:
