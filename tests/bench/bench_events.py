@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_daemon import CONCURRENCY, config, done_count, start_daemon
+from tests.bench.bench_daemon import CONCURRENCY, config, done_count, start_until_rescan
 from tests.bench.bench_put import start_emulator
 
 
@@ -41,8 +41,7 @@ def rate(tmp: Path, info: dict, src: Path, name: str, extra: str = "") -> float:
     drop.mkdir()
     cfg = config(work, info, drop)
     cfg.write_text(cfg.read_text().replace('prefix = "d/"', f'prefix = "{name}/"') + extra)
-    proc = start_daemon(cfg, work / "daemon.log")
-    time.sleep(3)                      # started and idle
+    proc, _ = start_until_rescan(cfg, work / "daemon.log")   # started, its (empty) rescan done
     n = len(list(src.iterdir()))
     t0 = time.perf_counter()
     subprocess.run(f"cp -r {src}/. {drop}/", shell=True, check=True)

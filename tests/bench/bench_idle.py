@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_daemon import config, start_until_rescan
+from tests.bench.bench_daemon import config, done_count, start_until_rescan
 from tests.bench.bench_put import start_emulator
+from tests.helpers import wait_until
 
 SECONDS = float(os.environ.get("OSSYNCD_BENCH_IDLE_S", "60"))
 
@@ -53,7 +54,7 @@ def main():
             cfg = config(tmp / "d", info, drop)
             proc, _ = start_until_rescan(cfg, tmp / "daemon.log")
             try:
-                time.sleep(5)   # the 10 files settle and upload; then nothing happens
+                wait_until(lambda: done_count(cfg) == 10, 60, what="the 10 files done")   # then nothing happens
                 rss, cpu = idle(proc.pid)
             finally:
                 proc.terminate()
