@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import write_config
 
-HEAVY = ("structlog", "oss2", "aliyunsdkcore", "aliyunsdksts", "watchdog", "prometheus_client", "requests", "urllib3",
+HEAVY = ("rich", "structlog", "oss2", "aliyunsdkcore", "aliyunsdksts", "watchdog", "prometheus_client", "requests", "urllib3",
          "anycrc", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
          "ossyncd.scheduler", "ossyncd.broker")
 PROBE = """
@@ -33,3 +33,30 @@ def test_read_only_commands_import_no_sdk(tmp_path, emulator, command):
                        timeout=60)
     probe = json.loads(r.stderr.strip().splitlines()[-1])
     assert probe == {"code": 0, "loaded": []}, (probe, r.stdout, r.stderr)
+
+
+TRICKY = ["plain", "a[draft].txt", "[red]r[/red] [/b] [[watch]]", ":smile: :+1:", "bell\x07 bs\x08 vt\x0b ff\x0c cr\r end",
+          "two\nlines", "wide 漢字 and é", "trailing space ", "  leading", "", "\x1b[31mansi\x1b[0m", "tab\tinside"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_plain_console_prints_what_rich_prints_when_piped(monkeypatch, text):
+    """Piped, output.Console writes without rich: byte for byte what rich wrote before."""
+    import contextlib
+    import io
+
+    from rich.console import Console as RichConsole
+
+    from ossyncd import output
+
+    for var in ("TTY_COMPATIBLE", "FORCE_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    for obj in (text, output.styled(("label:", "red"), " ", text), output.styled(text).append(" x", style="red")):
+        want = io.StringIO()
+        RichConsole(file=want, soft_wrap=True, markup=False, emoji=False, highlight=False, width=100_000).print(obj)
+        got = io.StringIO()
+        console = output.Console(whole_values=True)
+        with contextlib.redirect_stdout(got):
+            console.print(obj)
+        assert got.getvalue() == want.getvalue(), (obj, got.getvalue(), want.getvalue())
+        assert console._rich is None or "\t" in text, "rich was loaded for plain text"

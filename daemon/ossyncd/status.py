@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from rich.console import Console
-from rich.table import Table
-
-from ossyncd.config import Config
-from ossyncd.output import styled, table
+from ossyncd.output import Console, styled, table
 from ossyncd.state import STATES, EventRow, FileRow, State
+
+if TYPE_CHECKING:
+    from ossyncd.config import Config
 
 
 def iso(ts: float | None) -> str | None:
@@ -157,6 +156,13 @@ def render_status(d: dict, console: Console) -> None:
     _render_watches(d.get("watches", []), console)
     counts = ", ".join(f"{s} {n}" for s, n in d["counts"].items() if n)
     console.print(f"files: {counts or 'none'}")
+    if d["in_flight"] or d["failures"]:
+        _render_tables(d, console)
+
+
+def _render_tables(d: dict, console: Console) -> None:
+    # only here: a status with nothing in flight or failed prints without rich
+    from rich.table import Table
     if d["in_flight"]:
         t = Table("uploading", "key", "progress", box=None)
         for f in d["in_flight"]:
