@@ -32,16 +32,32 @@ reprs or ``status()``: every message built here goes through the source's
 ``_scrub`` (base.SourceBase) and never includes raw server bodies.
 """
 
+from typing import TYPE_CHECKING
+
 from ossyncd.errors import CredentialsError
 
 from .base import Snapshot, Source, parse_expiration
-from .chain import DefaultChainSource
 from .factory import build_source
-from .http import BrokerSource, EcsRamRoleSource, UriSource
-from .process import ProcessSource
 from .rotating import RotatingCredentials
 from .static import EnvSource, StaticSource
-from .sts import OidcSource, StsSource
+
+if TYPE_CHECKING:
+    from .chain import DefaultChainSource
+    from .http import BrokerSource, EcsRamRoleSource, UriSource
+    from .process import ProcessSource
+    from .sts import OidcSource, StsSource
+
+# The other sources' modules load at first use (build_source imports the one a config names):
+# a host with static keys never compiles or imports them (docs/architecture.md §15).
+_LAZY = {"DefaultChainSource": "chain", "BrokerSource": "http", "EcsRamRoleSource": "http", "UriSource": "http",
+         "ProcessSource": "process", "OidcSource": "sts", "StsSource": "sts"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CredentialsError",

@@ -11,13 +11,11 @@ from ossyncd import policy as _policy
 from ossyncd.config import CredentialsConfig
 
 from .base import Source
-from .chain import DefaultChainSource
 from .context import LinkContext
-from .http import BrokerSource, EcsRamRoleSource, UriSource
-from .process import ProcessSource
-from .profile import cli_profile, ini_profile
-from .static import EnvSource, StaticSource
-from .sts import OidcSource, StsSource, sts_endpoint
+from .static import StaticSource
+
+# Each source's module is imported when that source is built: a host with static keys or a
+# broker never loads the STS, profile, chain or process modules (docs/architecture.md §15).
 
 
 def _session_policy(cc: CredentialsConfig, bucket: str, prefixes: list[str],
@@ -50,6 +48,7 @@ class _Described:
 
 
 def _explicit_profile(cc: CredentialsConfig, ctx: LinkContext) -> Source:
+    from .profile import cli_profile, ini_profile
     path = Path(cc.file).expanduser() if cc.file else None
     if path is not None and path.suffix != ".json":
         link = ini_profile(ctx, name=cc.profile, path=path)
@@ -61,6 +60,10 @@ def _explicit_profile(cc: CredentialsConfig, ctx: LinkContext) -> Source:
 def _chain_source(cc: CredentialsConfig, bucket: str, prefixes: list[str], features: dict[str, bool]) -> Source:
     """The sources that read the official chain's files and variables; role_arn in the config
     turns whatever they yield into AssumeRole tokens, as with source = "sts"."""
+    from .chain import DefaultChainSource
+    from .process import ProcessSource
+    from .static import EnvSource
+    from .sts import StsSource, sts_endpoint
     policy = _session_policy(cc, bucket, prefixes, features)
     ctx = link_context(cc, None if cc.role_arn else policy)
     src: Source
@@ -86,23 +89,28 @@ def build_source(cc: CredentialsConfig, *, bucket: str, prefixes: list[str],
     if cc.source in ("default", "profile", "env", "process"):
         return _chain_source(cc, bucket, prefixes, features)
     if cc.source == "oidc":
+        from .sts import OidcSource, sts_endpoint
         return OidcSource(role_arn=cc.role_arn, oidc_provider_arn=cc.oidc_provider_arn,
                           oidc_token_file=cc.oidc_token_file,
                           endpoint=sts_endpoint(cc.sts_endpoint if "sts_endpoint" in cc.model_fields_set else None),
                           session_name=cc.session_name, duration_seconds=cc.duration_seconds,
                           policy=_session_policy(cc, bucket, prefixes, features), timeout=cc.timeout_seconds)
     if cc.source == "uri":
+        from .http import UriSource
         return UriSource(url=cc.url, timeout=cc.timeout_seconds)
     if cc.source == "sts":
+        from .sts import StsSource
         return StsSource(access_key_id=cc.access_key_id, access_key_secret=cc.access_key_secret,
                          role_arn=cc.role_arn, session_name=cc.session_name,
                          duration_seconds=cc.duration_seconds, endpoint=cc.sts_endpoint,
                          region=cc.sts_region, policy=_session_policy(cc, bucket, prefixes, features),
                          timeout=cc.timeout_seconds)
     if cc.source == "broker":
+        from .http import BrokerSource
         return BrokerSource(url=cc.broker_url, token=cc.broker_token, headers=cc.broker_headers,
                             timeout=cc.timeout_seconds)
     if cc.source == "ecs-ram-role":
+        from .http import EcsRamRoleSource
         return EcsRamRoleSource(role_name=cc.ecs_role_name, metadata_url=cc.ecs_metadata_url,
                                 timeout=cc.timeout_seconds)
     return StaticSource(access_key_id=cc.access_key_id, access_key_secret=cc.access_key_secret,
