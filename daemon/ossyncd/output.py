@@ -6,8 +6,8 @@ print as written. Colour comes only from the `style` arguments below, never from
 
 rich is imported only when a console writes to a terminal, or lays out what plain writing
 cannot (a table, a tab): piped or journald output of `status`, `list` and the error lines is
-the same text written directly, and rich costs about 0.07 s of start-up (docs/architecture.md,
-"Start-up"). Plain writing does what rich does to plain text on a non-terminal: it drops the
+the same text written directly, and rich costs about 0.07 s of start-up (docs/architecture.md
+§15). Plain writing does what rich does to plain text on a non-terminal: it drops the
 control characters rich strips (tests/test_quick_start.py compares the two).
 """
 
