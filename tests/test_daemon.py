@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Daemon, MiB, bucket_keys, fast_upload, object_bytes, ossyncd, random_file, wait_until
+from tests.helpers import Daemon, MiB, bucket_keys, events, fast_upload, object_bytes, ossyncd, random_file, wait_until
 
 
 @pytest.fixture
@@ -105,8 +105,9 @@ def test_modified_file_reuploaded_unchanged_never_resent(tmp_path, emulator, dro
     puts = emulator.stats()["requests"]["PutObject"]
     # restart twice: the startup scans must not send anything
     for _ in range(2):
+        scans = len(events(d, "rescan"))
         d.start()
-        time.sleep(2.5)
+        wait_until(lambda: len(events(d, "rescan")) > scans, 60, what="the start-up rescan")
         assert d.stop() == 0
     assert emulator.stats()["requests"]["PutObject"] == puts
     d.start()

@@ -43,3 +43,30 @@ def test_sigterm_while_requests_hang_exits_in_time_and_resumes(tmp_path, emulato
     assert object_bytes(emulator, "small.txt") == small
     assert object_bytes(emulator, "big.bin") == big
     assert d.stop() == 0
+
+
+def _catches_sigterm(pid: int) -> bool:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_still_starting_is_a_clean_stop(tmp_path, emulator, daemon_factory):
+    """A stop that comes before the daemon is up (imports, the build, the start-up rescan) is
+    exit 0 and a `stopped` line, never the default kill; the files wait for the next start."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    data = random_file(drop / "a.txt", 5000, seed=7)
+    d = daemon_factory([{"path": str(drop), "prefix": "", "settle_seconds": 0.3}])
+    d.start()
+    wait_until(lambda: _catches_sigterm(d.proc.pid), 30, interval=0.005, what="SIGTERM handled")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(BOUND) == 0, d.output()[-3000:]
+    assert json_lines(d.output())[-1]["event"] in ("stopped", "abandoning threads still running"), d.output()[-2000:]
+    d.log.close()
+    d.start()
+    d.wait_states({"done": 1}, 60)
+    assert object_bytes(emulator, "a.txt") == data
+    assert d.stop() == 0

@@ -25,6 +25,7 @@ from ossyncd.fleet import heartbeat_url, resolve_oss
 from ossyncd.heartbeat import Heartbeat
 from ossyncd.notify import Notifier
 from ossyncd.scheduler import Scheduler
+from ossyncd.signals import stop_on_signals
 from ossyncd.stack import Hooks, Stack, build_source, restart_only
 from ossyncd.sweeper import Sweeper
 from ossyncd.watcher import Watcher
@@ -73,9 +74,9 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: str | None):
+    def __init__(self, config_path: str | None, stop: threading.Event | None = None):
         self.config_path = config_path
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
         self.metrics: Metrics | None = None      # built only with [metrics] listen
@@ -90,6 +91,7 @@ class Daemon:
                                    *(h.secret for h in cfg.hook)])
 
     def run(self) -> int:
+        stop_on_signals(self.stop)
         try:
             cfg = load_config(self.config_path)
             require_watches(cfg)
@@ -132,8 +134,6 @@ class Daemon:
         for w in cfg.watch:
             self.watcher.add(w)
         self.watcher.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
         loop = threading.Thread(target=sched.run, args=(self.stop,), name="scheduler", daemon=True)
         loop.start()
@@ -288,5 +288,5 @@ class Daemon:
         self.notifier.send("READY=1")
 
 
-def run(config_path: str | None) -> int:
-    return Daemon(config_path).run()
+def run(config_path: str | None, stop: threading.Event | None = None) -> int:
+    return Daemon(config_path, stop).run()

@@ -317,8 +317,11 @@ def check_config(config_path):
 @config_option
 def run(config_path):
     """Run the daemon in the foreground (systemd runs this)."""
+    from ossyncd.signals import stop_on_signals
+    stop = threading.Event()
+    stop_on_signals(stop)   # before the daemon's imports
     from ossyncd.app import run as run_daemon
-    sys.exit(run_daemon(config_path))
+    sys.exit(run_daemon(config_path, stop))
 
 
 def _set_paused(config_path, paused: bool) -> None:
