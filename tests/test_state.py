@@ -104,3 +104,26 @@ def test_corrupt_db_is_a_clear_error(tmp_path):
     p.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StateError, match="move it aside"):
         State(p)
+
+
+def test_a_reader_never_sees_a_schema_between_migrations(tmp_path, monkeypatch):
+    """The daemon upgrades while `status` may read: every migration commits together."""
+    import sqlite3
+
+    import ossyncd.state as state_mod
+    db = tmp_path / "s.db"
+    seen = []
+
+    def peek(migration):
+        def run(d):
+            migration(d)
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:   # another connection, as status
+                seen.append(c.execute("PRAGMA user_version").fetchone()[0])
+        return run
+    monkeypatch.setattr(state_mod, "MIGRATIONS", [peek(m) for m in MIGRATIONS])
+    s = State(db)
+    assert s.schema == len(MIGRATIONS) and seen == [0] * len(MIGRATIONS)
+    s.close()
+    r = State(db, readonly=True)
+    assert r.schema == len(MIGRATIONS)
+    r.close()

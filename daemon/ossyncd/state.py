@@ -437,11 +437,15 @@ class State:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise self._newer()
-            for n, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                with self.db.atomic():
+            if version == len(MIGRATIONS):
+                return
+            # one transaction: a concurrent reader (status, list) sees the old schema or the new
+            # one, never one in between whose columns it would miss; a kill keeps the old one
+            with self.db.atomic():
+                for migration in MIGRATIONS[version:]:
                     migration(self.db)
-                    self.db.execute(f"PRAGMA user_version={n}")
-                self.schema = n
+                self.db.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+            self.schema = len(MIGRATIONS)
 
     @staticmethod
     def _lock_path(db_path: str | os.PathLike) -> str:
