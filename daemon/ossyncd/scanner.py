@@ -48,12 +48,12 @@ class Entry(NamedTuple):
     relpath: str
     kind: str  # "file" | "skipped" | "temp"
     key: str = ""
-    size: int = 0
+    size: int = 0        # size .. ctime_ns in a row, as in state.KnownRow: the rescan compares slices
     mtime_ns: int = 0
     inode: int = 0
+    ctime_ns: int | None = None
     dev: int = 0
     reason: str = ""
-    ctime_ns: int | None = None
 
     @property
     def identity(self) -> Identity:
@@ -105,8 +105,8 @@ class _Rules:
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)
         # Identity.of's fields, without building it: this runs once per file of every rescan
-        return Entry(path, relpath, "file", key, s.st_size, clamp_ns(s.st_mtime_ns), s.st_ino, s.st_dev,
-                     ctime_ns=clamp_ns(s.st_ctime_ns))
+        return Entry(path, relpath, "file", key, s.st_size, clamp_ns(s.st_mtime_ns), s.st_ino, clamp_ns(s.st_ctime_ns),
+                     s.st_dev)
 
     def dir_keys(self, drel: str) -> tuple[str, int]:
         """(the key part of folder `drel`, the UTF-8 bytes left for a name) when a plain name
@@ -122,8 +122,8 @@ class _Rules:
         i = Identity.of(s)
         reason = (f"temp name: {temp_rule_label(rule)} - not uploaded; rename the file, or change "
                   f"temp_names in its [[watch]]")
-        return Entry(path, relpath, "temp", self.key_prefix + relpath, i.size, i.mtime_ns, i.inode, s.st_dev,
-                     reason=reason, ctime_ns=i.ctime_ns)
+        return Entry(path, relpath, "temp", self.key_prefix + relpath, i.size, i.mtime_ns, i.inode, i.ctime_ns,
+                     s.st_dev, reason)
 
     def skipped(self, path: str, relpath: str, reason: str) -> Entry:
         return Entry(path, relpath, "skipped", self.key_prefix + relpath, reason=reason)
@@ -272,7 +272,7 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
                             m, c = s.st_mtime_ns, s.st_ctime_ns
                             if _MIN <= m <= _MAX and _MIN <= c <= _MAX:   # else clamp_ns, in file()
                                 entries.append(new(Entry, (path, relpath, "file", dkey + name, s.st_size, m, s.st_ino,
-                                                           s.st_dev, "", c)))
+                                                           c, s.st_dev, "")))
                                 continue
                         entries.append(r.file(path, relpath, s))
                     elif de.is_symlink():
