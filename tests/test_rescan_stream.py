@@ -15,8 +15,9 @@ import pytest
 from ossyncd import scheduler
 from ossyncd.config import Config, OssConfig, StateConfig, UploadConfig, WatchConfig
 from ossyncd.model import Identity
+from ossyncd.scanner import Entry
 from ossyncd.scheduler import Scheduler
-from ossyncd.state import ROW_PAGE, State
+from ossyncd.state import ROW_PAGE, KnownRow, State
 from ossyncd.uploader import Uploader
 from tests.fakes import MemoryStore
 from tests.helpers import bucket_keys, events, object_bytes, random_file, wait_until
@@ -87,6 +88,11 @@ def streamed_rescan(tmp_path, big_dir, dirs: int, per_dir: int) -> None:
         assert sched.trackers[root].next_deadline() is None   # nothing to settle: all done
     finally:
         rig.close()
+
+
+def test_the_merge_compares_the_identity_fields_as_slices():
+    # rescan._merge compares row[2:6] with entry[4:8] for a `done` file (what _same compares)
+    assert KnownRow._fields[2:6] == Entry._fields[4:8] == ("size", "mtime_ns", "inode", "ctime_ns")
 
 
 @pytest.mark.timeout(120)

@@ -394,3 +394,32 @@ def test_settled_temp_names_are_listed_as_skipped_and_a_renamed_temp_leaves_no_r
     assert str(drop / "movie.mp4.part") not in problems
     assert str(drop / "4913") in problems or len(problems) == 10     # real files stay visible
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("prefix", ["", "in/", "in", "/x/", "pré/"])
+@pytest.mark.parametrize("spec", [None, {}, {"unicode_normalize": "none"}, {"key_template": "{prefix}{dir}{stem}{ext}"}])
+def test_the_walks_inline_file_entries_equal_the_one_path_rules(tmp_path, prefix, spec):
+    """The walk builds a plain file's entry inline (scanner.dir_keys); every entry must be
+    what the one-path rules (stat_entry) say of it: key, kind, reason, identity."""
+    from ossyncd.config import ObjectSpec
+
+    deep = tmp_path.joinpath(*["a" * 200] * 4)
+    names = ["plain.txt", "\\lead.txt", "ctrl\x01.txt", "del\x7f.txt", "tab\t.txt", "ok é 写真.txt",
+             "cafe\u0301.txt", "b" * 200, "~$lock.docx", "x.tmp"]
+    for folder in (tmp_path, tmp_path / "cafe\u0301", tmp_path / "ctl\x02", deep):
+        for name in names:
+            write(folder / name)
+    base = len(prefix.rstrip("/")) + 1 if prefix else 0
+    for n in (1023 - base - 4 * 201, 1024 - base - 4 * 201):   # at and over the key limit
+        write(deep / ("c" * n))
+    os.close(os.open(os.fsencode(tmp_path) + b"/bad\xff.txt", os.O_CREAT | os.O_WRONLY, 0o644))
+    w = make_watch(tmp_path, prefix=prefix)
+    if spec is not None:
+        w.object = ObjectSpec(**spec)
+    got = list(scan_root(w, with_temp=True))
+    assert len(got) == 4 * len(names) + 3
+    kinds = set()
+    for e in got:
+        assert e == stat_entry(w, e.path, with_temp=True), e.relpath
+        kinds.add(e.kind)
+    assert kinds == ({"skipped", "temp"} if prefix.startswith("/") else {"file", "skipped", "temp"})

@@ -13,11 +13,13 @@ import errno
 import os
 import stat as st_
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
-from .model import Identity, clamp_ns
-from .objectspec import FileFacts, object_key_for
+from .model import _INT64_MAX, _INT64_MIN, Identity, clamp_ns
+from .objectspec import FileFacts, normalize, object_key_for
 from .paths import (
+    MAX_KEY_BYTES,
+    _temp_matcher,
     check_key,
     glob_matcher,
     ignored_subtree,
@@ -29,6 +31,7 @@ from .paths import (
     temp_rule_label,
 )
 
+_MIN, _MAX = _INT64_MIN, _INT64_MAX
 _SPECIAL = (
     (st_.S_ISFIFO, "named pipe (FIFO)"),
     (st_.S_ISSOCK, "UNIX socket"),
@@ -37,18 +40,20 @@ _SPECIAL = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One candidate of a walk. A NamedTuple, not a frozen dataclass: a walk builds one per
+    file, and a frozen __init__ sets each field through object.__setattr__ (several times
+    slower; docs/architecture.md §3)."""
     path: str
     relpath: str
     kind: str  # "file" | "skipped" | "temp"
     key: str = ""
-    size: int = 0
+    size: int = 0        # size .. ctime_ns in a row, as in state.KnownRow: the rescan compares slices
     mtime_ns: int = 0
     inode: int = 0
+    ctime_ns: int | None = None
     dev: int = 0
     reason: str = ""
-    ctime_ns: int | None = None
 
     @property
     def identity(self) -> Identity:
@@ -75,6 +80,11 @@ class _Rules:
         self.follow = bool(getattr(watch, "follow_symlinks", False))
         self.skip_dir = ignored_subtree(watch)
         self.temp_rules = getattr(watch, "temp_names", None)
+        self.temp_match = _temp_matcher(None if self.temp_rules is None else tuple(self.temp_rules))[0]
+        spec = getattr(watch, "object", None)
+        # the default key template is the plain join, so a folder's key part is built once
+        self.plain_keys = spec is None or spec.key_template == "{prefix}{relpath}"
+        self.nfc = spec is not None and spec.unicode_normalize == "NFC"
         self._root_real: str | None = None
 
     @property
@@ -95,15 +105,25 @@ class _Rules:
         if bad is not None:
             return Entry(path, relpath, "skipped", key, reason=bad)
         # Identity.of's fields, without building it: this runs once per file of every rescan
-        return Entry(path, relpath, "file", key, s.st_size, clamp_ns(s.st_mtime_ns), s.st_ino, s.st_dev,
-                     ctime_ns=clamp_ns(s.st_ctime_ns))
+        return Entry(path, relpath, "file", key, s.st_size, clamp_ns(s.st_mtime_ns), s.st_ino, clamp_ns(s.st_ctime_ns),
+                     s.st_dev)
+
+    def dir_keys(self, drel: str) -> tuple[str, int]:
+        """(the key part of folder `drel`, the UTF-8 bytes left for a name) when a plain name
+        in it can take `fast_file`; room -1 when not (every file takes `file`)."""
+        if not self.plain_keys:
+            return "", -1
+        dkey = self.key_prefix + (normalize(drel, "NFC") if self.nfc else drel)
+        if check_key(dkey + "x") is not None:   # the folder part fails; a probe name stands for the file's
+            return dkey, -1
+        return dkey, MAX_KEY_BYTES - len(dkey.encode("utf-8"))
 
     def temp(self, path: str, relpath: str, s: os.stat_result, rule: str) -> Entry:
         i = Identity.of(s)
         reason = (f"temp name: {temp_rule_label(rule)} - not uploaded; rename the file, or change "
                   f"temp_names in its [[watch]]")
-        return Entry(path, relpath, "temp", self.key_prefix + relpath, i.size, i.mtime_ns, i.inode, s.st_dev,
-                     reason=reason, ctime_ns=i.ctime_ns)
+        return Entry(path, relpath, "temp", self.key_prefix + relpath, i.size, i.mtime_ns, i.inode, i.ctime_ns,
+                     s.st_dev, reason)
 
     def skipped(self, path: str, relpath: str, reason: str) -> Entry:
         return Entry(path, relpath, "skipped", self.key_prefix + relpath, reason=reason)
@@ -171,6 +191,7 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
     """The walk behind scan_tree, one directory at a time, so a caller holds one folder's
     entries at once, never the tree's (the rescan merge, docs/architecture.md §3)."""
     r = _Rules(watch)
+    temp_match, new = r.temp_match, tuple.__new__
     top = os.path.normpath(os.fspath(top))
     try:
         top_rel = relpath_of(r.root, top)
@@ -215,6 +236,7 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
             yield DirGroup(dpath, [], set(), r.skipped(dpath, drel.rstrip("/"), reason))
             continue
         base = dpath if dpath.endswith("/") else dpath + "/"
+        dkey, room = r.dir_keys(drel)
         entries: list[Entry] = []
         subdirs: set[str] = set()
         with it:
@@ -237,13 +259,22 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
                         continue
                     if r.match is not None and r.excluded(name, relpath):
                         continue
-                    rule = temp_rule(name, r.temp_rules)
-                    if rule is not None:
+                    if temp_match is not None and temp_match(name) is not None:
                         if with_temp and de.is_file(follow_symlinks=False):
-                            entries.append(r.temp(path, relpath, de.stat(follow_symlinks=False), rule))
+                            rule = temp_rule(name, r.temp_rules)
+                            entries.append(r.temp(path, relpath, de.stat(follow_symlinks=False), rule or ""))
                         continue
                     if de.is_file(follow_symlinks=False):
-                        entries.append(r.file(path, relpath, de.stat(follow_symlinks=False)))
+                        s = de.stat(follow_symlinks=False)
+                        # the common case inline: a plain name whose key is the folder's key part
+                        # plus the name, and which check_key provably accepts (see dir_keys)
+                        if len(name) <= room and name.isascii() and name.isprintable() and (dkey or name[0] != "\\"):
+                            m, c = s.st_mtime_ns, s.st_ctime_ns
+                            if _MIN <= m <= _MAX and _MIN <= c <= _MAX:   # else clamp_ns, in file()
+                                entries.append(new(Entry, (path, relpath, "file", dkey + name, s.st_size, m, s.st_ino,
+                                                           c, s.st_dev, "")))
+                                continue
+                        entries.append(r.file(path, relpath, s))
                     elif de.is_symlink():
                         if not r.follow:
                             entries.append(r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)"))

@@ -8,7 +8,9 @@ stored as decimal text because they do not fit SQLite's signed INTEGER.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -17,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import sqlite_utils
 
@@ -114,14 +116,26 @@ class _DoneRequest:
 ROW_PAGE = 500   # rows the rescan holds at once (State.child_rows)
 
 
-@dataclass(frozen=True, slots=True)
-class KnownRow:
+class KnownRow(NamedTuple):
     """What the rescan compares with the disk: a row's path, state and identity. A
-    `subdir` marker names a child folder that holds rows (its other fields are empty)."""
+    `subdir` marker names a child folder that holds rows (its other fields are empty).
+    A NamedTuple with the identity's fields flat: a rescan reads one per row of the tree,
+    straight from the cursor's tuples (docs/architecture.md §8)."""
     path: str
     state: str
-    identity: Identity
-    subdir: bool = False
+    size: int = 0
+    mtime_ns: int = 0
+    inode: int = 0
+    ctime_ns: int | None = None
+    subdir: int = 0   # 1 for a marker (an int: SQLite computes it)
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.size, self.mtime_ns, self.inode, self.ctime_ns)
+
+
+_AS_KNOWN = functools.partial(tuple.__new__, KnownRow)   # a cursor row -> KnownRow, in C
+_SUBDIR = operator.itemgetter(6)
 
 
 def printable_path(path: str) -> str:
@@ -825,23 +839,29 @@ class State:
         # "/" is 0x2F and "0" 0x30: every path that starts with P + "/" sorts in [P/, P0)
         hi = base[:-1] + "0"
         lo, inclusive = base, True
+        # the 7th column flags a row further down than a child (SQLite finds the "/", not a
+        # Python loop per row); rows_under wants every row, so there it is always 0
+        start = len(base) + 1 if children else 1 << 30   # past the end: nothing found, flag 0
         while True:
             rows = self._all(
-                "SELECT path, state, size, mtime_ns, inode, ctime_ns FROM files"
+                "SELECT path, state, size, mtime_ns, inode, ctime_ns, instr(substr(path, ?), '/') > 0 FROM files"
                 f" WHERE path {'>=' if inclusive else '>'} ? AND path < ? AND watch=? ORDER BY path LIMIT ?",
-                [lo, hi, watch, page])
-            out: list[KnownRow] = []
-            jumped = False
-            for p, s, z, m, i, c in rows:
-                sub = p.find("/", len(base)) if children else -1
-                if sub >= 0:   # the first row in a child folder: mark it, skip the folder's block
-                    out.append(KnownRow(p[:sub], "", Identity(0, 0, 0, None), subdir=True))
-                    lo, inclusive, jumped = p[:sub] + "0", True, True
-                    break
-                out.append(KnownRow(p, s, Identity(z, m, i, c)))
+                [start, lo, hi, watch, page])
+            try:
+                cut = list(map(_SUBDIR, rows)).index(1)
+            except ValueError:
+                cut = -1
+            if cut < 0:
+                out = list(map(_AS_KNOWN, rows))
+            else:   # the first row in a child folder: mark it, skip the folder's block
+                out = list(map(_AS_KNOWN, rows[:cut]))
+                p = rows[cut][0]
+                sub = p[:p.index("/", len(base))]
+                out.append(KnownRow(sub, "", subdir=1))
+                lo, inclusive = sub + "0", True
             if out:
                 yield out
-            if not jumped:
+            if cut < 0:
                 if len(rows) < page:
                     return
                 lo, inclusive = rows[-1][0], False
