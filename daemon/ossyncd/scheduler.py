@@ -262,18 +262,27 @@ class Scheduler:
     # -- stages ----------------------------------------------------------------------------
 
     def _drain_intake(self, now: float) -> None:
+        # A copied file comes as create, modify and close: one stat per path per drain serves
+        # all three (the restat after settling catches a write the shared stat missed).
+        stats: dict[tuple[str, str], Entry | None] = {}
         for _ in range(MAX_EVENTS_PER_TICK):
             try:
                 root, path, closed = self.intake.get_nowait()
             except queue.Empty:
                 return
-            self._consider(root, path, now, closed)
+            self._consider(root, path, now, closed, stats)
 
-    def _consider(self, root: str, path: str, now: float, closed: bool) -> None:
+    def _consider(self, root: str, path: str, now: float, closed: bool,
+                  stats: dict[tuple[str, str], Entry | None] | None = None) -> None:
         w = self.watches.get(root)
         if w is None:
             return
-        entry = stat_entry(w, path)
+        if stats is None:
+            entry = stat_entry(w, path)
+        elif (root, path) in stats:
+            entry = stats[root, path]
+        else:
+            entry = stats[root, path] = stat_entry(w, path)
         if entry is None:
             self.trackers[root].forget(path)
             return
