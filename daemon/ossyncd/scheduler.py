@@ -46,6 +46,7 @@ ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exi
 DUE_MARGIN = 64          # extra due rows read while multipart files wait for a lane
 RESCAN_SLICE = 0.05      # seconds of rescan work per tick: intake, settle and dispatch run between slices
 SENTINEL_CHECK_EVERY = 10.0   # seconds between full checks of the folders whose ready_file waits
+REFILL_EVERY = 0.02      # seconds between refills of free upload slots during a long intake or settle pass
 
 
 def _dir_ident(path: str) -> tuple[int, int] | None:
@@ -118,6 +119,7 @@ class Scheduler:
         self._health_at = float("-inf")
         self._file_checked = float("-inf")
         self._crashed: list[tuple[FileRow, str]] = []   # rows whose job raised, not recorded yet
+        self._refill_at = 0.0
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -271,6 +273,7 @@ class Scheduler:
             except queue.Empty:
                 return
             self._consider(root, path, now, closed, stats)
+            self._refill(now)
 
     def _consider(self, root: str, path: str, now: float, closed: bool,
                   stats: dict[tuple[str, str], Entry | None] | None = None) -> None:
@@ -296,6 +299,7 @@ class Scheduler:
         for root, tracker in self.trackers.items():
             w = self.watches[root]
             for path in tracker.ready(now):
+                self._refill(now)
                 entry = stat_entry(w, path, with_temp=True)
                 if entry is None or entry.kind == "skipped":
                     tracker.confirm(path, None, None, now)
@@ -315,6 +319,18 @@ class Scheduler:
                     gate.settled(path, entry)
                     continue
                 self.record(root, entry, gate.decide(path, entry) if gate is not None else None)
+
+    def _refill(self, now: float) -> None:
+        """Inside a long intake or settle pass (thousands of files dropped at once): every
+        REFILL_EVERY, record finished uploads and hand their slots the queued files, so the
+        uploads do not wait for the pass to end (docs/architecture.md §1)."""
+        t = time.monotonic()
+        if t < self._refill_at:
+            return
+        self._refill_at = t + REFILL_EVERY
+        if not self.finished.empty():
+            self._reap()
+            self._dispatch(now)
 
     def record(self, root: str, entry: Entry, waiting: str | None) -> None:
         """A settled version: queued, or `waiting` for its ready marker (the reason)."""
