@@ -258,3 +258,26 @@ def test_a_servers_retry_after_is_a_floor_under_the_backoff(emulator, tmp_path, 
     cancel = RecordedWaits()
     store.put(PREFIX + "capped.bin", body_of(data), cancel=cancel)
     assert cancel.waits == [60.0], cancel.waits   # RETRY_AFTER_MAX: longer waits are the file's retry
+
+
+def test_a_netrc_entry_for_the_endpoint_does_not_replace_the_signature(emulator, tmp_path, body_of, monkeypatch):
+    """requests would add ~/.netrc's Basic credentials for the endpoint's host over the OSS
+    Authorization header; the store never reads it (docs/architecture.md §5, per-request cost)."""
+    from urllib.parse import urlparse
+
+    from ossyncd.config import load_config
+    from ossyncd.stack import build_credentials
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {urlparse(emulator.oss_url).hostname} login someone password other\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    (tmp_path / "in").mkdir()
+    cfg = load_config(write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db",
+                                   watches=[{"path": str(tmp_path / "in"), "prefix": PREFIX}]))
+    store = OssStore(cfg.oss, build_credentials(cfg))
+    data = rand(5000, 8)
+    for i in range(2):   # the second request takes the cached environment settings
+        assert store.put(PREFIX + f"netrc-{i}.bin", body_of(data)).crc64 == crc64(data)
+    monkeypatch.delenv("NETRC")   # the read-back is a bare oss2 bucket: it would send the netrc's login
+    assert [object_bytes(emulator, PREFIX + f"netrc-{i}.bin") for i in range(2)] == [data, data]

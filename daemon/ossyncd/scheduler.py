@@ -46,6 +46,7 @@ ROOT_CHECK_EVERY = 1.0   # seconds between checks that each watch root still exi
 DUE_MARGIN = 64          # extra due rows read while multipart files wait for a lane
 RESCAN_SLICE = 0.05      # seconds of rescan work per tick: intake, settle and dispatch run between slices
 SENTINEL_CHECK_EVERY = 10.0   # seconds between full checks of the folders whose ready_file waits
+REFILL_EVERY = 0.02      # seconds between refills of free upload slots during a long intake or settle pass
 
 
 def _dir_ident(path: str) -> tuple[int, int] | None:
@@ -118,6 +119,7 @@ class Scheduler:
         self._health_at = float("-inf")
         self._file_checked = float("-inf")
         self._crashed: list[tuple[FileRow, str]] = []   # rows whose job raised, not recorded yet
+        self._refill_at = 0.0
         for w in cfg.watch:
             self.add_watch(w)
 
@@ -262,18 +264,28 @@ class Scheduler:
     # -- stages ----------------------------------------------------------------------------
 
     def _drain_intake(self, now: float) -> None:
+        # A copied file comes as create, modify and close: one stat per path per drain serves
+        # all three (the restat after settling catches a write the shared stat missed).
+        stats: dict[tuple[str, str], Entry | None] = {}
         for _ in range(MAX_EVENTS_PER_TICK):
             try:
                 root, path, closed = self.intake.get_nowait()
             except queue.Empty:
                 return
-            self._consider(root, path, now, closed)
+            self._consider(root, path, now, closed, stats)
+            self._refill(now)
 
-    def _consider(self, root: str, path: str, now: float, closed: bool) -> None:
+    def _consider(self, root: str, path: str, now: float, closed: bool,
+                  stats: dict[tuple[str, str], Entry | None] | None = None) -> None:
         w = self.watches.get(root)
         if w is None:
             return
-        entry = stat_entry(w, path)
+        if stats is None:
+            entry = stat_entry(w, path)
+        elif (root, path) in stats:
+            entry = stats[root, path]
+        else:
+            entry = stats[root, path] = stat_entry(w, path)
         if entry is None:
             self.trackers[root].forget(path)
             return
@@ -287,6 +299,7 @@ class Scheduler:
         for root, tracker in self.trackers.items():
             w = self.watches[root]
             for path in tracker.ready(now):
+                self._refill(now)
                 entry = stat_entry(w, path, with_temp=True)
                 if entry is None or entry.kind == "skipped":
                     tracker.confirm(path, None, None, now)
@@ -306,6 +319,18 @@ class Scheduler:
                     gate.settled(path, entry)
                     continue
                 self.record(root, entry, gate.decide(path, entry) if gate is not None else None)
+
+    def _refill(self, now: float) -> None:
+        """Inside a long intake or settle pass (thousands of files dropped at once): every
+        REFILL_EVERY, record finished uploads and hand their slots the queued files, so the
+        uploads do not wait for the pass to end (docs/architecture.md §1)."""
+        t = time.monotonic()
+        if t < self._refill_at:
+            return
+        self._refill_at = t + REFILL_EVERY
+        if not self.finished.empty():
+            self._reap()
+            self._dispatch(now)
 
     def record(self, root: str, entry: Entry, waiting: str | None) -> None:
         """A settled version: queued, or `waiting` for its ready marker (the reason)."""

@@ -114,6 +114,35 @@ class _BigBlockAdapter(requests.adapters.HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
+class _KeepSignature(requests.auth.AuthBase):
+    """The OSS signature is the request's only auth: set as the session's auth, it keeps
+    requests from reading ~/.netrc on every request (whose Basic credentials would replace it)."""
+
+    def __call__(self, r):
+        return r
+
+
+class _QuickSession(requests.Session):
+    """requests re-reads the proxy variables, NO_PROXY and the CA bundle variables for every
+    request; a daemon's environment does not change, so they are read once per scheme and host
+    (docs/architecture.md §5, per-request cost)."""
+
+    def __init__(self):
+        super().__init__()
+        self.auth = _KeepSignature()
+        self._env: dict[tuple, dict[str, Any]] = {}
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        if proxies:   # per-request proxies (oss2 passes none): the general path
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        u = urlparse(url)
+        key = (u.scheme, u.netloc, stream, verify, cert)
+        settings = self._env.get(key)
+        if settings is None:
+            settings = self._env[key] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        return {**settings, "proxies": dict(settings["proxies"])}
+
+
 class RotatingProvider(oss2.CredentialsProvider):
     """oss2 asks for credentials on every request; we hand out the current snapshot and
     remember, per thread, which one signed the last request (for single-flight refresh)."""
@@ -140,13 +169,24 @@ def is_ip_endpoint(host: str) -> bool:
 
 
 def object_url(cfg: OssConfig, key: str) -> str:
-    quoted = quote(key, safe="/~")
-    if cfg.public_base_url:
-        return cfg.public_base_url.rstrip("/") + "/" + quoted
-    u = urlparse(cfg.endpoint)
+    where = (cfg.public_base_url, cfg.endpoint, cfg.bucket)
+    base = _URL_BASES.get(where)
+    if base is None:
+        base = _URL_BASES[where] = _url_base(*where)
+    return base + quote(key, safe="/~")
+
+
+_URL_BASES: dict[tuple[str, str, str], str] = {}   # one endpoint parse per configuration, not one per file
+
+
+def _url_base(public_base_url: str, endpoint: str, bucket: str) -> str:
+    """Everything of an object URL before its key."""
+    if public_base_url:
+        return public_base_url.rstrip("/") + "/"
+    u = urlparse(endpoint)
     if is_ip_endpoint(u.hostname or ""):
-        return f"{u.scheme}://{u.netloc}/{cfg.bucket}/{quoted}"
-    return f"{u.scheme}://{cfg.bucket}.{u.netloc}/{quoted}"
+        return f"{u.scheme}://{u.netloc}/{bucket}/"
+    return f"{u.scheme}://{bucket}.{u.netloc}/"
 
 
 def classify(op: str, key: str, exc: Exception) -> StoreError:
@@ -216,9 +256,13 @@ class OssStore:
         else:
             auth = oss2.ProviderAuth(self.provider)
         adapter = _BigBlockAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+        session = oss2.Session(adapter=adapter)
+        session.session = _QuickSession()
+        session.session.mount("http://", adapter)
+        session.session.mount("https://", adapter)
         self.bucket = oss2.Bucket(
             auth, cfg.endpoint, cfg.bucket,
-            session=oss2.Session(adapter=adapter),
+            session=session,
             connect_timeout=(cfg.connect_timeout, cfg.read_timeout),
             enable_crc=False,
             region=cfg.region or None,
