@@ -214,6 +214,28 @@ def test_failed_refresh_keeps_credentials_until_expiry_with_exponential_backoff(
     assert st["healthy"] and st["last_error"].startswith("STS endpoint") and st["consecutive_failures"] == 7
 
 
+def test_unavailable_only_while_the_last_fetch_failed_and_nothing_usable_is_held():
+    """The scheduler holds its queue on this: never before a first fetch, never while a failed
+    refresh still has a valid snapshot, and no longer once a fetch succeeds."""
+    clock, src, rc = make(lifetime=100.0, min_backoff=1.0, max_backoff=4.0)
+    assert rc.unavailable() is None                      # nothing fetched yet: a request fetches
+    src.fail_with = transient()
+    rc.tick(clock())
+    err = rc.unavailable()
+    assert err is not None and str(err).startswith("STS endpoint")
+    src.fail_with = None
+    clock.t = rc.tick(clock())                             # in backoff: still unavailable
+    assert rc.unavailable() is not None
+    rc.tick(clock())
+    assert rc.unavailable() is None and rc.status()["healthy"]
+    src.fail_with = transient()
+    clock.advance(80)
+    rc.tick(clock())                                       # refresh failed, old one still valid
+    assert rc.unavailable() is None
+    clock.advance(21)                                      # and now it has expired
+    assert rc.unavailable() is not None
+
+
 def test_backoff_jitter_stays_within_half_to_full_and_cap():
     import random
     seed = 1234

@@ -324,11 +324,16 @@ def test_access_denied_fires_one_failed_event_and_an_sts_outage_none(tmp_path, e
     random_file(drop / "bad.bin", 500, seed=99)
     d.wait_states({"retry_wait": 51}, 60)
     assume = lambda: emulator.stats()["requests"].get("AssumeRole", 0)   # noqa: E731
-    seen, down_since = assume(), time.monotonic()
+    waits = lambda: len(events(d, "credentials unavailable"))   # noqa: E731  (a file held, or tried and failed)
+    seen, told, down_since = assume(), waits(), time.monotonic()
     wait_until(lambda: assume() >= seen + 5 and time.monotonic() - down_since >= outage, 30 + outage,
                interval=0.5, what=f"five more failed AssumeRole attempts and {outage} s")
     assert outbox(d) == [] and receiver.events() == []              # waiting files fire nothing
-    assert d.status()["counts"].get("retry_wait") == 51             # still waiting, none failed
+    st = d.status()
+    assert st["counts"].get("retry_wait") == 51 and not st["counts"].get("uploading"), st["counts"]
+    # the queue is held while no credentials are usable: no upload is started just to fail
+    assert waits() == told == 51   # each file said once why it waits
+    assert all(r["error"].startswith("waiting for credentials:") for r in d.files("retry_wait"))
     emulator.set_faults([{"op": "PutObject", "key_prefix": "bad", "status": 403, "code": "AccessDenied"}])
     d.wait_states({"done": 50, "failed": 1}, 60)
     rescans = lambda: len([1 for line in d.output().splitlines() if '"event": "rescan"' in line])   # noqa: E731

@@ -126,7 +126,9 @@ class Daemon:
                                            on_done=m.on_done if m else None,
                                            on_rearm=self.watcher.add,        # a root deleted and recreated
                                            source_alive=self.watcher.alive,  # a root whose event thread died
-                                           source_info=self.watcher.source)  # inotify, or polling and why
+                                           source_info=self.watcher.source,  # inotify, or polling and why
+                                           credentials_unavailable=stack.credentials.unavailable)
+        stack.on_credentials = sched.wake.set   # credentials back: dispatch the held queue at once
         self.sweeper = Sweeper(stack.store, stack.state, cfg, on_abort=m.on_orphan_aborted if m else None)
         self.deliverer = Deliverer(stack.state, cfg, on_result=m.on_event_result if m else None)
         if m is not None:

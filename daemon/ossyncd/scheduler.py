@@ -70,14 +70,17 @@ class Scheduler:
     watches), and hooks: `publish` (the credentials status, every STATUS_EVERY), `on_done`
     (row, outcome: metrics), `on_rearm` (watch: restart its event source), `source_alive`
     (watch -> False when its event source died), `source_info` (watch -> how its events
-    arrive, shown by `status`: inotify, or polling and why)."""
+    arrive, shown by `status`: inotify, or polling and why), `credentials_unavailable` (-> the
+    error while the last credentials fetch failed and none are usable: the queue is held in
+    `retry_wait`, saying why, until a fetch succeeds)."""
 
     def __init__(self, state: State, uploader: Uploader, cfg: Config, *,
                  publish: Callable[[], None] | None = None,
                  on_done: Callable[[FileRow, Outcome], None] | None = None,
                  on_rearm: Callable[[WatchConfig], None] | None = None,
                  source_alive: Callable[[WatchConfig], bool] | None = None,
-                 source_info: Callable[[WatchConfig], dict] | None = None):
+                 source_info: Callable[[WatchConfig], dict] | None = None,
+                 credentials_unavailable: Callable[[], Exception | None] | None = None):
         self.state = state
         self.uploader = uploader
         self.cfg = cfg
@@ -86,6 +89,7 @@ class Scheduler:
         self.on_rearm = on_rearm
         self.source_alive = source_alive
         self.source_info = source_info
+        self.credentials_unavailable = credentials_unavailable
         self.intake: queue.SimpleQueue = queue.SimpleQueue()
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -460,6 +464,11 @@ class Scheduler:
 
     def _dispatch(self, now: float) -> None:
         if self.paused or self.stopping:
+            return
+        err = self.credentials_unavailable() if self.credentials_unavailable is not None else None
+        if err is not None:   # each job would fail at once and churn its row through `uploading`
+            for path in self.state.hold_queued(f"waiting for credentials: {err}", now):   # due once they are back
+                log.warning("credentials unavailable", path=path, error=str(err))   # once per file and outage
             return
         slots = self.cfg.upload.max_files_in_flight - len(self.jobs)
         if slots <= 0:

@@ -125,6 +125,7 @@ class Stack:
         self.state = State(cfg.state.path)
         self.state.router = route(cfg)   # [[hook]]s: which state changes are written to the outbox
         self._creds_lock = threading.Lock()
+        self.on_credentials: Callable[[], None] | None = None   # after every fetch (the scheduler's wake)
         self.credentials = build_credentials(cfg, on_change=self._credentials_changed)
         self._told: set[tuple[str, str, tuple[str, ...]]] = set()
         self.cfg = cfg = with_broker_oss(cfg, self.credentials)   # [oss] from the broker (§13)
@@ -148,6 +149,8 @@ class Stack:
     def _credentials_changed(self) -> None:
         self.publish_credentials()
         self.check_registration()
+        if self.on_credentials is not None:
+            self.on_credentials()
 
     def registration(self) -> Registration | None:
         """What the broker's last answer said about this host (source = "broker"), else None."""

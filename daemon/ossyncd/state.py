@@ -702,6 +702,18 @@ class State:
                     moved.add(r.id)
         return moved
 
+    def hold_queued(self, error: str, next_attempt_at: float, *, now: float | None = None) -> list[str]:
+        """Every `queued` row to `retry_wait` with `error` (the dispatch is held: no credentials),
+        in one transaction. Returns the paths that moved."""
+        if self._one("SELECT 1 FROM files WHERE state='queued' LIMIT 1") is None:
+            return []   # the usual case at each tick of an outage: no write transaction
+        now = time.time() if now is None else now
+        with self._guard(write=True):
+            paths = [p for (p,) in self.db.execute("SELECT path FROM files WHERE state='queued'")]
+            self.db.execute("UPDATE files SET state='retry_wait', error=?, next_attempt_at=?, updated_at=?"
+                            " WHERE state='queued'", [error, next_attempt_at, now])
+        return paths
+
     def mark_unchanged(self, file_id: int, identity: Identity, *, now: float | None = None) -> bool:
         """Only the ctime moved and the CRC64 still matches the object: done again, with
         the new identity already recorded, and nothing sent."""

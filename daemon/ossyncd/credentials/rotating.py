@@ -30,6 +30,9 @@ class RotatingCredentials:
       a jitter factor in [0.5, 1.0]; permanent errors back off at the cap straight away (and
       keep being retried there: an operator's fix at the source is picked up by itself); an
       error carrying ``retry_after`` waits at least that long.
+    * ``unavailable()``: the last fetch failed and nothing usable is held, so the scheduler
+      holds its queue (rows wait in ``retry_wait``) instead of starting uploads that would fail
+      at once.
     * ``force_refresh(stale)``: OSS rejected ``stale``.  If the current snapshot is
       already a different, usable one it is returned with no fetch, so many parts
       failing together cause one refresh.
@@ -242,6 +245,15 @@ class RotatingCredentials:
         with self._cond:
             if self._failures and math.isfinite(self._next_attempt):
                 return self._next_attempt
+            return None
+
+    def unavailable(self) -> CredentialsError | None:
+        """The last fetch's error while it failed and no usable snapshot is held (a request now
+        would fail at once), else None. The background thread keeps retrying; ``on_change``
+        fires when a fetch succeeds."""
+        with self._cond:
+            if self._last_attempt_failed and not self._usable(self._snap, self._clock()):
+                return self._last_error
             return None
 
     def status(self) -> dict:
