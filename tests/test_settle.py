@@ -2,7 +2,7 @@
 
 import pytest
 
-from ossyncd.settle import SettleTracker
+from ossyncd.settle import CLOSED, RENAMED, SettleTracker
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -146,10 +146,22 @@ def test_closed_then_renamed_is_handled_by_final_name():
     c.event("data.bin", closed=True)
     c.t = 0.05
     disk["final.bin"] = disk.pop("data.bin")  # mv data.bin final.bin
-    c.event("final.bin", closed=True)  # the watcher reports the dest, closed
+    c.event("final.bin", closed=RENAMED)  # the watcher reports the dest, renamed into place
     c.run_until(5)
-    assert c.got == [(pytest.approx(0.25), "final.bin")]
+    assert c.got == [(pytest.approx(0.05), "final.bin")]   # a rename is final: no close_quiet
     assert set(c.tr._recs) == {"final.bin"}  # the old name was dropped at restat
+
+
+def test_renamed_is_ready_at_once_but_a_change_after_it_waits_the_full_settle():
+    disk = {"a": (50, 7), "b": (10, 1)}
+    c = Clock(SettleTracker(2.0), disk)
+    c.event("a", closed=RENAMED)
+    c.event("b", closed=CLOSED)
+    c.t = 0.01
+    disk["a"] = (60, 8)                 # written again under its final name: a writer still at it
+    c.event("a")
+    c.run_until(5)
+    assert c.got == [(pytest.approx(0.2), "b"), (pytest.approx(2.01), "a")]
 
 
 def test_forget():

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 import ossyncd
 from ossyncd import watcher as watcher_mod
 from ossyncd.paths import is_temp_name
+from ossyncd.settle import RENAMED
 from ossyncd.watcher import Watcher
 
 pytestmark = pytest.mark.timeout(30)
@@ -129,7 +130,7 @@ def test_rsync_reports_final_names_only(dirs, run_watcher):
     # rsync writes .name.XXXXXX then renames; in an already watched folder the
     # rename is the event (closed). Files in folders rsync just created may be
     # found by watchdog's catch-up walk instead (closed=False); both are fine.
-    ev.wait_paths([root / "dst/big.bin", root / "dst/small.txt"], closed=True)
+    ev.wait_paths([root / "dst/big.bin", root / "dst/small.txt"], closed=RENAMED)
     quiet()
     got = ev.paths()
     assert got == {str(p) for p in finals}
@@ -168,7 +169,7 @@ def test_mv_file_and_folder_into_root(dirs, run_watcher):
     subprocess.run(["mv", str(outside / "one.jpg"), str(root / "one.jpg")], check=True)
     subprocess.run(["mv", str(outside / "batch"), str(root / "batch")], check=True)
     want = [root / "one.jpg", root / "batch/a.jpg", root / "batch/b.jpg", root / "batch/sub/c.jpg"]
-    ev.wait_paths(want, closed=True)  # a rename is atomic: complete under its final name
+    ev.wait_paths(want, closed=RENAMED)  # a rename is atomic: complete under its final name
     quiet()
     assert ev.paths() == {str(p) for p in want}  # the temp name inside never shows
 
@@ -180,7 +181,7 @@ def test_rename_inside_root_reports_destination(dirs, run_watcher):
     (root / "a.txt").write_text("x")
     ev.wait_paths([root / "a.txt"], closed=True)
     os.rename(root / "a.txt", root / "b.txt")
-    ev.wait_paths([root / "b.txt"], closed=True)
+    ev.wait_paths([root / "b.txt"], closed=RENAMED)
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])

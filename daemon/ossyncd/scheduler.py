@@ -153,7 +153,7 @@ class Scheduler:
 
     # -- inputs from other threads ---------------------------------------------------------
 
-    def on_event(self, watch, path: str, closed: bool) -> None:
+    def on_event(self, watch, path: str, closed: int) -> None:
         self.intake.put((str(watch.path), path, closed))
         self.wake.set()
 
@@ -279,7 +279,7 @@ class Scheduler:
             self._consider(root, path, now, closed, stats)
             self._refill(now)
 
-    def _consider(self, root: str, path: str, now: float, closed: bool,
+    def _consider(self, root: str, path: str, now: float, closed: int,
                   stats: dict[tuple[str, str], Entry | None] | None = None) -> None:
         w = self.watches.get(root)
         if w is None:

@@ -1,8 +1,10 @@
 """When is a file finished? Pure logic; the caller passes stats and the clock.
 
 A path is ready when either
-  * it was reported closed (IN_CLOSE_WRITE, or renamed into place) after its
-    last change and nothing happened for ``close_quiet`` seconds, or
+  * it was renamed into place (``RENAMED``: a rename is atomic, the file is whole under its
+    final name) after its last change: at once, or
+  * it was reported closed (``CLOSED``: IN_CLOSE_WRITE) after its last change and nothing
+    happened for ``close_quiet`` seconds, or
   * nothing happened to it (no event, same size and mtime) for ``settle_seconds``.
 
 A path that changes again after a close belongs to a writer that closes and
@@ -31,11 +33,14 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
+# how an event saw the file (``closed`` below): a write, a close after writing, a rename into place
+WRITTEN, CLOSED, RENAMED = 0, 1, 2
+
 
 class _Rec:
     __slots__ = ("size", "mtime_ns", "last_event", "closed", "reopened", "handed_out", "scheduled")
 
-    def __init__(self, size: int, mtime_ns, now: float, closed: bool):
+    def __init__(self, size: int, mtime_ns, now: float, closed: int):
         self.size = size
         self.mtime_ns = mtime_ns
         self.last_event = now
@@ -63,7 +68,10 @@ class SettleTracker:
         return sum(1 for r in self._recs.values() if r.handed_out is None)
 
     def _deadline(self, rec: _Rec) -> float:
-        quiet = self.close_quiet if rec.closed and not rec.reopened else self.settle
+        if rec.reopened or not rec.closed:
+            quiet = self.settle
+        else:   # a writer that closes and reopens at once is covered by close_quiet; a rename is final
+            quiet = 0.0 if rec.closed == RENAMED else self.close_quiet
         return rec.last_event + quiet
 
     def _schedule(self, path: str, rec: _Rec) -> None:
@@ -74,7 +82,7 @@ class SettleTracker:
             self._seq += 1
             heapq.heappush(self._heap, (d, self._seq, path))
 
-    def observe(self, path: str, size: int, mtime_ns: object, now: float, closed: bool = False) -> None:
+    def observe(self, path: str, size: int, mtime_ns: object, now: float, closed: int = WRITTEN) -> None:
         """Record an event (or a scan sighting) for ``path`` with its current stat."""
         rec = self._recs.get(path)
         if rec is None:
@@ -90,8 +98,8 @@ class SettleTracker:
             rec.size, rec.mtime_ns = size, mtime_ns
             rec.handed_out = None
             rec.closed = closed
-        elif closed:
-            rec.closed = True
+        elif closed > rec.closed:
+            rec.closed = closed
         # else: an event that changed nothing (a duplicate, a rescan sighting)
         # keeps the close: writes move mtime or size.
         rec.last_event = now

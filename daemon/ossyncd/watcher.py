@@ -31,6 +31,7 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from .paths import is_excluded, is_temp_name, relpath_of, watch_ignores
 from .scanner import scan_tree
+from .settle import CLOSED, RENAMED, WRITTEN
 
 log = structlog.get_logger("ossyncd.watcher")
 
@@ -38,7 +39,7 @@ log = structlog.get_logger("ossyncd.watcher")
 # resolves itself); harmless, and noisy under rsync.
 warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
-OnEvent = Callable[[object, str, bool], None]
+OnEvent = Callable[[object, str, int], None]   # (watch, path, settle.WRITTEN / CLOSED / RENAMED)
 OnRescan = Callable[[object, str], None]
 
 # Only what we map; fewer inotify event kinds also means fewer queue overflows
@@ -135,16 +136,16 @@ class _Handler(FileSystemEventHandler):
         t = type(event)
         r = self.r
         if t is FileClosedEvent:
-            self.w._report(r, r.configured(event.src_path), True)
+            self.w._report(r, r.configured(event.src_path), CLOSED)
         elif t is FileCreatedEvent or t is FileModifiedEvent:
-            self.w._report(r, r.configured(event.src_path), False)
+            self.w._report(r, r.configured(event.src_path), WRITTEN)
         elif t is FileMovedEvent:
             # A rename is atomic: the file is complete under its final name.
             if event.dest_path:
-                self.w._report(r, r.configured(event.dest_path), True)
+                self.w._report(r, r.configured(event.dest_path), RENAMED)
         elif t is DirMovedEvent:
             if event.dest_path and r.watch.recursive:
-                self.w._walk(r, r.configured(event.dest_path), closed=True)
+                self.w._walk(r, r.configured(event.dest_path), closed=RENAMED)
         elif t is DirDeletedEvent and r.configured(event.src_path) == r.root:
             log.error("watch_root_deleted", watch=self.r.watch.index, path=self.r.root,
                       hint="recreate the folder; the watch is re-armed when it reappears")
@@ -328,11 +329,11 @@ class Watcher:
         elif background:
             threading.Thread(target=self._walk, args=(r, r.root, False), name="ossyncd-rewalk", daemon=True).start()
         else:
-            self._walk(r, r.root, False)
+            self._walk(r, r.root, WRITTEN)
 
     # -- event mapping -----------------------------------------------------
 
-    def _report(self, r: _Root, path, closed: bool) -> None:
+    def _report(self, r: _Root, path, closed: int) -> None:
         path = os.fsdecode(path)
         try:
             rel = relpath_of(r.root, path)
@@ -345,7 +346,7 @@ class Watcher:
             return
         self._on_event(w, path, closed)
 
-    def _walk(self, r: _Root, top: str, closed: bool) -> None:
+    def _walk(self, r: _Root, top: str, closed: int) -> None:
         """Report every candidate below ``top`` (a folder moved in, or a rewalk)."""
         for entry in scan_tree(r.watch, top):
             if not r.active:
