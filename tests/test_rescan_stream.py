@@ -17,6 +17,7 @@ from ossyncd.config import Config, OssConfig, StateConfig, UploadConfig, WatchCo
 from ossyncd.model import Identity
 from ossyncd.scanner import Entry
 from ossyncd.scheduler import Scheduler
+from ossyncd.settle import CLOSED
 from ossyncd.state import ROW_PAGE, KnownRow, State
 from ossyncd.uploader import Uploader
 from tests.fakes import MemoryStore
@@ -105,7 +106,7 @@ def test_a_new_file_is_uploaded_while_a_rescan_runs(tmp_path, big_dir, monkeypat
         sched.tick(now)
         late = rig.root / "late.txt"
         late.write_bytes(b"arrived while the rescan ran")
-        sched.on_event(rig.cfg.watch[0], str(late), True)
+        sched.on_event(rig.cfg.watch[0], str(late), CLOSED)
         for _ in range(3):   # intake, settle after the close, dispatch
             now += 0.5
             sched.tick(now)

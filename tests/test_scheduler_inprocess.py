@@ -12,6 +12,7 @@ import pytest
 
 from ossyncd.config import Config, OssConfig, StateConfig, UploadConfig, WatchConfig
 from ossyncd.scheduler import Scheduler
+from ossyncd.settle import CLOSED
 from ossyncd.state import State
 from ossyncd.uploader import Uploader
 from tests.fakes import FakeClock, MemoryStore
@@ -59,7 +60,7 @@ class Rig:
     def add(self, name: str, size: int, seed: int) -> bytes:
         """A new file, announced as the watcher does (a close after write)."""
         data = random_file(self.root / name, size, seed)
-        self.sched.on_event(self.cfg.watch[0], str(self.root / name), True)
+        self.sched.on_event(self.cfg.watch[0], str(self.root / name), CLOSED)
         return data
 
     def row(self, name: str):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ossyncd.settle import CLOSED, RENAMED, SettleTracker
+from ossyncd.settle import CLOSED, RENAMED, WRITTEN, SettleTracker
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -33,15 +33,15 @@ class Clock:
             if self.tr.confirm(p, *(st or (None, None)), self.t):
                 self.got.append((self.t, p))
 
-    def event(self, path, closed=False):
-        self.tr.observe(path, *self.disk[path], self.t, closed)
+    def event(self, path, how=WRITTEN):
+        self.tr.observe(path, *self.disk[path], self.t, how)
 
 
 def test_closed_then_quiet_is_ready_after_quiet_period():
     tr = SettleTracker(2.0)
     assert tr.close_quiet == pytest.approx(0.2)
     tr.observe("a", 10, 1, now=0.0)
-    tr.observe("a", 20, 2, now=0.1, closed=True)
+    tr.observe("a", 20, 2, now=0.1, how=CLOSED)
     assert tr.ready(0.29) == []
     d = tr.next_deadline()
     assert d == pytest.approx(0.3)
@@ -83,8 +83,8 @@ def test_size_change_resets():
 def test_event_after_close_with_same_stat_keeps_close():
     # A moved-in folder: walked (closed) then watchdog's own "created" events.
     tr = SettleTracker(2.0)
-    tr.observe("a", 10, 1, now=0.0, closed=True)
-    tr.observe("a", 10, 1, now=0.05, closed=False)
+    tr.observe("a", 10, 1, now=0.0, how=CLOSED)
+    tr.observe("a", 10, 1, now=0.05, how=WRITTEN)
     assert tr.ready(0.25) == ["a"]
 
 
@@ -99,7 +99,7 @@ def test_slow_appender_keeping_file_open_never_ready_while_writing():
         disk["log.bin"] = (size, 1000 + i)
         c.event("log.bin")
         assert c.got == [], f"ready while writing at t={c.t}"
-    c.event("log.bin", closed=True)  # finally closes at t=10
+    c.event("log.bin", how=CLOSED)  # finally closes at t=10
     c.run_until(20)
     assert c.got == [(pytest.approx(10.2), "log.bin")]
 
@@ -115,7 +115,7 @@ def test_slow_appender_that_reopens_each_write():
         c.run_until(i * 0.5)
         disk["a.log"] = (100 * (i + 1), 1000 + i)
         c.event("a.log")
-        c.event("a.log", closed=True)
+        c.event("a.log", how=CLOSED)
     c.run_until(30)
     times = [t for t, _ in c.got]
     assert times[0] == pytest.approx(0.2)  # first cycle, see above
@@ -124,7 +124,7 @@ def test_slow_appender_that_reopens_each_write():
 
 def test_confirm_detects_change_between_ready_and_restat():
     tr = SettleTracker(2.0)
-    tr.observe("a", 10, 1, now=0.0, closed=True)
+    tr.observe("a", 10, 1, now=0.0, how=CLOSED)
     assert tr.ready(0.2) == ["a"]
     assert tr.confirm("a", 12, 2, now=0.3) is False  # grew: settles again (reopened)
     assert tr.ready(0.6) == []
@@ -134,7 +134,7 @@ def test_confirm_detects_change_between_ready_and_restat():
 
 def test_confirm_vanished_forgets():
     tr = SettleTracker(2.0)
-    tr.observe("a", 10, 1, now=0.0, closed=True)
+    tr.observe("a", 10, 1, now=0.0, how=CLOSED)
     assert tr.ready(1.0) == ["a"]
     assert tr.confirm("a", None, None, now=1.0) is False
     assert len(tr._recs) == 0
@@ -143,10 +143,10 @@ def test_confirm_vanished_forgets():
 def test_closed_then_renamed_is_handled_by_final_name():
     disk = {"data.bin": (50, 7)}
     c = Clock(SettleTracker(2.0), disk)
-    c.event("data.bin", closed=True)
+    c.event("data.bin", how=CLOSED)
     c.t = 0.05
     disk["final.bin"] = disk.pop("data.bin")  # mv data.bin final.bin
-    c.event("final.bin", closed=RENAMED)  # the watcher reports the dest, renamed into place
+    c.event("final.bin", how=RENAMED)  # the watcher reports the dest, renamed into place
     c.run_until(5)
     assert c.got == [(pytest.approx(0.05), "final.bin")]   # a rename is final: no close_quiet
     assert set(c.tr._recs) == {"final.bin"}  # the old name was dropped at restat
@@ -155,8 +155,8 @@ def test_closed_then_renamed_is_handled_by_final_name():
 def test_renamed_is_ready_at_once_but_a_change_after_it_waits_the_full_settle():
     disk = {"a": (50, 7), "b": (10, 1)}
     c = Clock(SettleTracker(2.0), disk)
-    c.event("a", closed=RENAMED)
-    c.event("b", closed=CLOSED)
+    c.event("a", how=RENAMED)
+    c.event("b", how=CLOSED)
     c.t = 0.01
     disk["a"] = (60, 8)                 # written again under its final name: a writer still at it
     c.event("a")
@@ -166,7 +166,7 @@ def test_renamed_is_ready_at_once_but_a_change_after_it_waits_the_full_settle():
 
 def test_forget():
     tr = SettleTracker(2.0)
-    tr.observe("a", 1, 1, now=0.0, closed=True)
+    tr.observe("a", 1, 1, now=0.0, how=CLOSED)
     tr.observe("b", 1, 1, now=0.0)
     tr.forget("a")
     tr.forget("never-seen")
@@ -176,12 +176,12 @@ def test_forget():
 
 def test_same_version_after_hand_out_is_not_repeated_but_a_change_is():
     tr = SettleTracker(2.0)
-    tr.observe("a", 10, 1, now=0.0, closed=True)
+    tr.observe("a", 10, 1, now=0.0, how=CLOSED)
     assert tr.ready(0.2) == ["a"]
-    tr.observe("a", 10, 1, now=1.0, closed=True)  # e.g. opened for write, nothing written
+    tr.observe("a", 10, 1, now=1.0, how=CLOSED)  # e.g. opened for write, nothing written
     tr.observe("a", 10, 1, now=1.0)  # a rescan sighting
     assert tr.ready(10) == []
-    tr.observe("a", 11, 2, now=10.0, closed=True)  # rewritten after upload: reopen rule
+    tr.observe("a", 11, 2, now=10.0, how=CLOSED)  # rewritten after upload: reopen rule
     assert tr.ready(10.2) == []
     assert tr.ready(12.0) == ["a"]
 
@@ -189,7 +189,7 @@ def test_same_version_after_hand_out_is_not_repeated_but_a_change_is():
 def test_handed_out_records_expire():
     tr = SettleTracker(1.0, retention=5.0)
     for i in range(1000):
-        tr.observe(f"f{i}", 1, 1, now=0.0, closed=True)
+        tr.observe(f"f{i}", 1, 1, now=0.0, how=CLOSED)
     assert len(tr.ready(0.2)) == 1000
     tr.ready(5.1)
     assert len(tr._recs) == 1000
@@ -203,7 +203,7 @@ def test_next_deadline_is_precise_and_heap_stays_small():
         tr.observe("big", 100 * i, i, now=i * 0.01)
     assert len(tr._heap) <= 2
     assert tr.next_deadline() == pytest.approx(0.99 + 2.0)
-    tr.observe("big", 9900, 99, now=1.0, closed=True)  # a close pulls the deadline in
+    tr.observe("big", 9900, 99, now=1.0, how=CLOSED)  # a close pulls the deadline in
     assert tr.next_deadline() == pytest.approx(1.2)
     assert tr.ready(1.2) == ["big"]
 

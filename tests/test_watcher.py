@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 import ossyncd
 from ossyncd import watcher as watcher_mod
 from ossyncd.paths import is_temp_name
-from ossyncd.settle import RENAMED
+from ossyncd.settle import CLOSED, RENAMED
 from ossyncd.watcher import Watcher
 
 pytestmark = pytest.mark.timeout(30)
@@ -38,15 +38,15 @@ class Events:
         self.cond = threading.Condition()
         self.items: list[tuple[int, str, bool, float]] = []
 
-    def __call__(self, watch, path, closed):
+    def __call__(self, watch, path, how):
         assert isinstance(path, str)
         with self.cond:
-            self.items.append((watch.index, path, closed, time.monotonic()))
+            self.items.append((watch.index, path, how, time.monotonic()))
             self.cond.notify_all()
 
-    def paths(self, closed=None):
+    def paths(self, how=None):
         with self.cond:
-            return {p for _, p, c, _ in self.items if closed is None or c == closed}
+            return {p for _, p, c, _ in self.items if how is None or c == how}
 
     def wait(self, pred, timeout=10.0):
         end = time.monotonic() + timeout
@@ -58,13 +58,13 @@ class Events:
                 self.cond.wait(left)
             return True
 
-    def wait_paths(self, paths, closed=None, timeout=10.0):
+    def wait_paths(self, paths, how=None, timeout=10.0):
         want = {str(p) for p in paths}
-        ok = self.wait(lambda: want <= self._paths_nolock(closed), timeout)
-        assert ok, f"missing {sorted(want - self.paths(closed))}; got {sorted(self.paths())}"
+        ok = self.wait(lambda: want <= self._paths_nolock(how), timeout)
+        assert ok, f"missing {sorted(want - self.paths(how))}; got {sorted(self.paths())}"
 
-    def _paths_nolock(self, closed):
-        return {p for _, p, c, _ in self.items if closed is None or c == closed}
+    def _paths_nolock(self, how):
+        return {p for _, p, c, _ in self.items if how is None or c == how}
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_cp_reports_final_name(dirs, run_watcher, polling):
     assert wt.backend(w) == ("polling" if polling else "inotify")
     subprocess.run(["cp", str(src), str(root / "photo.jpg")], check=True)
     # inotify reports the close; polling cannot, the settle timer covers it.
-    ev.wait_paths([root / "photo.jpg"], closed=None if polling else True)
+    ev.wait_paths([root / "photo.jpg"], how=None if polling else CLOSED)
     quiet()
     assert ev.paths() == {str(root / "photo.jpg")}
 
@@ -128,9 +128,9 @@ def test_rsync_reports_final_names_only(dirs, run_watcher):
     finals = [root / "dst/big.bin", root / "dst/small.txt", root / "dst/nested/n.txt", root / "dst/nested/deeper/d.txt"]
     ev.wait_paths(finals)
     # rsync writes .name.XXXXXX then renames; in an already watched folder the
-    # rename is the event (closed). Files in folders rsync just created may be
-    # found by watchdog's catch-up walk instead (closed=False); both are fine.
-    ev.wait_paths([root / "dst/big.bin", root / "dst/small.txt"], closed=RENAMED)
+    # rename is the event (RENAMED). Files in folders rsync just created may be
+    # found by watchdog's catch-up walk instead (WRITTEN); both are fine.
+    ev.wait_paths([root / "dst/big.bin", root / "dst/small.txt"], how=RENAMED)
     quiet()
     got = ev.paths()
     assert got == {str(p) for p in finals}
@@ -169,7 +169,7 @@ def test_mv_file_and_folder_into_root(dirs, run_watcher):
     subprocess.run(["mv", str(outside / "one.jpg"), str(root / "one.jpg")], check=True)
     subprocess.run(["mv", str(outside / "batch"), str(root / "batch")], check=True)
     want = [root / "one.jpg", root / "batch/a.jpg", root / "batch/b.jpg", root / "batch/sub/c.jpg"]
-    ev.wait_paths(want, closed=RENAMED)  # a rename is atomic: complete under its final name
+    ev.wait_paths(want, how=RENAMED)  # a rename is atomic: complete under its final name
     quiet()
     assert ev.paths() == {str(p) for p in want}  # the temp name inside never shows
 
@@ -179,9 +179,9 @@ def test_rename_inside_root_reports_destination(dirs, run_watcher):
     ev = Events()
     run_watcher([make_watch(root)], ev)
     (root / "a.txt").write_text("x")
-    ev.wait_paths([root / "a.txt"], closed=True)
+    ev.wait_paths([root / "a.txt"], how=CLOSED)
     os.rename(root / "a.txt", root / "b.txt")
-    ev.wait_paths([root / "b.txt"], closed=RENAMED)
+    ev.wait_paths([root / "b.txt"], how=RENAMED)
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
@@ -214,7 +214,7 @@ def test_not_recursive(dirs, run_watcher):
     run_watcher([make_watch(root, recursive=False)], ev)
     (root / "sub/deep.txt").write_text("x")
     (root / "top.txt").write_text("x")
-    ev.wait_paths([root / "top.txt"], closed=True)
+    ev.wait_paths([root / "top.txt"], how=CLOSED)
     quiet()
     assert ev.paths() == {str(root / "top.txt")}
 
@@ -239,17 +239,17 @@ def test_remove_stops_events_for_that_root(tmp_path, run_watcher):
     wa, wb = make_watch(a, index=0), make_watch(b, index=1)
     wt = run_watcher([wa, wb], ev)
     (a / "1.txt").write_text("x")
-    ev.wait_paths([a / "1.txt"], closed=True)
+    ev.wait_paths([a / "1.txt"], how=CLOSED)
     wt.remove(wa)
     assert wt.backend(wa) is None and wt.backend(wb) == "inotify"
     (a / "2.txt").write_text("x")
     (b / "3.txt").write_text("x")
-    ev.wait_paths([b / "3.txt"], closed=True)
+    ev.wait_paths([b / "3.txt"], how=CLOSED)
     quiet()
     assert str(a / "2.txt") not in ev.paths()
     wt.add(wa)  # and back
     (a / "4.txt").write_text("x")
-    ev.wait_paths([a / "4.txt"], closed=True)
+    ev.wait_paths([a / "4.txt"], how=CLOSED)
 
 
 def test_add_after_start_and_stop_start(dirs, run_watcher):
@@ -263,23 +263,23 @@ def test_add_after_start_and_stop_start(dirs, run_watcher):
     assert wt.backend(w) is None
     wt.start()
     (root / "f").write_text("x")
-    ev.wait_paths([root / "f"], closed=True)
+    ev.wait_paths([root / "f"], how=CLOSED)
 
 
 def test_callback_error_does_not_kill_the_watcher(dirs, run_watcher):
     root, _ = dirs
     ev = Events()
 
-    def flaky(watch, path, closed):
+    def flaky(watch, path, how):
         if path.endswith("boom"):
             raise RuntimeError("callback bug")
-        ev(watch, path, closed)
+        ev(watch, path, how)
 
     with capture_logs() as logs:
         run_watcher([make_watch(root)], flaky)
         (root / "boom").write_text("x")
         (root / "after").write_text("x")
-        ev.wait_paths([root / "after"], closed=True)
+        ev.wait_paths([root / "after"], how=CLOSED)
     assert any(e["event"] == "watch_event_failed" for e in logs)
 
 
@@ -378,7 +378,7 @@ _LIMIT_SCRIPT = textwrap.dedent(
            after_upload="keep", move_to=None, follow_symlinks=False)
     res = {}
     with capture_logs() as logs:
-        wt = Watcher(lambda watch, p, closed: seen.add(p), poll_interval=0.2)
+        wt = Watcher(lambda watch, p, how: seen.add(p), poll_interval=0.2)
         wt.add(w)
         if mode == "watches-startup":      # root + 9 folders need 10 watches
             setlim("max_inotify_watches", 5)

@@ -17,6 +17,7 @@ import structlog
 
 from ossyncd import crashpoint
 from ossyncd.scanner import DirGroup, Entry, scan_dirs
+from ossyncd.settle import WRITTEN
 from ossyncd.state import KnownRow, printable_path
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Rescan:
             if k is not None and k.state == "skipped":
                 s.temp_skipped[e.path] = self.root
             else:
-                tracker.observe(e.path, e.size, stamp(e), self.now, False)
+                tracker.observe(e.path, e.size, stamp(e), self.now, WRITTEN)
             return
         if e.kind == "skipped":
             if not (k is not None and k.state == "skipped"):
@@ -148,11 +149,11 @@ class Rescan:
             return
         if k is not None and _same(k, e) and k.state not in ("gone", "skipped"):
             if k.state in ("settling", "waiting"):   # waiting: its marker may have come meanwhile
-                tracker.observe(e.path, e.size, stamp(e), self.now, False)
+                tracker.observe(e.path, e.size, stamp(e), self.now, WRITTEN)
             elif k.state == "done" and s.watches[self.root].after_upload != "keep":
                 self._finish_after_upload(e.path)
             return
-        tracker.observe(e.path, e.size, stamp(e), self.now, False)
+        tracker.observe(e.path, e.size, stamp(e), self.now, WRITTEN)
 
     def _finish_after_upload(self, path: str) -> None:
         """A `done` source still in a delete or move watch: a kill fell between the commit of

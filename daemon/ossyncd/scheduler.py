@@ -33,7 +33,7 @@ from ossyncd.prune import Pruner
 from ossyncd.rescan import Rescan
 from ossyncd.rescan import stamp as _stamp
 from ossyncd.scanner import Entry, stat_entry
-from ossyncd.settle import SettleTracker
+from ossyncd.settle import WRITTEN, SettleTracker
 from ossyncd.state import FileRow, State, printable_path
 from ossyncd.uploader import CancelScope, Outcome, Uploader
 
@@ -153,8 +153,8 @@ class Scheduler:
 
     # -- inputs from other threads ---------------------------------------------------------
 
-    def on_event(self, watch, path: str, closed: int) -> None:
-        self.intake.put((str(watch.path), path, closed))
+    def on_event(self, watch, path: str, how: int) -> None:
+        self.intake.put((str(watch.path), path, how))
         self.wake.set()
 
     def request_rescan(self, watch=None, reason: str = "") -> None:
@@ -273,13 +273,13 @@ class Scheduler:
         stats: dict[tuple[str, str], Entry | None] = {}
         for _ in range(MAX_EVENTS_PER_TICK):
             try:
-                root, path, closed = self.intake.get_nowait()
+                root, path, how = self.intake.get_nowait()
             except queue.Empty:
                 return
-            self._consider(root, path, now, closed, stats)
+            self._consider(root, path, now, how, stats)
             self._refill(now)
 
-    def _consider(self, root: str, path: str, now: float, closed: int,
+    def _consider(self, root: str, path: str, now: float, how: int,
                   stats: dict[tuple[str, str], Entry | None] | None = None) -> None:
         w = self.watches.get(root)
         if w is None:
@@ -297,7 +297,7 @@ class Scheduler:
             self.state.mark_skipped(entry.path, root, entry.reason)
             log.warning("skipped", path=entry.path, reason=entry.reason)
             return
-        self.trackers[root].observe(entry.path, entry.size, _stamp(entry), now, closed)
+        self.trackers[root].observe(entry.path, entry.size, _stamp(entry), now, how)
 
     def _settle(self, now: float) -> None:
         for root, tracker in self.trackers.items():
@@ -541,10 +541,10 @@ class Scheduler:
             elif outcome.state == "queued" and not outcome.cancelled:
                 # the file changed: let it settle again before the next attempt
                 self.state.transition(row.id, "settling", identity=row.identity)
-                self._consider(row.watch, row.path, time.time(), False)
+                self._consider(row.watch, row.path, time.time(), WRITTEN)
             if row.path in self.deferred:
                 self.deferred.discard(row.path)
-                self._consider(row.watch, row.path, time.time(), False)
+                self._consider(row.watch, row.path, time.time(), WRITTEN)
             if row.watch in self.gates:
                 self.gates[row.watch].finished(row)
             if self.on_done is not None:

@@ -12,7 +12,7 @@ reopens, so for it a close no longer shortcuts: it needs the full settle time.
 
 Use::
 
-    tracker.observe(path, st.st_size, st.st_mtime_ns, now, closed)   # per event
+    tracker.observe(path, st.st_size, st.st_mtime_ns, now, how)      # per event
     for path in tracker.ready(now):                                  # at next_deadline()
         st = lstat(path) or None
         if tracker.confirm(path, st and st.st_size, st and st.st_mtime_ns, now):
@@ -33,18 +33,18 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-# how an event saw the file (``closed`` below): a write, a close after writing, a rename into place
+# how an event saw the file (``how`` below): a write, a close after writing, a rename into place
 WRITTEN, CLOSED, RENAMED = 0, 1, 2
 
 
 class _Rec:
-    __slots__ = ("size", "mtime_ns", "last_event", "closed", "reopened", "handed_out", "scheduled")
+    __slots__ = ("size", "mtime_ns", "last_event", "how", "reopened", "handed_out", "scheduled")
 
-    def __init__(self, size: int, mtime_ns, now: float, closed: int):
+    def __init__(self, size: int, mtime_ns, now: float, how: int):
         self.size = size
         self.mtime_ns = mtime_ns
         self.last_event = now
-        self.closed = closed
+        self.how = how
         self.reopened = False
         self.handed_out: float | None = None  # when ready() returned it
         self.scheduled: float | None = None  # deadline of its live heap entry
@@ -68,10 +68,10 @@ class SettleTracker:
         return sum(1 for r in self._recs.values() if r.handed_out is None)
 
     def _deadline(self, rec: _Rec) -> float:
-        if rec.reopened or not rec.closed:
+        if rec.reopened or rec.how == WRITTEN:
             quiet = self.settle
         else:   # a writer that closes and reopens at once is covered by close_quiet; a rename is final
-            quiet = 0.0 if rec.closed == RENAMED else self.close_quiet
+            quiet = 0.0 if rec.how == RENAMED else self.close_quiet
         return rec.last_event + quiet
 
     def _schedule(self, path: str, rec: _Rec) -> None:
@@ -82,24 +82,24 @@ class SettleTracker:
             self._seq += 1
             heapq.heappush(self._heap, (d, self._seq, path))
 
-    def observe(self, path: str, size: int, mtime_ns: object, now: float, closed: int = WRITTEN) -> None:
+    def observe(self, path: str, size: int, mtime_ns: object, now: float, how: int = WRITTEN) -> None:
         """Record an event (or a scan sighting) for ``path`` with its current stat."""
         rec = self._recs.get(path)
         if rec is None:
-            rec = self._recs[path] = _Rec(size, mtime_ns, now, closed)
+            rec = self._recs[path] = _Rec(size, mtime_ns, now, how)
             self._schedule(path, rec)
             return
         changed = size != rec.size or mtime_ns != rec.mtime_ns
         if rec.handed_out is not None and not changed:
             return  # same version already handed out: nothing new
         if changed:
-            if rec.closed or rec.handed_out is not None:
+            if rec.how != WRITTEN or rec.handed_out is not None:
                 rec.reopened = True
             rec.size, rec.mtime_ns = size, mtime_ns
             rec.handed_out = None
-            rec.closed = closed
-        elif closed > rec.closed:
-            rec.closed = closed
+            rec.how = how
+        elif how > rec.how:
+            rec.how = how
         # else: an event that changed nothing (a duplicate, a rescan sighting)
         # keeps the close: writes move mtime or size.
         rec.last_event = now
@@ -144,7 +144,7 @@ class SettleTracker:
             return False
         if size == rec.size and mtime_ns == rec.mtime_ns:
             return True
-        self.observe(path, size, mtime_ns, now, closed=False)
+        self.observe(path, size, mtime_ns, now, WRITTEN)
         return False
 
     def next_deadline(self) -> float | None:

@@ -1,8 +1,8 @@
 """Filesystem events -> candidate paths. The only module that imports watchdog.
 
 One observer per ``[[watch]]`` root, so a root can fall back to polling (or be
-removed) on its own. ``on_event(watch, path, closed)`` is called from observer
-threads and must be thread-safe (e.g. put into a queue). The scanner's
+removed) on its own. ``on_event(watch, path, how)`` (how: ``settle.WRITTEN``, ``CLOSED`` or
+``RENAMED``) is called from observer threads and must be thread-safe (e.g. put into a queue). The scanner's
 periodic rescan remains the safety net for anything an event source misses.
 """
 
@@ -145,7 +145,7 @@ class _Handler(FileSystemEventHandler):
                 self.w._report(r, r.configured(event.dest_path), RENAMED)
         elif t is DirMovedEvent:
             if event.dest_path and r.watch.recursive:
-                self.w._walk(r, r.configured(event.dest_path), closed=RENAMED)
+                self.w._walk(r, r.configured(event.dest_path), RENAMED)
         elif t is DirDeletedEvent and r.configured(event.src_path) == r.root:
             log.error("watch_root_deleted", watch=self.r.watch.index, path=self.r.root,
                       hint="recreate the folder; the watch is re-armed when it reappears")
@@ -164,7 +164,7 @@ class Watcher:
         (tests; network filesystems). ``OSSYNCD_FORCE_POLLING=1`` forces all.
         ``on_rescan(watch, reason)`` is called when events may have been lost
         (queue overflow, fallback switch); without it the root is walked and
-        every file reported with closed=False."""
+        every file reported as WRITTEN."""
         self._on_event = on_event
         self._on_rescan = on_rescan
         self._force = {f if isinstance(f, int) else os.path.normpath(os.fspath(f)) for f in force_polling_for}
@@ -333,7 +333,7 @@ class Watcher:
 
     # -- event mapping -----------------------------------------------------
 
-    def _report(self, r: _Root, path, closed: int) -> None:
+    def _report(self, r: _Root, path, how: int) -> None:
         path = os.fsdecode(path)
         try:
             rel = relpath_of(r.root, path)
@@ -344,11 +344,11 @@ class Watcher:
             return
         if is_excluded(rel, w.exclude or ()) or watch_ignores(w, path):
             return
-        self._on_event(w, path, closed)
+        self._on_event(w, path, how)
 
-    def _walk(self, r: _Root, top: str, closed: int) -> None:
+    def _walk(self, r: _Root, top: str, how: int) -> None:
         """Report every candidate below ``top`` (a folder moved in, or a rewalk)."""
         for entry in scan_tree(r.watch, top):
             if not r.active:
                 return
-            self._on_event(r.watch, entry.path, closed)
+            self._on_event(r.watch, entry.path, how)
