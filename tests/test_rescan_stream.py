@@ -174,3 +174,59 @@ def test_tree_changed_while_down_reconciles_exactly(tmp_path, emulator, daemon_f
     for key, body in expected.items():
         assert object_bytes(emulator, key) == body, key
     assert emulator.stats()["requests"]["PutObject"] == puts + 4
+
+
+@pytest.mark.parametrize("page", [1, 3, ROW_PAGE])
+def test_child_rows_gives_each_child_and_one_marker_per_child_folder(tmp_path, page):
+    # the rescan's cursor: every row directly in the folder, in path order, and one `subdir`
+    # marker per child folder that holds rows, whatever the paging (a short read follows a
+    # marker; "b0.txt" sorts between "b/..." rows and "b0/..." rows; another watch's rows stay out)
+    db = tmp_path / "state.db"
+    State(db).close()
+    root = "/w"
+    rels = ["a.txt", "b/1.txt", "b/c/2.txt", "b0.txt", "b0/x.txt", "c.txt", "z/deep/er/f.txt", "zz.txt"]
+    rels += [f"s{d:02}/f{f}.txt" for d in range(30) for f in range(d % 4 * 5)]   # empty ones hold no rows
+    rels += [f"s{d:02}.txt" for d in range(0, 30, 3)]
+    other = [("/w/other.txt", "/elsewhere")]
+    con = sqlite3.connect(db)
+    with con:
+        con.executemany("INSERT INTO files (path, watch, key, state, updated_at) VALUES (?, ?, '', 'done', 0)",
+                        [(f"{root}/{r}", root) for r in rels] + other)
+    con.close()
+    state = State(db)
+    try:
+        got = [(r.path, r.subdir) for p in state.child_rows(root, root, page=page) for r in p]
+        assert all(len(p) <= page for p in state.child_rows(root, root, page=page))
+        # a marker stands where its folder's block of rows starts: at "name/", after "name.txt"
+        want = sorted({(f"{root}/{r.split('/')[0]}", int("/" in r)) for r in rels}, key=lambda m: m[0] + "/" * m[1])
+        assert got == want
+        under = [r.path for p in state.rows_under(root, "/w/z", page=page) for r in p]
+        assert under == ["/w/z/deep/er/f.txt"]
+    finally:
+        state.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_page_compared_whole_still_finds_each_change(tmp_path, big_dir):
+    # four pages of one folder, each with one difference, beside untouched pages elsewhere: a
+    # changed file, a new one between two done ones, a row still `waiting` (for its marker) and
+    # a deleted file are each decided as the per-row merge decides them
+    rig = Rig(tmp_path, big_dir, dirs=2, per_dir=ROW_PAGE * 3 + 100)
+    root, sched = str(rig.root), rig.sched
+    folder = rig.root / "d000"
+    try:
+        changed = folder / "f00010.txt"
+        changed.write_bytes(b"changed while the daemon was down")
+        new = folder / "f00600a.txt"      # sorts between f00600.txt and f00601.txt
+        new.write_bytes(b"new")
+        (folder / "f01550.txt").unlink()   # a done row whose file went: stays done
+        waiting = folder / "f01060.txt"
+        rig.state.db.execute("UPDATE files SET state='waiting' WHERE path=?", [str(waiting)])
+        scan = sched.scan_root(root, time.time())
+        assert scan.files == rig.n   # one deleted, one new
+        tracker = sched.trackers[root]
+        assert {p for p in map(str, folder.iterdir()) if tracker.settling(p)} == {str(changed), str(new), str(waiting)}
+        assert len(tracker) == 3
+        assert rig.state.get(str(folder / "f01550.txt")).state == "done"
+    finally:
+        rig.close()

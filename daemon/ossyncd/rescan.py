@@ -24,12 +24,34 @@ if TYPE_CHECKING:
     from ossyncd.scheduler import Scheduler
 
 log = structlog.get_logger(__name__)
-_KEY = itemgetter(0)
+_KEY = _PATH = itemgetter(0)
+_ROW_FILE = itemgetter(0, 2, 3, 4, 5)     # KnownRow: path, size, mtime_ns, inode, ctime_ns
+_ENTRY_FILE = itemgetter(0, 4, 5, 6, 7)   # Entry: the same fields
+_ROW_STATE = itemgetter(1)
+_ENTRY_KIND = itemgetter(2)
 
 
 def _same(k: KnownRow, e: Entry) -> bool:
     """k.identity == e.identity, without building an Identity per file of the tree."""
     return k.size == e.size and k.mtime_ns == e.mtime_ns and k.inode == e.inode and k.ctime_ns == e.ctime_ns
+
+
+def _unchanged(page: list[KnownRow], ents: list[Entry]) -> bool:
+    """True when the page's rows and these entries are the same files, every row `done` and
+    every entry a file with the row's identity: what the per-row merge would pass over one
+    by one, decided in C (a page of a tree that was not touched). A subdir marker, another
+    state or kind, or any difference: False, and the page takes the per-row merge."""
+    return (len(page) == len(ents) and list(map(_ROW_STATE, page)).count("done") == len(page)
+            and list(map(_ENTRY_KIND, ents)).count("file") == len(ents)
+            and list(map(_ROW_FILE, page)) == list(map(_ENTRY_FILE, ents)))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:   # a name os.fsdecode kept as surrogates
+        return False
 
 
 def stamp(entry: Entry) -> tuple[int, int | None]:
@@ -97,16 +119,27 @@ class Rescan:
             self._entry(group.self_entry, mine)
         elif mine is not None:
             self._unseen(mine)
-        # stored the way State stores them: a plain (ASCII) path as it is
-        entries = sorted(((p if (p := e.path).isascii() else printable_path(p), e) for e in group.entries), key=_KEY)
-        self.entries_held = max(self.entries_held, len(entries))
-        self.files += len(entries)
+        ents = group.entries
+        paths = list(map(_PATH, ents))
+        plain = _utf8("\n".join(paths))   # every path stored as it is: a page can be compared whole
+        if plain:
+            ents.sort(key=_PATH)
+            keys = list(map(_PATH, ents))
+        else:   # stored the way State stores them (printable_path)
+            pairs = sorted(zip(map(printable_path, paths), ents), key=_KEY)
+            keys, ents = [k for k, _ in pairs], [e for _, e in pairs]
+        self.entries_held = max(self.entries_held, len(ents))
+        self.files += len(ents)
         keep = self.sched.watches[self.root].after_upload == "keep"
         subdirs = {printable_path(n) for n in group.subdirs}
         skip = len(stored_dir.rstrip("/")) + 1
         i = 0
         for page in state.child_rows(self.root, stored_dir):
             self.rows_held = max(self.rows_held, len(page))
+            j = i + len(page)
+            if keep and plain and _unchanged(page, ents[i:j]):
+                i = j   # every row of the page is a `done` file as it was: nothing to decide
+                continue
             for row in page:
                 if row.subdir:
                     if row.path[skip:] not in subdirs:   # nothing walks it: every row under it is unseen
@@ -115,11 +148,11 @@ class Rescan:
                             for r in rows:
                                 self._unseen(r)
                     continue
-                while i < len(entries) and entries[i][0] < row.path:
-                    self._entry(entries[i][1], None)
+                while i < len(keys) and keys[i] < row.path:
+                    self._entry(ents[i], None)
                     i += 1
-                if i < len(entries) and entries[i][0] == row.path:
-                    e = entries[i][1]
+                if i < len(keys) and keys[i] == row.path:
+                    e = ents[i]
                     i += 1
                     # the common case, decided as _entry would, inline: a `done` file as it was
                     # (the slices are _same's fields: test_rescan_stream holds them in line)
@@ -129,7 +162,7 @@ class Rescan:
                     self._pending[row.path] = row   # decided when that folder's group comes
                 else:
                     self._unseen(row)
-        for _, e in entries[i:]:
+        for e in ents[i:]:
             self._entry(e, None)
 
     def _entry(self, e: Entry, k: KnownRow | None) -> None:

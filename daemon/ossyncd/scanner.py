@@ -191,7 +191,7 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
     """The walk behind scan_tree, one directory at a time, so a caller holds one folder's
     entries at once, never the tree's (the rescan merge, docs/architecture.md §3)."""
     r = _Rules(watch)
-    temp_match, new = r.temp_match, tuple.__new__
+    temp_match, match, new = r.temp_match, r.match, tuple.__new__
     top = os.path.normpath(os.fspath(top))
     try:
         top_rel = relpath_of(r.root, top)
@@ -235,18 +235,37 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
             reason = f"directory not readable: {e.strerror}; its files are not uploaded"
             yield DirGroup(dpath, [], set(), r.skipped(dpath, drel.rstrip("/"), reason))
             continue
-        base = dpath if dpath.endswith("/") else dpath + "/"
         dkey, room = r.dir_keys(drel)
         entries: list[Entry] = []
+        append = entries.append
         subdirs: set[str] = set()
         with it:
             for de in it:
                 name = de.name
-                path = base + name
                 relpath = drel + name
                 try:
+                    if de.is_file(follow_symlinks=False):   # the common case first
+                        if match is not None and r.excluded(name, relpath):
+                            continue
+                        if temp_match is not None and temp_match(name) is not None:
+                            if with_temp:
+                                rule = temp_rule(name, r.temp_rules)
+                                append(r.temp(de.path, relpath, de.stat(follow_symlinks=False), rule or ""))
+                            continue
+                        s = de.stat(follow_symlinks=False)
+                        # a plain name whose key is the folder's key part plus the name, and which
+                        # check_key provably accepts (see dir_keys): the Entry is built inline
+                        if len(name) <= room and name.isascii() and name.isprintable() and (dkey or name[0] != "\\"):
+                            m, c = s.st_mtime_ns, s.st_ctime_ns
+                            if _MIN <= m <= _MAX and _MIN <= c <= _MAX:   # else clamp_ns, in file()
+                                append(new(Entry, (de.path, relpath, "file", dkey + name, s.st_size, m, s.st_ino, c,
+                                                   s.st_dev, "")))
+                                continue
+                        append(r.file(de.path, relpath, s))
+                        continue
+                    path = de.path
                     if de.is_dir(follow_symlinks=False):
-                        if not r.recursive or (r.match is not None and r.excluded(name, relpath)):
+                        if not r.recursive or (match is not None and r.excluded(name, relpath)):
                             continue
                         if r.skip_dir is not None and path == r.skip_dir:
                             continue
@@ -257,36 +276,22 @@ def scan_dirs(watch, top: str | os.PathLike, *, with_temp: bool = False) -> Iter
                             stack.append((path, relpath + "/"))
                             subdirs.add(name)
                         continue
-                    if r.match is not None and r.excluded(name, relpath):
+                    if match is not None and r.excluded(name, relpath):
                         continue
                     if temp_match is not None and temp_match(name) is not None:
-                        if with_temp and de.is_file(follow_symlinks=False):
-                            rule = temp_rule(name, r.temp_rules)
-                            entries.append(r.temp(path, relpath, de.stat(follow_symlinks=False), rule or ""))
-                        continue
-                    if de.is_file(follow_symlinks=False):
-                        s = de.stat(follow_symlinks=False)
-                        # the common case inline: a plain name whose key is the folder's key part
-                        # plus the name, and which check_key provably accepts (see dir_keys)
-                        if len(name) <= room and name.isascii() and name.isprintable() and (dkey or name[0] != "\\"):
-                            m, c = s.st_mtime_ns, s.st_ctime_ns
-                            if _MIN <= m <= _MAX and _MIN <= c <= _MAX:   # else clamp_ns, in file()
-                                entries.append(new(Entry, (path, relpath, "file", dkey + name, s.st_size, m, s.st_ino,
-                                                           c, s.st_dev, "")))
-                                continue
-                        entries.append(r.file(path, relpath, s))
-                    elif de.is_symlink():
+                        continue   # a temp name that is not a regular file: not even shown
+                    if de.is_symlink():
                         if not r.follow:
-                            entries.append(r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)"))
+                            append(r.skipped(path, relpath, "symlink, not followed (follow_symlinks = false)"))
                             continue
                         entry, dir_st = r.follow_link(path, relpath)
                         if entry is not None:
-                            entries.append(entry)
+                            append(entry)
                         elif r.recursive and dir_st is not None:
                             links.append((path, relpath, (dir_st.st_dev, dir_st.st_ino)))
                             subdirs.add(name)   # its group comes later: walked, or skipped as a duplicate
                     else:
-                        entries.append(r.skipped(path, relpath, _special_reason(de.stat(follow_symlinks=False).st_mode)))
+                        append(r.skipped(path, relpath, _special_reason(de.stat(follow_symlinks=False).st_mode)))
                 except FileNotFoundError:
                     continue  # removed while we looked
         yield DirGroup(dpath, entries, subdirs)

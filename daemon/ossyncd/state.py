@@ -18,6 +18,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from itertools import repeat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
@@ -114,6 +115,7 @@ class _DoneRequest:
 
 
 ROW_PAGE = 500   # rows the rescan holds at once (State.child_rows)
+AFTER_SUBDIR_PAGE = 8   # the read after a child folder's block: a parent of many folders holds few files
 
 
 class KnownRow(NamedTuple):
@@ -127,7 +129,7 @@ class KnownRow(NamedTuple):
     mtime_ns: int = 0
     inode: int = 0
     ctime_ns: int | None = None
-    subdir: int = 0   # 1 for a marker (an int: SQLite computes it)
+    subdir: int = 0   # 1 for a marker; the cursor selects a constant 0, so a row maps to this in C
 
     @property
     def identity(self) -> Identity:
@@ -135,7 +137,8 @@ class KnownRow(NamedTuple):
 
 
 _AS_KNOWN = functools.partial(tuple.__new__, KnownRow)   # a cursor row -> KnownRow, in C
-_SUBDIR = operator.itemgetter(6)
+_PATH = operator.itemgetter(0)
+_NOT_MINUS_1 = functools.partial(operator.ne, -1)
 
 
 def printable_path(path: str) -> str:
@@ -371,6 +374,8 @@ class State:
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._read_lock = threading.Lock()          # guards _reader, the second connection
+        self._reader: sqlite3.Connection | None = None
         self._lockfile: int | None = None
         self._health: int | None = None
         self._health_failed = False
@@ -389,7 +394,7 @@ class State:
             raise _damaged(self.path, cut)
         try:
             if readonly:
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+                conn = self._connect_readonly()
             else:
                 emptied = self._create_file()
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
@@ -563,9 +568,11 @@ class State:
         return {}
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._closed = True
             self.db.close()
+            if self._reader is not None:
+                self._reader.close()
             for fd in (self._lockfile, self._health):
                 if fd is not None:
                     os.close(fd)
@@ -576,7 +583,7 @@ class State:
         """Hold the lock, run a transaction if `write`, and turn SQLite errors into StateError."""
         with self._lock:
             if self._closed:
-                raise StateError(f"state DB {self.path} is closed (the daemon is stopping); nothing recorded")
+                raise self._closed_error()
             try:
                 if write:
                     with self.db.atomic():
@@ -590,6 +597,28 @@ class State:
                                      f"({len(MIGRATIONS)}): the daemon upgrades it when it starts; start or "
                                      f"restart it (`ossyncd run`), then try again") from None
                 raise state_error(self.path, e) from None
+            except sqlite3.Error as e:
+                raise state_error(self.path, e) from None
+
+    def _closed_error(self) -> StateError:
+        return StateError(f"state DB {self.path} is closed (the daemon is stopping); nothing recorded")
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+
+    def _read_beside(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        """A read on a second connection, beside the writer (WAL): a count over the whole table
+        takes tens of ms at a million rows, and status lines, heartbeats and metrics scrapes
+        must not hold up the scheduler's reads and writes meanwhile (docs/architecture.md §8)."""
+        if self._readonly:
+            return self._all(sql, params)
+        with self._read_lock:
+            if self._closed:
+                raise self._closed_error()
+            try:
+                if self._reader is None:
+                    self._reader = self._connect_readonly()
+                return self._reader.execute(sql, list(params)).fetchall()
             except sqlite3.Error as e:
                 raise state_error(self.path, e) from None
 
@@ -814,7 +843,7 @@ class State:
         return [_file(r) for r in self._listing(f"SELECT {_FILE_COLS} FROM files", "path", state, limit)]
 
     def counts(self) -> dict[str, int]:
-        return {s: n for s, n in self._all("SELECT state, count(*) FROM files GROUP BY state")}
+        return {s: n for s, n in self._read_beside("SELECT state, count(*) FROM files GROUP BY state")}
 
     def last_upload_at(self) -> float | None:
         """When the latest upload was recorded done (the fleet heartbeat's last_upload)."""
@@ -850,33 +879,33 @@ class State:
     def _pages(self, watch: str, base: str, page: int, *, children: bool) -> Iterator[list[KnownRow]]:
         # "/" is 0x2F and "0" 0x30: every path that starts with P + "/" sorts in [P/, P0)
         hi = base[:-1] + "0"
-        lo, inclusive = base, True
-        # the 7th column flags a row further down than a child (SQLite finds the "/", not a
-        # Python loop per row); rows_under wants every row, so there it is always 0
-        start = len(base) + 1 if children else 1 << 30   # past the end: nothing found, flag 0
+        lo, inclusive, limit = base, True, page
+        n, slashes = len(base), base.count("/")
         while True:
             rows = self._all(
-                "SELECT path, state, size, mtime_ns, inode, ctime_ns, instr(substr(path, ?), '/') > 0 FROM files"
+                "SELECT path, state, size, mtime_ns, inode, ctime_ns, 0 FROM files"
                 f" WHERE path {'>=' if inclusive else '>'} ? AND path < ? AND watch=? ORDER BY path LIMIT ?",
-                [start, lo, hi, watch, page])
-            try:
-                cut = list(map(_SUBDIR, rows)).index(1)
-            except ValueError:
-                cut = -1
+                [lo, hi, watch, limit])
+            cut = -1
+            # a row further down than a child has a "/" after base: counted for the page in C,
+            # and only then found
+            if children and "".join(map(_PATH, rows)).count("/") != len(rows) * slashes:
+                cut = list(map(_NOT_MINUS_1, map(str.find, map(_PATH, rows), repeat("/"), repeat(n)))).index(True)
             if cut < 0:
                 out = list(map(_AS_KNOWN, rows))
             else:   # the first row in a child folder: mark it, skip the folder's block
                 out = list(map(_AS_KNOWN, rows[:cut]))
                 p = rows[cut][0]
-                sub = p[:p.index("/", len(base))]
+                sub = p[:p.index("/", n)]
                 out.append(KnownRow(sub, "", subdir=1))
-                lo, inclusive = sub + "0", True
+                # what follows a child folder is often the next one: a short read finds it
+                lo, inclusive, limit = sub + "0", True, min(page, AFTER_SUBDIR_PAGE)
             if out:
                 yield out
             if cut < 0:
-                if len(rows) < page:
+                if len(rows) < limit:
                     return
-                lo, inclusive = rows[-1][0], False
+                lo, inclusive, limit = rows[-1][0], False, min(page, limit * 4)
 
     # -- multipart uploads -----------------------------------------------------------------
 
