@@ -23,7 +23,16 @@ from ossyncd.config import parse_config
 from ossyncd.crc import crc64
 from ossyncd.errors import ConfigError
 from ossyncd.objectspec import FileFacts
-from tests.helpers import LoopbackServer, MiB, object_bytes, ossyncd, random_file, sts_credentials, wait_until
+from tests.helpers import (
+    LoopbackServer,
+    MiB,
+    object_bytes,
+    ossyncd,
+    random_file,
+    sts_credentials,
+    wait_until,
+    write_config,
+)
 from tests.test_events import Receiver, add_hooks, free_port, outbox, webhook
 
 SETTLE = 0.2
@@ -319,5 +328,24 @@ def test_a_203_without_etag_or_crc64_is_verified_with_head(tmp_path, emulator, d
         assert st["requests"]["HeadObject"] == 2 and st["faults"] == {"PutObject": 1, "CompleteMultipartUpload": 1}
         assert st["requests"]["PutObject"] == 1 and st["requests"]["CompleteMultipartUpload"] == 1
         assert d.stop() == 0
+    finally:
+        bad.close()
+
+
+def test_upload_command_says_which_callback_failed(tmp_path, emulator):
+    """`ossyncd upload` with a callback the application server refuses: the file is in OSS and
+    verified (exit 0), and its `done` line says the callback failed and why."""
+    bad = AppServer(status=500)
+    try:
+        cfg = write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db",
+                           upload={"callback_url": bad.url, "callback_body": "key=${object}"})
+        src = tmp_path / "one.txt"
+        data = random_file(src, 800, 11)
+        r = ossyncd("upload", "-c", cfg, "--prefix", "cli/", src, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert object_bytes(emulator, "cli/one.txt") == data
+        line = next(x for x in r.stderr.splitlines() if x.startswith("done "))
+        assert line.endswith("; callback failed: CallbackFailed: Error status : 500."), line
+        assert len(bad.calls) == 1
     finally:
         bad.close()

@@ -85,6 +85,7 @@ def upload(config_path, prefix, files):
     """
     from ossyncd.errors import FileProblem
     from ossyncd.stack import Hooks, Stack
+    from ossyncd.status import url_or_error
 
     cfg = _load(config_path)
     logsetup.configure(cfg.daemon.log_level, "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
@@ -132,9 +133,9 @@ def upload(config_path, prefix, files):
         with ThreadPoolExecutor(cfg.upload.max_files_in_flight) as pool:
             results = list(pool.map(one, rows))
     for row, outcome in results:
-        if outcome.state == "done":
-            url = stack.state.get_by_id(row.id).url
-            report("done", f"{row.path} -> {url}", style="green")
+        if outcome.state == "done":   # in OSS and verified; a failed upload callback does not undo that
+            done = stack.state.get_by_id(row.id)
+            report("done", f"{row.path} -> {url_or_error(done)}", style="yellow" if done.callback == "failed" else "green")
         else:
             failed += 1
             report(outcome.state, f"{row.path}: {outcome.error}")

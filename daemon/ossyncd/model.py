@@ -7,13 +7,13 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # SQLite INTEGER's range
 
 
 def clamp_ns(ns: int) -> int:
     # A clock set to 2300 gives st_mtime_ns beyond SQLite's INTEGER. Clamping in the one
     # place identities are built keeps both sides of every comparison equal.
-    return ns if _INT64_MIN <= ns <= _INT64_MAX else min(max(ns, _INT64_MIN), _INT64_MAX)
+    return ns if INT64_MIN <= ns <= INT64_MAX else min(max(ns, INT64_MIN), INT64_MAX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,12 @@ def temp_rule(name: str, rules: Iterable[str] | None = None) -> str | None:
     return names[int(m.lastgroup[1:])] if m is not None else None
 
 
+def temp_name_test(rules: Iterable[str] | None = None):
+    """is_temp_name's compiled test, for a loop over many names: a function of a basename that
+    returns a match (truthy) for a temp name and None otherwise; None itself when no rule is set."""
+    return _temp_matcher(None if rules is None else tuple(rules))[0]
+
+
 def is_temp_name(name: str, rules: Iterable[str] | None = None) -> bool:
     """True for a basename that a common writer uses before its final rename."""
     return temp_rule(name, rules) is not None

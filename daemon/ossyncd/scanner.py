@@ -15,11 +15,10 @@ import stat as st_
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from .model import _INT64_MAX, _INT64_MIN, Identity, clamp_ns
+from .model import INT64_MAX, INT64_MIN, Identity, clamp_ns
 from .objectspec import FileFacts, normalize, object_key_for
 from .paths import (
     MAX_KEY_BYTES,
-    _temp_matcher,
     check_key,
     glob_matcher,
     ignored_subtree,
@@ -27,11 +26,12 @@ from .paths import (
     is_temp_name,
     object_key,
     relpath_of,
+    temp_name_test,
     temp_rule,
     temp_rule_label,
 )
 
-_MIN, _MAX = _INT64_MIN, _INT64_MAX
+_MIN, _MAX = INT64_MIN, INT64_MAX
 _SPECIAL = (
     (st_.S_ISFIFO, "named pipe (FIFO)"),
     (st_.S_ISSOCK, "UNIX socket"),
@@ -80,7 +80,7 @@ class _Rules:
         self.follow = bool(getattr(watch, "follow_symlinks", False))
         self.skip_dir = ignored_subtree(watch)
         self.temp_rules = getattr(watch, "temp_names", None)
-        self.temp_match = _temp_matcher(None if self.temp_rules is None else tuple(self.temp_rules))[0]
+        self.temp_match = temp_name_test(self.temp_rules)
         spec = getattr(watch, "object", None)
         # the default key template is the plain join, so a folder's key part is built once
         self.plain_keys = spec is None or spec.key_template == "{prefix}{relpath}"

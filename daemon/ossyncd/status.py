@@ -28,7 +28,8 @@ def file_json(f: FileRow) -> dict:
             "callback": f.callback, "callback_detail": f.callback_detail}
 
 
-def _url_or_error(f: FileRow) -> str:
+def url_or_error(f: FileRow) -> str:
+    """What `list` shows for a file: its URL (and a failed upload callback), or its error."""
     if f.callback == "failed" and f.state == "done":   # stored, but the application server was not told
         return f"{f.url}; callback failed: {f.callback_detail}"
     return f.url or f.error or ""
@@ -181,7 +182,7 @@ LIST_COLUMNS = ("path", "state", "size", "key", "url / error")
 
 def render_list(files: list[FileRow], console: Console) -> None:
     """A table on a terminal; piped, whole values as tab-separated lines under a header."""
-    rows = [(f.path, f.state, str(f.size), f.object_key, _url_or_error(f)) for f in files]
+    rows = [(f.path, f.state, str(f.size), f.object_key, url_or_error(f)) for f in files]
     _render_rows(LIST_COLUMNS, rows, console)
 
 

@@ -18,6 +18,7 @@ exactly those parts). See docs/architecture.md (verification).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 import xml.etree.ElementTree as ET
@@ -169,16 +170,10 @@ def is_ip_endpoint(host: str) -> bool:
 
 
 def object_url(cfg: OssConfig, key: str) -> str:
-    where = (cfg.public_base_url, cfg.endpoint, cfg.bucket)
-    base = _URL_BASES.get(where)
-    if base is None:
-        base = _URL_BASES[where] = _url_base(*where)
-    return base + quote(key, safe="/~")
+    return _url_base(cfg.public_base_url, cfg.endpoint, cfg.bucket) + quote(key, safe="/~")
 
 
-_URL_BASES: dict[tuple[str, str, str], str] = {}   # one endpoint parse per configuration, not one per file
-
-
+@functools.lru_cache(maxsize=16)   # one endpoint parse per configuration, not one per file
 def _url_base(public_base_url: str, endpoint: str, bucket: str) -> str:
     """Everything of an object URL before its key."""
     if public_base_url:

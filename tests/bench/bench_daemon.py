@@ -128,21 +128,26 @@ def bench_latency(tmp: Path, info: dict, count: int = 30) -> list[float]:
     drop.mkdir()
     cfg = config(tmp / "lat", info, drop)
     proc = start_daemon(cfg, tmp / "lat.log")
-    time.sleep(3)
-    lat = []
-    for i in range(count):
-        before = stats(info)["requests"].get("PutObject", 0)
-        with open(drop / f"l{i}.bin", "wb") as f:
-            f.write(os.urandom(4096))
-        closed = time.perf_counter()
-        while stats(info)["requests"].get("PutObject", 0) == before:
-            if time.perf_counter() - closed > 10:
-                raise RuntimeError("file not uploaded within 10 s")
-            time.sleep(0.005)
-        lat.append(time.perf_counter() - closed)
-        time.sleep(0.2)
-    proc.terminate()
-    proc.wait(30)
+    try:
+        time.sleep(3)
+        lat = []
+        for i in range(count):
+            before = stats(info)["requests"].get("PutObject", 0)
+            with open(drop / f"l{i}.bin", "wb") as f:
+                f.write(os.urandom(4096))
+            closed = time.perf_counter()
+            while stats(info)["requests"].get("PutObject", 0) == before:
+                if time.perf_counter() - closed > 10:
+                    log = (tmp / "lat.log").read_text()[-2000:]
+                    raise RuntimeError(f"{drop / f'l{i}.bin'} not uploaded within 10 s; daemon "
+                                       f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'running'}; "
+                                       f"its log ends:\n{log}")
+                time.sleep(0.005)
+            lat.append(time.perf_counter() - closed)
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
     return lat
 
 
