@@ -257,6 +257,39 @@ def test_sts_errors_map_to_502_permanent_and_503_transient(broker, emu):
     assert fetch(broker, token)[0] == 200   # not cached as a failure
 
 
+def test_broker_whose_own_identity_cannot_work_refuses_to_start_naming_it(emu, tmp_path):
+    """source = "env" with the variables unset can only ever answer 502: `broker run` exits 1
+    before it listens, naming the variables; a transient failure (a credentials URI not up yet)
+    serves and answers 503 with Retry-After while the identity is retried."""
+    from tests.broker_helpers import free_port
+
+    unset = {k: "" for k in ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN",
+                             "ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+                             "ALIBABA_CLOUD_SECURITY_TOKEN")}
+    sts = {"sts_endpoint": emu.sts_url, "sts_region": emu.region, "timeout_seconds": 2.0}
+    (tmp_path / "env").mkdir()
+    env_only = Broker(tmp_path / "env", emu, credentials={"source": "env", **sts})
+    r = ossyncd("broker", "run", "-c", env_only.config, env=unset, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "the broker's own identity ([credentials])" in r.stderr and "OSS_ACCESS_KEY_ID" in r.stderr, r.stderr
+    assert "broker.listening" not in r.stdout and "broker.cannot_start" in r.stdout, r.stdout
+
+    (tmp_path / "uri").mkdir()
+    later = Broker(tmp_path / "uri", emu, credentials={"source": "uri", "url": f"http://127.0.0.1:{free_port()}/creds",
+                                                       "retry_backoff": 5.0, **sts}).start(env=unset)
+    try:
+        assert events_named(later, "broker.identity_unavailable"), later.output()[-2000:]
+        token = later.add_client("waits", "w/")
+        status, headers, doc = later.request("/v1/credentials", token=token)
+        assert (status, doc["Permanent"]) == (503, False) and int(headers["Retry-After"]) >= 1, (status, doc)
+    finally:
+        later.stop()
+
+
+def events_named(b: Broker, name: str) -> list[dict]:
+    return [e for e in b.log_lines() if e.get("event") == name]
+
+
 # ---------------------------------------------------------------- (d) broker restart during uploads
 def test_broker_restart_while_uploading_daemons_keep_going_and_recover(broker, emu, daemon_factory, tmp_path):
     token = add(broker, "steady", "steady/")

@@ -97,15 +97,17 @@ def machine(tmp_path_factory):
     shutil.rmtree(tree, ignore_errors=True)
 
 
-def base_config(emu, watches=None, **upload) -> str:
+def base_config(emu, watches=None, *, credentials: dict | None = None, oss: dict | None = None, **upload) -> str:
     """The test's edit of /etc/ossyncd/ossyncd.toml: the emulator, STS with the key pair from
-    credentials.env, state in the StateDirectory."""
-    creds = sts_credentials(emu)
-    del creds["access_key_id"], creds["access_key_secret"]
+    credentials.env (unless `credentials` says otherwise), state in the StateDirectory."""
+    creds = credentials
+    if creds is None:
+        creds = sts_credentials(emu)
+        del creds["access_key_id"], creds["access_key_secret"]
     watches = watches if watches is not None else [{"path": DROP, "prefix": P, "settle_seconds": 0.5}]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d) / "ossyncd.toml"
-        write_config(tmp, emu, state=Path("/var/lib/ossyncd/state.db"), credentials=creds, watches=watches,
+        write_config(tmp, emu, state=Path("/var/lib/ossyncd/state.db"), credentials=creds, watches=watches, oss=oss,
                      upload=fast_upload(part_size="1MiB", multipart_threshold=1 * MiB, parallel_parts=4, **upload),
                      daemon={"rescan_interval": 5.0})
         return tmp.read_text()
@@ -262,8 +264,9 @@ def wait_event(c: ct.Container, since: str, event: str, timeout: float = 30, **f
 
 def restart_with(c: ct.Container, config: str) -> None:
     put_config(c, config)
-    c.sh("systemctl restart ossyncd")
-    assert active(c)
+    since = cursor(c)
+    r = c.sh("systemctl restart ossyncd", check=False)
+    assert r.returncode == 0 and active(c), f"restart failed:\n{r.stderr}\n{journal(c, since)[-3000:]}"
 
 
 def test_reload_adds_a_watch_live_and_rejects_a_broken_config(service, emu):
@@ -451,3 +454,84 @@ def test_restart_on_failure_hits_the_start_limit_and_the_journal_names_the_key(s
     assert text.count("Scheduled restart job") == burst, text
     c.sh("systemctl reset-failed ossyncd")
     restart_with(c, base_config(emu))
+
+
+# ------------------------------------------------------------------------ the broker's unit
+
+BROKER_UNIT = ct.ROOT / "systemd" / "ossyncd-broker.service"
+BROKER_CONF = "/etc/ossyncd/broker.toml"
+
+
+def broker_install_steps() -> list[str]:
+    """The commands of the broker unit's "# Install:" comment, as written (a note in brackets is not one)."""
+    header = BROKER_UNIT.read_text().split("# Install:\n", 1)[1].split("\n#\n", 1)[0]
+    lines = [line.removeprefix("#").strip() for line in header.splitlines()]
+    return [line.split(" # ", 1)[0].strip() for line in lines if line and not line.startswith("(")]
+
+
+def edit_broker_example(text: str, emu, port: int) -> str:
+    """The operator's edit of config/broker.example.toml: each key changed where the example has it."""
+    values = {"listen": f"127.0.0.1:{port}", "role_arn": emu.role_arn, "max_duration": 900, "source": "static",
+              "sts_endpoint": emu.sts_url, "sts_region": emu.region, "endpoint": emu.oss_url, "bucket": "drop",
+              "region": emu.region}
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key} = (\"[^\"]*\"|\d+)", f"{key} = {json.dumps(value)}", text, flags=re.M)
+        assert n == 1, f"config/broker.example.toml: no single {key!r} line to edit"
+    return text
+
+
+def test_broker_unit_installed_as_its_header_says_serves_a_registered_host(service, emu):
+    """The broker's unit, installed by its own "# Install:" lines, hands STS tokens to the daemon's
+    service on the same machine, whose config is just the broker URL and the token add-client printed."""
+    from tests.broker_helpers import free_port
+
+    c = service
+    steps = broker_install_steps()
+    assert [s.split()[0] for s in steps] == ["useradd", "install", "install", "systemctl", "ossyncd"], steps
+    useradd, unit, config, enable, add_client = steps
+    for step in (useradd, unit, config):
+        c.sh("set -ex\n" + step, cwd=SRC)
+    # "then edit": the example with this machine's values; the broker's key pair in broker.env, as
+    # the unit's comment says (source = "static", the keys left out of broker.toml)
+    example = c.sh(f"cat {BROKER_CONF}").stdout
+    c.sh(f"cat > {BROKER_CONF}", input=edit_broker_example(example, emu, free_port()))
+    user = emu.info()["user"]
+    c.sh("install -m 0600 /dev/null /etc/ossyncd/broker.env && cat > /etc/ossyncd/broker.env",
+         input=f"OSSYNCD_ACCESS_KEY_ID={user['id']}\nOSSYNCD_ACCESS_KEY_SECRET={user['secret']}\n")
+    r = c.sh("set -ex\n" + enable, cwd=SRC, check=False)
+    status = c.sh("systemctl status ossyncd-broker --no-pager; journalctl -u ossyncd-broker --no-pager -o cat",
+                  check=False).stdout
+    assert r.returncode == 0, f"{enable!r} failed:\n{r.stderr}\n{status[-3000:]}"
+    assert c.sh("systemctl is-active ossyncd-broker", check=False).stdout.strip() == "active", status[-3000:]
+    assert "serving on http://127.0.0.1:" in status, status[-3000:]
+    url = re.search(r"serving on (http://127\.0\.0\.1:\d+)", status).group(1)
+
+    # the registry command, run as the service user as the unit's note says; it prints the token
+    token = c.sh("set -e\nrunuser -u ossyncd-broker -- " + add_client, cwd=SRC).stdout.strip()
+    assert re.fullmatch(r"\S{20,}", token), token
+    prefix = add_client.split("--prefix ", 1)[1].split()[0]
+    assert prefix == "site1/cam-01/", add_client
+
+    host = {"source": "broker", "broker_url": f"{url}/v1/credentials", "broker_token": token,
+            "retry_backoff": 0.2, "retry_backoff_max": 1.0}
+    try:
+        restart_with(c, base_config(emu, [{"path": DROP, "prefix": prefix, "settle_seconds": 0.5}], credentials=host,
+                                    oss={"endpoint": None, "bucket": None, "region": None}))
+        data = random_file(c.path(f"{DROP}/fleet.bin"), 3 * MiB + 11, seed=12)   # multipart under a broker token
+        wait_object(emu, f"{prefix}fleet.bin")
+        assert object_bytes(emu, f"{prefix}fleet.bin") == data
+
+        audit = [json.loads(line) for line in c.path("/var/lib/ossyncd-broker/audit.jsonl").read_text().splitlines()]
+        mine = [a for a in audit if a["client"] == "cam-01"]
+        assert mine and all(a["decision"] == "allow" for a in mine), audit
+        assert token not in c.path("/var/lib/ossyncd-broker/audit.jsonl").read_text()
+        # the host's heartbeat reaches the broker's registry: `broker status` as the service user lists it
+        def beat():
+            out = c.sh(f"runuser -u ossyncd-broker -- ossyncd broker status --json -c {BROKER_CONF}").stdout
+            cam = next(x for x in json.loads(out)["clients"] if x["name"] == "cam-01")
+            return cam["hosts"] or None
+        hosts = wait_until(beat, 60, interval=0.5, what="a heartbeat from the host in `broker status`")
+        hostname = c.sh("hostname").stdout.strip()
+        assert [h["host"] for h in hosts] == [hostname] and hosts[0]["credential_expiry"], hosts
+    finally:
+        restart_with(c, base_config(emu))

@@ -20,8 +20,8 @@ from typing import Any
 
 from ossyncd import log as logsetup
 from ossyncd.config import parse_listen
-from ossyncd.credentials.base import mask_key_id
-from ossyncd.errors import ConfigError, StateError
+from ossyncd.credentials.base import iso8601, mask_key_id
+from ossyncd.errors import ConfigError, CredentialsError, StateError
 from ossyncd.notify import Notifier
 
 from .audit import Audit
@@ -298,12 +298,28 @@ def url_of(server: socketserver.BaseServer, cfg: BrokerConfig) -> str:
     return f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{port}"
 
 
+def check_identity(broker: Broker) -> None:
+    """The broker's own keys, fetched once before it listens. A permanent failure (an unset
+    variable, a wrong key, a missing role) could answer nothing but 502: refuse to start, naming
+    it. A transient one (the metadata service or STS not reachable yet): serve, answering 503
+    with Retry-After, while the identity is retried with backoff."""
+    try:
+        broker.issuer.identity.current()
+    except CredentialsError as e:
+        if not e.transient:
+            err = CredentialsError(f"the broker's own identity ([credentials]): {e}", source=e.source, code=e.code)
+            log.error("broker.cannot_start", error=str(err))
+            raise err from None
+        log.warning("broker.identity_unavailable", error=str(e), retry_at=iso8601(broker.issuer.identity.retry_at()))
+
+
 def run(config_path: str | None) -> int:
     """The service: listen, READY=1, serve until SIGTERM/SIGINT."""
     cfg = load_broker_config(config_path)
     logsetup.configure(cfg.broker.log_level, "json", stream=sys.stdout)
     logsetup.register_secrets([cfg.credentials.access_key_secret, cfg.credentials.security_token, cfg.broker.tls_key])
     broker = Broker(cfg)
+    check_identity(broker)
     server = make_server(broker)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,7 +45,7 @@ class EnvSource(SourceBase):
         missing = [n for n, v in ((id_var, ak), (secret_var, sk)) if not v]
         if missing:
             raise self._err(f"credentials.source = 'env' but {' and '.join(missing)} "
-                            f"{'is' if len(missing) == 1 else 'are'} not set in the daemon's environment; "
+                            f"{'is' if len(missing) == 1 else 'are'} not set in the process's environment; "
                             f"export {id_var} and {secret_var} (and {token_var} for an STS token), or the "
                             f"ALIBABA_CLOUD_* equivalents", transient=False, code="MissingEnv")
         return Snapshot(ak, sk, token or None, None)
