@@ -80,3 +80,29 @@ def test_upload_names_each_file_it_cannot_send_and_sends_the_rest(tmp_path, emul
     assert f"{tmp_path / 'missing.bin'}: No such file or directory; nothing uploaded" in r.stderr, r.stderr
     assert f"{fifo}: not a regular file; nothing uploaded" in r.stderr, r.stderr
     assert "done" in r.stderr and object_bytes(emulator, "in/f.bin") == (drop / "f.bin").read_bytes()
+
+
+
+def test_the_process_exit_keeps_the_code_and_every_byte_and_a_closed_pipe_is_exit_1(tmp_path):
+    """cli.entry leaves with os._exit after flushing: the exit code, the answer written whole,
+    and a reader that went away (`| head`) as exit 1 without a traceback."""
+    import json
+    import subprocess
+    import sys
+
+    from ossyncd.policy import rrsa_trust_policy
+    from tests.helpers import ROOT
+
+    arn, issuer = "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c1", "https://oidc-ack-cn-hangzhou.oss.example/c1"
+    r = ossyncd("policy", "--rrsa", "--oidc-provider-arn", arn, "--oidc-issuer", issuer, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == json.dumps(rrsa_trust_policy(arn, issuer, "default", "ossyncd"), indent=2) + "\n"
+    r = ossyncd("status", "-c", tmp_path / "missing.toml", timeout=60)
+    assert r.returncode == 2 and "missing.toml: config file not found" in r.stderr, r.stderr
+
+    read, write = os.pipe()
+    os.close(read)   # the reader is gone before the command writes a byte
+    p = subprocess.run([sys.executable, "-m", "ossyncd", "--help"], stdout=write, stderr=subprocess.PIPE,
+                       cwd=ROOT, timeout=60)
+    os.close(write)
+    assert p.returncode == 1 and p.stderr == b"", p

@@ -1,3 +1,3 @@
-from ossyncd.cli import main
+from ossyncd.cli import entry
 
-main()
+entry()
