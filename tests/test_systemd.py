@@ -307,12 +307,28 @@ def test_watchdog_pings_stop_while_the_loop_is_stuck(tmp_path, emulator, daemon_
 
 
 class _Recorder:
-    def __init__(self, interval):
+    def __init__(self, interval, enabled=True):
         self.watchdog_interval = interval
+        self.enabled = enabled
         self.sent: list[str] = []
 
     def send(self, *lines):
         self.sent += lines
+
+
+@pytest.mark.timeout(30)
+def test_status_line_is_not_counted_without_systemd():
+    """STATUS= counts the whole table (tens of ms at a million rows): only when systemd listens."""
+    from ossyncd.app import Daemon as AppDaemon
+
+    app = AppDaemon(None)
+    app.notifier = _Recorder(None, enabled=False)
+    app.scheduler = SimpleNamespace(last_tick=1000.0, paused=False, throughput=0.0)
+    calls = []
+    app.stack = SimpleNamespace(state=SimpleNamespace(counts=lambda: calls.append(1) or {"done": 3}))
+    for t in (1000.5, 1003.0, 1010.0):
+        app._supervise_step(t)
+    assert calls == [] and app.notifier.sent == []
 
 
 @pytest.mark.timeout(30)

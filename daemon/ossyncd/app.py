@@ -220,7 +220,7 @@ class Daemon:
         if wd and now - self._last_ping >= wd and self.loop_alive(now):
             self._last_ping = now
             self.notifier.send("WATCHDOG=1")
-        if now - self._last_status >= 2.0:
+        if now - self._last_status >= 2.0 and self.notifier.enabled:   # a count over the table: only for systemd
             self._last_status = now
             self.notifier.send(f"STATUS={self._status_line()}")
 
