@@ -300,7 +300,7 @@ def url_of(server: socketserver.BaseServer, cfg: BrokerConfig) -> str:
 
 def check_identity(broker: Broker) -> None:
     """The broker's own keys, fetched once before it listens. A permanent failure (an unset
-    variable, a wrong key, a missing role) could answer nothing but 502: refuse to start, naming
+    variable; for an STS identity, a wrong key or role) could answer nothing but 502: refuse to start, naming
     it. A transient one (the metadata service or STS not reachable yet): serve, answering 503
     with Retry-After, while the identity is retried with backoff."""
     try:
