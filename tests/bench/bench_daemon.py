@@ -122,6 +122,21 @@ def bench_small_files(tmp: Path, info: dict, n: int) -> tuple[float, float, floa
     return ours, pool_rate, ours_cpu, pool_cpu
 
 
+def close_to_put(info: dict, path: Path, proc: subprocess.Popen, log: Path) -> float:
+    """Write and close a 4 KiB file; seconds from its close() to the next PutObject at the emulator."""
+    before = stats(info)["requests"].get("PutObject", 0)
+    with open(path, "wb") as f:
+        f.write(os.urandom(4096))
+    closed = time.perf_counter()
+    while stats(info)["requests"].get("PutObject", 0) == before:
+        if time.perf_counter() - closed > 10:
+            raise RuntimeError(f"{path} not uploaded within 10 s; daemon "
+                               f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'running'}; "
+                               f"its log ends:\n{log.read_text()[-2000:]}")
+        time.sleep(0.005)
+    return time.perf_counter() - closed
+
+
 def bench_latency(tmp: Path, info: dict, count: int = 30) -> list[float]:
     (tmp / "lat").mkdir()
     drop = tmp / "drop-lat"
@@ -132,18 +147,7 @@ def bench_latency(tmp: Path, info: dict, count: int = 30) -> list[float]:
         time.sleep(3)
         lat = []
         for i in range(count):
-            before = stats(info)["requests"].get("PutObject", 0)
-            with open(drop / f"l{i}.bin", "wb") as f:
-                f.write(os.urandom(4096))
-            closed = time.perf_counter()
-            while stats(info)["requests"].get("PutObject", 0) == before:
-                if time.perf_counter() - closed > 10:
-                    log = (tmp / "lat.log").read_text()[-2000:]
-                    raise RuntimeError(f"{drop / f'l{i}.bin'} not uploaded within 10 s; daemon "
-                                       f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'running'}; "
-                                       f"its log ends:\n{log}")
-                time.sleep(0.005)
-            lat.append(time.perf_counter() - closed)
+            lat.append(close_to_put(info, drop / f"l{i}.bin", proc, tmp / "lat.log"))
             time.sleep(0.2)
     finally:
         proc.terminate()

@@ -4,6 +4,9 @@
    100,000 and 1,000,000 files that are all `done` already (inotify watches included).
 2. Start to first rescan done at the largest size, vs a bare os.scandir + stat walk of the
    same tree.
+3. Detection while that rescan runs: a second start on the same tree, and 4 KiB files written
+   into the watch until its rescan is done; close() to PutObject against the settle window,
+   and against the same with no rescan running (the daemon once its rescan is done).
 Sizes: OSSYNCD_BENCH_SCALE (comma-separated, default 10,100000,1000000); trees go to
 /dev/shm when it is writable (creating a million files on a shared disk takes minutes).
 """
@@ -11,11 +14,12 @@ Sizes: OSSYNCD_BENCH_SCALE (comma-separated, default 10,100000,1000000); trees g
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_daemon import config, start_until_rescan
+from tests.bench.bench_daemon import SETTLE, close_to_put, config, start_daemon, start_until_rescan
 from tests.bench.bench_put import start_emulator
 from tests.test_rescan_stream import make_done_tree
 
@@ -57,6 +61,41 @@ def daemon_rescan(tmp: Path, info: dict, drop: Path, n: int) -> tuple[float, flo
     return wall, line["seconds"], rss
 
 
+def latency_during_rescan(tmp: Path, info: dict, drop: Path) -> tuple[list[float], list[float]]:
+    """(close -> PutObject seconds while the start-up rescan runs, the same after it is done)."""
+    cfg = tmp / "bench.toml"
+    log = tmp / "during.log"
+    proc = start_daemon(cfg, log)   # the config at log level info (start_until_rescan set it)
+    during: list[float] = []
+    after: list[float] = []
+    try:
+        def logged(event: str) -> bool:
+            return f'"event": "{event}"' in log.read_text()
+        deadline = time.monotonic() + 60
+        while not logged("started"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        i = 0
+        while not logged("rescan"):
+            lat = close_to_put(info, drop / f"during{i}.bin", proc, log)
+            i += 1
+            if not logged("rescan"):   # reached OSS while the rescan still ran
+                during.append(lat)
+            time.sleep(0.2)
+        for j in range(10):
+            after.append(close_to_put(info, drop / f"after{j}.bin", proc, log))
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    for f in drop.glob("during*.bin"):
+        f.unlink()
+    for f in drop.glob("after*.bin"):
+        f.unlink()
+    return during, after
+
+
 def main():
     sizes = [int(x) for x in os.environ.get("OSSYNCD_BENCH_SCALE", "10,100000,1000000").split(",")]
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -77,6 +116,20 @@ def main():
                     results.append((n, wall, scan_s, rss, bare))
                     print(f"{n:>9} files: peak RSS {rss:6.1f} MiB, start to rescan done {wall:6.2f} s "
                           f"(rescan {scan_s:.2f} s), bare scandir+stat walk {bare:.2f} s", flush=True)
+                    if n == sizes[-1] and n >= 100_000:
+                        during, after = latency_during_rescan(run, info, drop)
+                        if not during:
+                            print(f"detection during the rescan of {n} files: no file reached OSS before the "
+                                  "rescan was done", flush=True)
+                        else:
+                            p50, p50_idle = statistics.median(during), statistics.median(after)
+                            print(f"detection during the rescan of {n} files, close -> PutObject "
+                                  f"(settle_seconds={SETTLE}): p50 {p50 * 1000:.0f} ms, max {max(during) * 1000:.0f} ms "
+                                  f"({len(during)} files); with no rescan running p50 {p50_idle * 1000:.0f} ms; "
+                                  f"ratio {p50 / p50_idle:.2f} (target: max <= settle_seconds + 200 ms = "
+                                  f"{(SETTLE + 0.2) * 1000:.0f} ms; a closed file's own wait is the 0.2 s "
+                                  f"close-quiet period: + 200 ms = 400 ms)",
+                                  flush=True)
         finally:
             proc.terminate()
             proc.wait(10)
