@@ -1,5 +1,5 @@
 """A quick start: each command imports what it needs (README "Quick start", docs/architecture.md
-§15). The read-only commands import no SDK, no structlog and (piped) no rich; `upload` and `run`
+§15). The read-only commands import no SDK, no structlog, no sqlite-utils and (piped) no rich; `upload` and `run`
 with static keys import no STS SDK, no credentials module they do not use, no broker and no
 progress bars or tables they do not draw. No timings here: the modules loaded are the measure."""
 
@@ -12,10 +12,11 @@ import sys
 
 import pytest
 
+from ossyncd.state import State
 from tests.helpers import write_config
 
 HEAVY = ("rich", "structlog", "oss2", "aliyunsdkcore", "aliyunsdksts", "watchdog", "prometheus_client", "requests", "urllib3",
-         "anycrc", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
+         "anycrc", "sqlite_utils", "concurrent.futures", "ossyncd.stack", "ossyncd.store", "ossyncd.uploader",
          "ossyncd.scheduler", "ossyncd.broker")
 PROBE = """
 import json, sys
@@ -71,6 +72,7 @@ def test_read_only_commands_import_no_sdk(tmp_path, emulator, command):
     (tmp_path / "drop").mkdir()
     cfg = write_config(tmp_path / "c.toml", emulator, state=tmp_path / "state.db",
                        watches=[{"path": str(tmp_path / "drop"), "prefix": "in/"}])
+    State(tmp_path / "state.db").close()   # a DB the daemon wrote: the command reads it
     got = probe(PROBE, HEAVY, *command, "-c", cfg)
     assert (got["code"], got["loaded"]) == (0, []), got
 

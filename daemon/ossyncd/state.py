@@ -20,14 +20,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from itertools import repeat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 from ossyncd import crashpoint
 from ossyncd.errors import StateError
 from ossyncd.log import get_logger
 from ossyncd.model import Identity, PartRow
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = get_logger(__name__)
 
@@ -393,14 +394,19 @@ class State:
         if cut:
             raise _damaged(self.path, cut)
         try:
+            self._writer: sqlite_utils.Database | None = None    # what runs transactions
+            self.db: sqlite_utils.Database | sqlite3.Connection
             if readonly:
-                conn = self._connect_readonly()
+                # a reader (status, list) runs plain queries: importing sqlite-utils would cost
+                # it about 60 ms of its start (docs/architecture.md §15)
+                self.db = self._connect_readonly()
             else:
+                import sqlite_utils
                 emptied = self._create_file()
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-            # no plugins: the state DB is ours alone, and their lookup scans every installed
-            # distribution's entry points (about 20 ms and 2 MiB per start)
-            self.db = sqlite_utils.Database(conn, execute_plugins=False)
+                # no plugins: the state DB is ours alone, and their lookup scans every installed
+                # distribution's entry points (about 20 ms and 2 MiB per start)
+                self.db = self._writer = sqlite_utils.Database(conn, execute_plugins=False)
             self.db.execute("PRAGMA foreign_keys=ON")
             self.schema: int = self.db.execute("PRAGMA user_version").fetchone()[0]
             if readonly:
@@ -460,9 +466,10 @@ class State:
                 return
             # one transaction: a concurrent reader (status, list) sees the old schema or the new
             # one, never one in between whose columns it would miss; a kill keeps the old one
-            with self.db.atomic():
+            db = self._transactions()
+            with db.atomic():
                 for migration in MIGRATIONS[version:]:
-                    migration(self.db)
+                    migration(db)
                 self.db.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
             self.schema = len(MIGRATIONS)
 
@@ -586,7 +593,7 @@ class State:
                 raise self._closed_error()
             try:
                 if write:
-                    with self.db.atomic():
+                    with self._transactions().atomic():
                         yield
                         crashpoint.hit("in_commit")   # a kill with the transaction open (tests/chaos)
                 else:
@@ -599,6 +606,11 @@ class State:
                 raise state_error(self.path, e) from None
             except sqlite3.Error as e:
                 raise state_error(self.path, e) from None
+
+    def _transactions(self) -> sqlite_utils.Database:
+        if self._writer is None:   # a caller's bug: status and list only read
+            raise StateError(f"state DB {self.path} is open read-only here; nothing recorded")
+        return self._writer
 
     def _closed_error(self) -> StateError:
         return StateError(f"state DB {self.path} is closed (the daemon is stopping); nothing recorded")
