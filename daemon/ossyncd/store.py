@@ -31,14 +31,14 @@ import requests
 import structlog
 from oss2.credentials import Credentials as Oss2Credentials
 
-from ossyncd.body import Body
+from ossyncd.body import READ_BLOCK, Body
 from ossyncd.config import OssConfig
 from ossyncd.crc import combine_parts
 from ossyncd.errors import AuthExpired, IntegrityError, NoSuchUpload, NotSupported, PermanentError, StoreError, TransientError
 from ossyncd.model import CRC64, MD5, CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
 
 log = structlog.get_logger(__name__)
-BLOCKSIZE = 1 << 20
+BLOCKSIZE = READ_BLOCK   # what urllib3 asks the body for: one block per read
 AUTH_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
 TRANSIENT_CODES = {"RequestTimeout", "ServiceUnavailable", "InternalError", "SlowDown", "Throttling",
                    "RequestTimeTooSkewed", "ConnectionReset"}
@@ -108,7 +108,7 @@ class ObjectStore(Protocol):
 
 
 class _BigBlockAdapter(requests.adapters.HTTPAdapter):
-    """urllib3 sends file bodies in 16 KiB reads; 1 MiB reads cut per-chunk Python overhead."""
+    """urllib3 sends file bodies in 16 KiB reads; 512 KiB reads (body.READ_BLOCK) cut per-chunk Python overhead."""
 
     def init_poolmanager(self, *args, **kwargs):
         kwargs["blocksize"] = BLOCKSIZE
