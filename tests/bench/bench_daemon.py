@@ -61,9 +61,11 @@ def start_until_rescan(cfg: Path, log: Path) -> tuple[subprocess.Popen, dict]:
     """Start the daemon at log level info and wait for its first `rescan` line: (process, line)."""
     cfg.write_text(cfg.read_text().replace('log_level = "warning"', 'log_level = "info"'))
     proc = start_daemon(cfg, log)
+    deadline = time.monotonic() + 300   # a 1,000,000-file tree takes 10-15 s here
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-2000:])
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"no first rescan from the daemon: {log.read_text()[-2000:]}")
         for x in log.read_text().splitlines():
             if '"rescan"' in x:
                 return proc, json.loads(x)
@@ -142,9 +144,8 @@ def bench_latency(tmp: Path, info: dict, count: int = 30) -> list[float]:
     drop = tmp / "drop-lat"
     drop.mkdir()
     cfg = config(tmp / "lat", info, drop)
-    proc = start_daemon(cfg, tmp / "lat.log")
+    proc, _ = start_until_rescan(cfg, tmp / "lat.log")   # its watches are in place
     try:
-        time.sleep(3)
         lat = []
         for i in range(count):
             lat.append(close_to_put(info, drop / f"l{i}.bin", proc, tmp / "lat.log"))
