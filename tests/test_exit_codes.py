@@ -4,11 +4,15 @@ everything else; stderr says `label: message` once, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import object_bytes, ossyncd, random_file, sts_credentials, write_config
+from ossyncd.policy import rrsa_trust_policy
+from tests.helpers import ROOT, object_bytes, ossyncd, random_file, sts_credentials, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,17 +86,9 @@ def test_upload_names_each_file_it_cannot_send_and_sends_the_rest(tmp_path, emul
     assert "done" in r.stderr and object_bytes(emulator, "in/f.bin") == (drop / "f.bin").read_bytes()
 
 
-
 def test_the_process_exit_keeps_the_code_and_every_byte_and_a_closed_pipe_is_exit_1(tmp_path):
     """cli.entry leaves with os._exit after flushing: the exit code, the answer written whole,
     and a reader that went away (`| head`) as exit 1 without a traceback."""
-    import json
-    import subprocess
-    import sys
-
-    from ossyncd.policy import rrsa_trust_policy
-    from tests.helpers import ROOT
-
     arn, issuer = "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c1", "https://oidc-ack-cn-hangzhou.oss.example/c1"
     r = ossyncd("policy", "--rrsa", "--oidc-provider-arn", arn, "--oidc-issuer", issuer, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -470,7 +470,7 @@ class State:
             with db.atomic():
                 for migration in MIGRATIONS[version:]:
                     migration(db)
-                self.db.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+                db.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
             self.schema = len(MIGRATIONS)
 
     @staticmethod

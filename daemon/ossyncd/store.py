@@ -38,7 +38,6 @@ from ossyncd.errors import AuthExpired, IntegrityError, NoSuchUpload, NotSupport
 from ossyncd.model import CRC64, MD5, CancelFlag, ObjectInfo, OpenUpload, PartRow, ServerPart, WriteResult
 
 log = structlog.get_logger(__name__)
-BLOCKSIZE = READ_BLOCK   # what urllib3 asks the body for: one block per read
 AUTH_EXPIRED_CODES = {"SecurityTokenExpired", "InvalidAccessKeyId", "InvalidSecurityToken"}
 TRANSIENT_CODES = {"RequestTimeout", "ServiceUnavailable", "InternalError", "SlowDown", "Throttling",
                    "RequestTimeTooSkewed", "ConnectionReset"}
@@ -108,10 +107,10 @@ class ObjectStore(Protocol):
 
 
 class _BigBlockAdapter(requests.adapters.HTTPAdapter):
-    """urllib3 sends file bodies in 16 KiB reads; 512 KiB reads (body.READ_BLOCK) cut per-chunk Python overhead."""
+    """urllib3 sends file bodies in 16 KiB reads; reads of one body block (512 KiB) cut per-chunk Python overhead."""
 
     def init_poolmanager(self, *args, **kwargs):
-        kwargs["blocksize"] = BLOCKSIZE
+        kwargs["blocksize"] = READ_BLOCK
         super().init_poolmanager(*args, **kwargs)
 
 

@@ -77,7 +77,10 @@ def latency_during_rescan(tmp: Path, info: dict, drop: Path) -> tuple[list[float
                 raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
             time.sleep(0.02)
         i = 0
+        deadline = time.monotonic() + 300   # a 1,000,000-file rescan takes 10-15 s here
         while not logged("rescan"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no first rescan within 300 s: {log.read_text()[-2000:]}")
             lat = close_to_put(info, drop / f"during{i}.bin", proc, log)
             i += 1
             if not logged("rescan"):   # reached OSS while the rescan still ran
